@@ -1,0 +1,315 @@
+"""Typed, validated job configs: YAML recipe + repeated `--set a.b=c` overrides.
+
+Every section is a frozen dataclass; `load_config` builds them from plain dicts, rejecting
+unknown keys and wrong types with the dotted key and the reason, before any work starts.
+Components receive only their own section (`FramesConfig` goes to frame code, and so on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the dotted key and the reason."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StorageConfig:
+    s3_endpoint_url: str | None = None
+    """Endpoint override for S3-compatible stores (else AWS_ENDPOINT_URL[_S3] or AWS)."""
+    s3_region: str | None = None
+    """Region for S3 (else the AWS chain's region, else us-east-1)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    root: str
+    """Dataset root to write (local path or s3://bucket/prefix)."""
+    metadata: tuple[str, ...]
+    """HD-VILA-100M metadata jsonl file(s): {"video_id", "url", "clip": [{"clip_id", "span"}]}."""
+    video_root: str
+    """Directory (or s3:// prefix) holding <video_id>.<ext> source videos."""
+    subtitles: str | None = None
+    """clip_id->text table (.jsonl/.parquet), or a directory of per-video <video_id>.vtt/.srt."""
+    video_extensions: tuple[str, ...] = ("mp4", "mkv", "webm", "mov", "avi")
+    """Extensions tried, in order, when looking for <video_root>/<video_id>.<ext>."""
+    clips_per_shard: int = 256
+    """Target clips per work unit / shard; a video's clips never straddle two units."""
+    force: bool = False
+    """Allow a changed config on an existing root: its frames, captions and quarantine are
+    deleted and rebuilt. Without it a changed config is refused."""
+
+    def __post_init__(self) -> None:
+        if not self.metadata:
+            raise ConfigError("data.metadata: at least one metadata jsonl is required")
+        if self.clips_per_shard < 1:
+            raise ConfigError(f"data.clips_per_shard: must be >= 1, got {self.clips_per_shard}")
+        if not self.root:
+            raise ConfigError("data.root: must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FramesConfig:
+    fps: float = 3.0
+    """Sampling rate inside each span (the paper's clips are 3 fps)."""
+    max_frames: int = 32
+    """Cap per clip; longer spans are sampled uniformly down to this many frames."""
+    short_side_px: int = 240
+    """Frames are resized so their short side is this (aspect kept); 0 keeps the source size."""
+    jpeg_quality: int = 90
+    backend: Literal["pyav", "decord"] = "pyav"
+    """Decoder. PyAV is the default because it measured faster (bench/decode.py, README)."""
+    span_tolerance_s: float = 0.5
+    """A span may end this far past the video's end (rounding in HD-VILA spans); it is clamped."""
+    decode_threads: int = 1
+    """Decoder threads per task; parallelism comes from Ray tasks, so 1 by default."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fps <= 120:
+            raise ConfigError(f"frames.fps: must be in (0, 120], got {self.fps}")
+        if self.max_frames < 1:
+            raise ConfigError(f"frames.max_frames: must be >= 1, got {self.max_frames}")
+        if self.short_side_px < 0 or 0 < self.short_side_px < 16:
+            raise ConfigError(f"frames.short_side_px: must be 0 or >= 16, got {self.short_side_px}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"frames.jpeg_quality: must be in [1, 100], got {self.jpeg_quality}")
+        if self.span_tolerance_s < 0:
+            raise ConfigError(f"frames.span_tolerance_s: must be >= 0, got {self.span_tolerance_s}")
+        if self.decode_threads < 0:
+            raise ConfigError(f"frames.decode_threads: must be >= 0, got {self.decode_threads}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CaptionConfig:
+    set_name: str = "default"
+    """Caption set directory name under <root>/captions/."""
+    model: str = "Salesforce/blip-image-captioning-large"
+    """HF hub id, local directory, or `builtin:tiny-blip` (tiny random-init, for CPU demos)."""
+    revision: str | None = None
+    """Hub revision (commit/tag) to pin; recorded in caption_set.json."""
+    prompt: str | None = None
+    """Text prompt for conditional captioners (e.g. Florence-2's '<CAPTION>'); None = unconditional."""
+    max_new_tokens: int = 30
+    num_beams: int = 1
+    batch_size: int = 16
+    """Images per generate() call."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto = bfloat16 on GPU, float32 on CPU."""
+    trust_remote_code: bool = False
+    num_gpus_per_actor: float = 1.0
+    """GPUs per captioner actor when the cluster has GPUs (fractions pack small models)."""
+    max_actors: int | None = None
+    """Upper bound of the captioner actor pool; None = one per GPU (or 1 on CPU-only clusters)."""
+
+    def __post_init__(self) -> None:
+        if not self.set_name or "/" in self.set_name or self.set_name.startswith("."):
+            raise ConfigError(f"caption.set_name: must be a plain directory name, got {self.set_name!r}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"caption.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            raise ConfigError(f"caption.num_beams: must be >= 1, got {self.num_beams}")
+        if self.batch_size < 1:
+            raise ConfigError(f"caption.batch_size: must be >= 1, got {self.batch_size}")
+        if not 0 < self.num_gpus_per_actor <= 8:
+            raise ConfigError(f"caption.num_gpus_per_actor: must be in (0, 8], got {self.num_gpus_per_actor}")
+        if self.max_actors is not None and self.max_actors < 1:
+            raise ConfigError(f"caption.max_actors: must be >= 1, got {self.max_actors}")
+
+    def identity(self) -> dict[str, Any]:
+        """What defines the captions this set holds (fingerprinted; batching/resources excluded)."""
+        return {
+            "model": self.model,
+            "revision": self.revision,
+            "prompt": self.prompt,
+            "generation": {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": False},
+            "dtype": self.dtype,
+        }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RayConfig:
+    address: str | None = None
+    """Ray address to connect to; None starts a local Ray instance."""
+    num_cpus: int | None = None
+    """CPUs for a local instance (None = all)."""
+    decode_cpus_per_task: float = 1.0
+    """CPUs reserved per decode task (one task = one work unit)."""
+    progress_bars: bool = True
+
+    def __post_init__(self) -> None:
+        if self.decode_cpus_per_task <= 0:
+            raise ConfigError(f"ray.decode_cpus_per_task: must be > 0, got {self.decode_cpus_per_task}")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"ray.num_cpus: must be >= 1, got {self.num_cpus}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PrepareJobConfig:
+    """`clipvip prepare`: videos -> frame shards + one caption set."""
+
+    run_name: str = "prepare"
+    data: DataConfig
+    frames: FramesConfig = field(default_factory=FramesConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from dicts, with dotted-key errors
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        item_tp = args[0] if args else Any
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return build_dataclass(tp, value, prefix=key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Build `cls` from a dict; unknown or missing keys and bad types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in values:
+            kwargs[name] = _coerce(values[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = build_dataclass(hints[name], {}, prefix=key)
+            else:
+                raise ConfigError(f"{key}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        msg = str(e)
+        if prefix and not msg.startswith(prefix):
+            # Section validators name keys relative to the top; nested sections get the prefix.
+            section = prefix.rsplit(".", 1)[-1]
+            if msg.startswith(section + "."):
+                msg = prefix + msg[len(section):]
+        raise ConfigError(msg) from None
+
+
+def _parse_scalar(text: str) -> Any:
+    """`--set` values are YAML scalars/flow values: 3, 0.5, true, null, [a, b], 'str'."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = json.loads(json.dumps(raw))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. frames.fps=2")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: bad key {key!r}")
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(text)
+    return out
+
+
+def load_config(cls: type, path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Load a YAML recipe (or nothing), apply `a.b=c` overrides, build and validate `cls`."""
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"--config {path}: file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {path}: top level must be a mapping, got {type(raw).__name__}")
+    return build_dataclass(cls, apply_overrides(raw, list(overrides)))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-data form (tuples become lists), e.g. to ship across Ray or log as params."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable short hash of plain data or a config dataclass."""
+    if dataclasses.is_dataclass(obj):
+        obj = to_dict(obj)
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]

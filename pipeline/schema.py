@@ -1,0 +1,79 @@
+"""The Parquet contract of a dataset root: column names, Arrow schemas, file naming.
+
+Layout (see DESIGN.md):
+    <root>/manifest.json
+    <root>/frames/part-00000.parquet          one row per clip
+    <root>/frames/part-00000.json             shard sidecar, written last (the unit's done marker)
+    <root>/captions/<set>/caption_set.json
+    <root>/captions/<set>/part-00000.parquet  clip_id + caption, same rows/order as frames/part-00000
+    <root>/captions/<set>/part-00000.json     caption shard sidecar (done marker)
+    <root>/quarantine/part-00000.parquet      clips that failed in prepare (decode/span/subtitle)
+    <root>/quarantine/metadata.parquet        malformed metadata lines (file:line in `error`)
+    <root>/quarantine/captions/<set>/part-00000.parquet   clips whose caption failed
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+FRAME_SCHEMA = pa.schema(
+    [
+        pa.field("clip_id", pa.string(), nullable=False),
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("start_s", pa.float64(), nullable=False),
+        pa.field("end_s", pa.float64(), nullable=False),
+        pa.field("subtitle", pa.string(), nullable=False),
+        pa.field("frames", pa.list_(pa.binary()), nullable=False),
+        pa.field("frame_times_s", pa.list_(pa.float64()), nullable=False),
+        pa.field("middle_frame", pa.binary(), nullable=False),
+        pa.field("middle_frame_time_s", pa.float64(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("source_fps", pa.float64(), nullable=False),
+    ]
+)
+
+CAPTION_SCHEMA = pa.schema(
+    [
+        pa.field("clip_id", pa.string(), nullable=False),
+        # Null when the captioner failed on this clip (a quarantine row says why); the row
+        # stays so caption parts remain aligned with frame parts row for row.
+        pa.field("caption", pa.string(), nullable=True),
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("clip_id", pa.string(), nullable=False),
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+    ]
+)
+
+# Stages a quarantine row can name.
+STAGE_METADATA = "metadata"
+STAGE_SUBTITLE = "subtitle"
+STAGE_OPEN = "open"
+STAGE_SPAN = "span"
+STAGE_DECODE = "decode"
+STAGE_CAPTION = "caption"
+
+
+def part_name(index: int) -> str:
+    """Deterministic shard stem for work unit `index` (same index in frames/ and captions/)."""
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return f"part-{index:05d}"
+
+
+def part_index(name: str) -> int:
+    """Inverse of part_name for 'part-00012', 'part-00012.parquet' or 'part-00012.json'."""
+    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
+    if not stem.startswith("part-"):
+        raise ValueError(f"not a shard name: {name!r}")
+    return int(stem[len("part-"):])

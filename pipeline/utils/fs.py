@@ -1,0 +1,151 @@
+"""Paths that are either local or `s3://bucket/key`, through pyarrow.fs.
+
+S3 credentials come from the standard AWS chain (boto3: env vars, profile, instance role) of
+the process that opens the path; they are never stored in configs, manifests or pickles we
+write. The endpoint can be overridden for S3-compatible stores (MinIO, moto on loopback):
+`StorageConfig.s3_endpoint_url`, else the env vars `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`
+that boto3 also honours.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True, slots=True)
+class S3Options:
+    """What is needed to reach S3, minus the secrets (those come from the AWS chain)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(root: str, *parts: str) -> str:
+    """Join path parts with '/', keeping an `s3://` scheme intact."""
+    if is_s3(root):
+        return "s3://" + posixpath.join(root[len("s3://"):], *parts)
+    return os.path.join(root, *parts)
+
+
+def _endpoint(opts: S3Options) -> str | None:
+    return opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint_url: str | None, region: str | None) -> pafs.S3FileSystem:
+    import boto3  # noqa: PLC0415  (only S3 users pay for it)
+
+    session = boto3.Session()
+    creds = session.get_credentials()
+    kwargs: dict[str, Any] = {}
+    if creds is not None:
+        frozen = creds.get_frozen_credentials()
+        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
+        if frozen.token:
+            kwargs["session_token"] = frozen.token
+    region = region or session.region_name or "us-east-1"
+    if endpoint_url:
+        scheme = "https"
+        host = endpoint_url
+        if "://" in endpoint_url:
+            scheme, host = endpoint_url.split("://", 1)
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    return pafs.S3FileSystem(region=region, **kwargs)
+
+
+def resolve(uri: str, opts: S3Options | None = None) -> tuple[pafs.FileSystem, str]:
+    """Return (filesystem, path inside it) for a local path or an `s3://` URI."""
+    if is_s3(uri):
+        opts = opts or S3Options()
+        return _s3_filesystem(_endpoint(opts), opts.region), uri[len("s3://"):]
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def exists(uri: str, opts: S3Options | None = None) -> bool:
+    fs, path = resolve(uri, opts)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str, opts: S3Options | None = None) -> bool:
+    fs, path = resolve(uri, opts)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        return True
+    if is_s3(uri) and info.type == pafs.FileType.NotFound:
+        # S3 has no directories: a prefix with objects under it counts as one.
+        return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+    return False
+
+
+def read_bytes(uri: str, opts: S3Options | None = None) -> bytes:
+    fs, path = resolve(uri, opts)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_json(uri: str, opts: S3Options | None = None) -> Any:
+    return json.loads(read_bytes(uri, opts).decode("utf-8"))
+
+
+def write_bytes_atomic(uri: str, data: bytes, opts: S3Options | None = None) -> None:
+    """Write a whole object so readers see all of it or none of it.
+
+    Local: write a temp file beside the target, fsync, rename. S3: one PUT is already atomic.
+    """
+    fs, path = resolve(uri, opts)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(uri: str, obj: Any, opts: S3Options | None = None) -> None:
+    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"), opts)
+
+
+def list_files(uri: str, opts: S3Options | None = None, suffix: str = "") -> list[str]:
+    """Files directly under `uri` (not recursive), as full URIs, sorted; [] if it does not exist."""
+    fs, path = resolve(uri, opts)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.base_name.endswith(suffix):
+            continue
+        if ".tmp-" in info.base_name:
+            continue
+        out.append(join(uri, info.base_name))
+    return sorted(out)
+
+
+def delete_dir(uri: str, opts: S3Options | None = None) -> None:
+    fs, path = resolve(uri, opts)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound and not is_s3(uri):
+        return
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+
+
+def file_size(uri: str, opts: S3Options | None = None) -> int:
+    fs, path = resolve(uri, opts)
+    return int(fs.get_file_info(path).size or 0)

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, PrepareJobConfig, fingerprint, load_config
+
+BASE = ["data.root=/tmp/root", "data.metadata=meta.jsonl", "data.video_root=/videos"]
+
+
+def test_overrides_typed_and_nested():
+    cfg = load_config(PrepareJobConfig, None, BASE + ["frames.fps=2", "caption.batch_size=4", "data.metadata=[a, b]"])
+    assert cfg.frames.fps == 2.0 and isinstance(cfg.frames.fps, float)
+    assert cfg.caption.batch_size == 4
+    assert cfg.data.metadata == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("frames.fpz=1", "frames.fpz: unknown key"),
+        ("frames.fps=abc", "frames.fps: expected a number"),
+        ("frames.fps=0", "frames.fps: must be in (0, 120]"),
+        ("frames.backend=ffmpeg", "frames.backend: must be one of"),
+        ("caption.batch_size=true", "caption.batch_size: expected an integer"),
+        ("caption.set_name=a/b", "caption.set_name: must be a plain directory name"),
+        ("data.clips_per_shard=0", "data.clips_per_shard: must be >= 1"),
+        ("nokey", "expected key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(PrepareJobConfig, None, [*BASE, override])
+    assert message in str(err.value)
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match="data.video_root: required key is missing"):
+        load_config(PrepareJobConfig, None, ["data.root=/r", "data.metadata=m"])
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(PrepareJobConfig, str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(PrepareJobConfig, str(bad))
+
+
+def test_fingerprint_stable_and_sensitive():
+    a = load_config(PrepareJobConfig, None, BASE)
+    b = load_config(PrepareJobConfig, None, BASE)
+    c = load_config(PrepareJobConfig, None, [*BASE, "frames.fps=2"])
+    assert fingerprint(a.frames) == fingerprint(b.frames)
+    assert fingerprint(a.frames) != fingerprint(c.frames)
