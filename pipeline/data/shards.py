@@ -1,0 +1,239 @@
+"""One work unit -> one frame shard: decode every video of the unit once, write
+`frames/part-NNNNN.parquet`, its quarantine rows, then the sidecar (the unit's done marker).
+
+Exactly-once without a database: shard names are a pure function of the unit index, each file
+is written atomically (temp + rename locally, one PUT on S3) and the sidecar goes last. A unit
+interrupted anywhere before its sidecar is simply redone on the next run and rewrites the same
+bytes (decode, resize and JPEG encode are deterministic); a unit with a sidecar is never
+touched again. No Ray in here: `build.py` wraps these functions in Ray Data stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import schema
+from pipeline.config import FramesConfig
+from pipeline.data.frames import ClipFailure, ClipFrames, SpanRequest, extract_clips
+from pipeline.data.manifest import ClipSpec, VideoEntry, WorkUnit
+from pipeline.data.subtitles import SubtitleError, find_cue_file, read_cue_file, subtitle_for_span
+from pipeline.utils import fs
+
+# Small row groups let training readers stream a shard without holding all of it.
+ROW_GROUP_ROWS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class UnitContext:
+    """Everything a decode task needs besides the unit itself (plain data, ships across Ray)."""
+
+    root: str
+    video_root: str
+    video_extensions: tuple[str, ...]
+    subtitles_dir: str | None
+    frames: FramesConfig
+    s3: fs.S3Options
+    fingerprint: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+
+def frames_part_uri(root: str, index: int) -> str:
+    return fs.join(root, "frames", schema.part_name(index) + ".parquet")
+
+
+def frames_sidecar_uri(root: str, index: int) -> str:
+    return fs.join(root, "frames", schema.part_name(index) + ".json")
+
+
+def quarantine_part_uri(root: str, index: int) -> str:
+    return fs.join(root, "quarantine", schema.part_name(index) + ".parquet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet helpers
+
+
+def table_bytes(table: pa.Table, row_group_rows: int = ROW_GROUP_ROWS) -> bytes:
+    """Serialize a table to Parquet bytes (zstd); deterministic for the same table."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", row_group_size=max(1, row_group_rows))
+    return sink.getvalue()
+
+
+def write_table_atomic(uri: str, table: pa.Table, opts: fs.S3Options) -> tuple[int, str]:
+    """Write a Parquet file atomically; returns (bytes, sha256)."""
+    data = table_bytes(table)
+    fs.write_bytes_atomic(uri, data, opts)
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def read_table(uri: str, opts: fs.S3Options, columns: list[str] | None = None) -> pa.Table:
+    filesystem, path = fs.resolve(uri, opts)
+    return pq.read_table(path, filesystem=filesystem, columns=columns)
+
+
+def quarantine_row(clip_id: str, video_id: str, stage: str, error: str, source_uri: str) -> dict[str, str]:
+    return {"clip_id": clip_id, "video_id": video_id, "stage": stage, "error": error, "source_uri": source_uri}
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding one video's clips
+
+
+def find_video(ctx: UnitContext, video_id: str) -> str | None:
+    """First existing <video_root>/<video_id>.<ext>, in the configured extension order."""
+    for ext in ctx.video_extensions:
+        uri = fs.join(ctx.video_root, f"{video_id}.{ext}")
+        if fs.exists(uri, ctx.s3):
+            return uri
+    return None
+
+
+def _subtitles_from_files(ctx: UnitContext, video: VideoEntry) -> tuple[dict[str, str], str | None]:
+    """Per-video cue file -> {clip_id: text}; or (empty, reason) when the file is unusable."""
+    assert ctx.subtitles_dir is not None
+    cue_uri = find_cue_file(ctx.subtitles_dir, video.video_id, ctx.s3)
+    if cue_uri is None:
+        return {}, f"no subtitle file for video {video.video_id} under {ctx.subtitles_dir}"
+    try:
+        cues = read_cue_file(cue_uri, ctx.s3)
+    except SubtitleError as e:
+        return {}, str(e)
+    return {c.clip_id: subtitle_for_span(cues, c.start_s, c.end_s) for c in video.clips}, None
+
+
+def _open_source(uri: str, opts: fs.S3Options) -> Any:
+    """Local path as is; S3 objects as a seekable pyarrow file (ranged reads, no full download)."""
+    if not fs.is_s3(uri):
+        return uri
+    filesystem, path = fs.resolve(uri, opts)
+    return filesystem.open_input_file(path)
+
+
+def decode_video(ctx: UnitContext, video: VideoEntry) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Decode all clips of one video. Returns (frame rows, quarantine rows)."""
+    rows: list[dict[str, Any]] = []
+    bad: list[dict[str, str]] = []
+    uri = find_video(ctx, video.video_id)
+    source_uri = uri or fs.join(ctx.video_root, f"{video.video_id}.*")
+    texts: dict[str, str] = {}
+    sub_error = None
+    if ctx.subtitles_dir is not None:
+        texts, sub_error = _subtitles_from_files(ctx, video)
+
+    todo: list[ClipSpec] = []
+    for clip in video.clips:
+        if clip.error_stage is not None:
+            bad.append(quarantine_row(clip.clip_id, video.video_id, clip.error_stage, clip.error or "", source_uri))
+        elif uri is None:
+            tried = ", ".join(ctx.video_extensions)
+            bad.append(quarantine_row(clip.clip_id, video.video_id, schema.STAGE_OPEN,
+                                      f"video file not found: {video.video_id}.{{{tried}}} under {ctx.video_root}",
+                                      source_uri))
+        elif sub_error is not None:
+            bad.append(quarantine_row(clip.clip_id, video.video_id, schema.STAGE_SUBTITLE, sub_error, source_uri))
+        elif ctx.subtitles_dir is not None and not texts.get(clip.clip_id, "").strip():
+            bad.append(quarantine_row(clip.clip_id, video.video_id, schema.STAGE_SUBTITLE,
+                                      "no subtitle cue overlaps the span", source_uri))
+        else:
+            todo.append(clip)
+    if not todo:
+        return rows, bad
+
+    spans = [SpanRequest(c.clip_id, c.start_s, c.end_s) for c in todo]
+    source = _open_source(uri, ctx.s3)
+    try:
+        result = extract_clips(source, spans, ctx.frames)
+    finally:
+        if not isinstance(source, str):
+            source.close()
+    for clip, out in zip(todo, result.clips, strict=True):
+        if isinstance(out, ClipFailure):
+            bad.append(quarantine_row(clip.clip_id, video.video_id, out.stage, out.error, uri))
+            continue
+        assert isinstance(out, ClipFrames)
+        rows.append({
+            "clip_id": clip.clip_id,
+            "video_id": video.video_id,
+            "source_uri": uri,
+            "start_s": float(clip.start_s),
+            "end_s": float(clip.end_s),
+            "subtitle": clip.subtitle if clip.subtitle is not None else texts[clip.clip_id],
+            "frames": out.frames,
+            "frame_times_s": [float(t) for t in out.frame_times_s],
+            "middle_frame": out.middle_frame,
+            "middle_frame_time_s": float(out.middle_frame_time_s),
+            "height": int(out.height),
+            "width": int(out.width),
+            "source_fps": float(result.source_fps),
+        })
+    return rows, bad
+
+
+# ---------------------------------------------------------------------------------------------
+# One unit
+
+
+def process_unit(unit: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
+    """Decode and write one unit unless its sidecar already exists; returns the sidecar dict."""
+    sidecar_uri = frames_sidecar_uri(ctx.root, unit.index)
+    if fs.exists(sidecar_uri, ctx.s3):
+        sidecar = fs.read_json(sidecar_uri, ctx.s3)
+        sidecar["skipped"] = True
+        return sidecar
+
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    bad: list[dict[str, str]] = []
+    for video in unit.videos:
+        try:
+            v_rows, v_bad = decode_video(ctx, video)
+        except Exception as e:  # noqa: BLE001  a bug or I/O error on one video must not cost the unit
+            v_rows = []
+            v_bad = [quarantine_row(c.clip_id, video.video_id, schema.STAGE_DECODE,
+                                    f"{type(e).__name__}: {e}", fs.join(ctx.video_root, video.video_id))
+                     for c in video.clips]
+        rows.extend(v_rows)
+        bad.extend(v_bad)
+    decode_s = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    table = pa.Table.from_pylist(rows, schema=schema.FRAME_SCHEMA)
+    nbytes, sha = write_table_atomic(frames_part_uri(ctx.root, unit.index), table, ctx.s3)
+    if bad:
+        write_table_atomic(quarantine_part_uri(ctx.root, unit.index),
+                           pa.Table.from_pylist(bad, schema=schema.QUARANTINE_SCHEMA), ctx.s3)
+    write_s = time.perf_counter() - t1
+
+    stages: dict[str, int] = {}
+    for b in bad:
+        stages[b["stage"]] = stages.get(b["stage"], 0) + 1
+    sidecar = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "unit": unit.index,
+        "fingerprint": ctx.fingerprint,
+        "videos": len(unit.videos),
+        "clips": unit.num_clips(),
+        "rows": table.num_rows,
+        "quarantined": len(bad),
+        "quarantined_by_stage": stages,
+        "frames": sum(len(r["frames"]) for r in rows),
+        "bytes": nbytes,
+        "sha256": sha,
+        "timings_s": {"decode": round(decode_s, 4), "write": round(write_s, 4)},
+    }
+    # Every clip of the unit is accounted for exactly once: as a row or as a quarantine row.
+    assert sidecar["rows"] + sidecar["quarantined"] == sidecar["clips"], sidecar
+    fs.write_json_atomic(sidecar_uri, sidecar, ctx.s3)
+    sidecar["skipped"] = False
+    return sidecar

@@ -1,0 +1,72 @@
+"""Real components for integration tests: a local Ray instance, a moto S3 server on loopback,
+and a small synthetic HD-VILA dataset made by the project's own generator."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+# Dummy credentials for the loopback S3 server, set before Ray starts so its workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    import ray
+
+    os.environ.setdefault("CLIPVIP_CACHE_DIR", str(tmp_path_factory.mktemp("clipvip_cache")))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint on 127.0.0.1 (moto server); yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory):
+    """Small synthetic dataset (session-wide, read-only for tests: copy before mutating)."""
+    from pipeline.data.synthetic import SampleDataSpec, make_sample_dataset
+
+    out = tmp_path_factory.mktemp("sample")
+    spec = SampleDataSpec(num_videos=4, min_duration_s=4.0, max_duration_s=10.0,
+                          resolutions=((320, 240), (640, 360), (1280, 720)), num_retrieval=4)
+    return make_sample_dataset(str(out), seed=0, spec=spec)
+
+
+def clipvip(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a subprocess."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def copy_tree(src: str, dst: str) -> str:
+    shutil.copytree(src, dst)
+    return dst
