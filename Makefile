@@ -9,7 +9,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install run test test-unit bench clean
+.PHONY: install run test test-unit bench clean vocab
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,17 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install -q uv torch==2.13.0
 	$(BIN)/uv pip install --python $(BIN)/python -q -r requirements.txt
 	$(BIN)/uv pip install --python $(BIN)/python -q --no-deps -e .
+	$(MAKE) vocab
 	touch $(STAMP)
+
+# The real CLIP BPE vocabulary (MIT) ships inside the open_clip_torch wheel; take only that file
+# (installing open_clip would pull torchvision/timm, which clash with the CPU torch pin).
+VOCAB := pipeline/model/assets/bpe_simple_vocab_16e6.txt.gz
+vocab: $(VOCAB)
+$(VOCAB):
+	mkdir -p .cache/wheels $(dir $(VOCAB))
+	$(BIN)/pip download -q --no-deps open_clip_torch==3.3.0 -d .cache/wheels
+	$(BIN)/python -c "import zipfile,glob,shutil; z=zipfile.ZipFile(sorted(glob.glob('.cache/wheels/open_clip_torch-3.3.0-*.whl'))[0]); shutil.copyfileobj(z.open('open_clip/bpe_simple_vocab_16e6.txt.gz'), open('$(VOCAB)','wb'))"
 
 install: $(STAMP)
 

@@ -157,6 +157,51 @@ class RayConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    """CLIP-ViP architecture and initialisation (clipvip_spec.md section 1)."""
+
+    preset: Literal["tiny", "b32", "b16"] = "tiny"
+    """Architecture when no weights are loaded: tiny (CPU tests/demo), ViT-B/32, ViT-B/16."""
+    pretrained: str | None = None
+    """Initial weights: an HF CLIP id/dir (openai/clip-vit-base-patch32), an official CLIP-ViP
+    release (.pt, `clipmodel.` keys), or a directory saved by this project (HF format)."""
+    temporal_size: int = 12
+    """Length of the learned temporal embedding (interpolated to other frame counts)."""
+    add_cls_num: int = 3
+    """Extra video proxy tokens beside CLIP's class embedding (M = 1 + add_cls_num)."""
+    use_temporal_embed: bool = True
+    logit_scale_init: float = 4.60
+    """ln(100); set after loading CLIP, as VidCLIP does."""
+    logit_scale_max: float = 5.298317366548036
+    """ln(200): the clamp applied inside forward."""
+    attention: Literal["sparse", "dense"] = "sparse"
+    """sparse: per-frame + proxy two-branch SDPA; dense: S x S masked reference (tests only)."""
+    max_text_len: int = 70
+
+    def __post_init__(self) -> None:
+        if self.temporal_size < 1:
+            raise ConfigError(f"model.temporal_size: must be >= 1, got {self.temporal_size}")
+        if self.add_cls_num < 0:
+            raise ConfigError(f"model.add_cls_num: must be >= 0, got {self.add_cls_num}")
+        if not 0 < self.logit_scale_max <= 10:
+            raise ConfigError(f"model.logit_scale_max: must be in (0, 10], got {self.logit_scale_max}")
+        if not 0 <= self.logit_scale_init <= self.logit_scale_max:
+            raise ConfigError(f"model.logit_scale_init: must be in [0, logit_scale_max], got {self.logit_scale_init}")
+        if not 2 <= self.max_text_len <= 77:
+            raise ConfigError(f"model.max_text_len: must be in [2, 77], got {self.max_text_len}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LossConfig:
+    """Omnisource loss variant (clipvip_spec.md section 2.2)."""
+
+    variant: Literal["vs", "vs_fc", "vs_vc", "vs_vc_fc", "vsc_fc", "vsc"] = "vsc_fc"
+    """vs: L(V,S) only; vs_fc: (a); vs_vc: (b); vs_vc_fc: (c); vsc_fc: (d), the paper's final; vsc."""
+    gather: bool = True
+    """All-gather features across ranks (with gradients) so negatives come from the global batch."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class PrepareJobConfig:
     """`clipvip prepare`: videos -> frame shards + one caption set."""
 
