@@ -20,11 +20,12 @@ def main(argv: list[str]) -> int:
     args = config_parser("clipvip prepare", __doc__.splitlines()[0]).parse_args(argv)
     cfg = load_or_exit(PrepareJobConfig, args)
 
-    from pipeline.data.build import RootConflict, run_prepare  # noqa: PLC0415
+    from pipeline.data.build import RootConflict, check_inputs, run_prepare  # noqa: PLC0415
     from pipeline.data.captions import CaptionSetConflict  # noqa: PLC0415
 
-    init_ray(cfg.ray)
     try:
+        check_inputs(cfg)  # before Ray starts: a wrong path costs milliseconds, not a cluster
+        init_ray(cfg.ray)
         summary = run_prepare(cfg)
     except (RootConflict, CaptionSetConflict, FileNotFoundError) as e:
         print(f"prepare refused: {e}", file=sys.stderr)

@@ -88,8 +88,8 @@ class Plan:
     identity: dict[str, Any]
 
 
-def make_plan(cfg: PrepareJobConfig) -> Plan:
-    """Read inputs and cut them into units; the fingerprint names everything that shapes output."""
+def check_inputs(cfg: PrepareJobConfig) -> list[str]:
+    """Fail fast, naming the key, when an input path is missing; returns the metadata files."""
     opts = s3_options(cfg)
     for uri in cfg.data.metadata:
         if not fs.exists(uri, opts) and not fs.is_dir(uri, opts):
@@ -99,21 +99,29 @@ def make_plan(cfg: PrepareJobConfig) -> Plan:
         raise FileNotFoundError(f"data.metadata: no *.jsonl files in {list(cfg.data.metadata)}")
     if not fs.is_dir(cfg.data.video_root, opts):
         raise FileNotFoundError(f"data.video_root: {cfg.data.video_root} is not a directory")
+    subs = cfg.data.subtitles
+    if subs is not None and not fs.exists(subs, opts) and not fs.is_dir(subs, opts):
+        raise FileNotFoundError(f"data.subtitles: {cfg.data.subtitles} does not exist")
+    return metadata
+
+
+def make_plan(cfg: PrepareJobConfig) -> Plan:
+    """Read inputs and cut them into units; the fingerprint names everything that shapes output."""
+    opts = s3_options(cfg)
+    metadata = check_inputs(cfg)
     videos, meta_issues = read_metadata(metadata, opts)
     table_issues: list[dict[str, str]] = []
     subtitles_dir, subtitles_id = None, None
     if cfg.data.subtitles is not None:
         if fs.is_dir(cfg.data.subtitles, opts):
             subtitles_dir, subtitles_id = cfg.data.subtitles, {"dir": cfg.data.subtitles}
-        elif fs.exists(cfg.data.subtitles, opts):
+        else:
             table = load_subtitle_table(cfg.data.subtitles, opts)
             videos = attach_subtitle_table(videos, table)
             table_issues = [{"clip_id": "", "video_id": "", "stage": schema.STAGE_SUBTITLE,
                              "error": f"{src}: {err}", "source_uri": cfg.data.subtitles}
                             for src, err in table.issues]
             subtitles_id = {"table": inputs_digest([cfg.data.subtitles], opts)}
-        else:
-            raise FileNotFoundError(f"data.subtitles: {cfg.data.subtitles} does not exist")
     units = plan_units(videos, cfg.data.clips_per_shard)
     frames_cfg = to_dict(cfg.frames)
     frames_cfg.pop("decode_threads")  # threads change speed, not bytes
