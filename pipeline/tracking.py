@@ -1,0 +1,162 @@
+"""The one place that talks to MLflow.
+
+A run is created once (on the driver, before training starts) and its id travels with the job
+and into every checkpoint, so a restarted or resubmitted run keeps logging into the same MLflow
+run. Params are logged once (MLflow params are immutable); step metrics at or below the last
+step already in the run are dropped, so replaying steps after a resume never logs a step twice.
+Only one process (rank 0) holds a live tracker; the others get NullTracker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+# The metric whose history marks which steps a run has already logged.
+STEP_METRIC = "train/step"
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None: ...
+
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullTracker:
+    """For non-zero ranks and `tracking.enabled=false`."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        pass
+
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}; lists as JSON. Keys keep the config's dotted names."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+def create_run(tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None) -> str:
+    """Create an MLflow run (driver side) and return its id."""
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    run = client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
+    return run.info.run_id
+
+
+def find_run(tracking_uri: str, experiment: str, run_name: str) -> str | None:
+    """The newest run of that name in the experiment, if any (resubmitting a job reuses it)."""
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+class MlflowTracker:
+    """Logs into an existing run through MlflowClient (thread-safe, no global active run)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = False) -> None:
+        from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri)
+        self.last_step = self._last_logged_step()
+        self._monitor = None
+        if system_metrics:
+            self._monitor = self._start_system_metrics()
+
+    def _last_logged_step(self) -> int:
+        history = self.client.get_metric_history(self.run_id, STEP_METRIC)
+        return max((m.step for m in history), default=-1)
+
+    def _start_system_metrics(self) -> Any:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: PLC0415
+
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, samples_before_logging=1)
+            monitor.start()
+            return monitor
+        except Exception as e:  # noqa: BLE001  system metrics are best-effort, never fail training
+            print(f"[tracking] system metrics unavailable: {e}")
+            return None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param  # noqa: PLC0415
+
+        flat = flatten(params)
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v[:6000]) for k, v in sorted(flat.items()) if k not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[i:i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log one step's metrics; a step already in the run (a replay after resume) is dropped."""
+        from mlflow.entities import Metric  # noqa: PLC0415
+
+        if step <= self.last_step:
+            return
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        batch.append(Metric(STEP_METRIC, float(step), ts, step))
+        self.client.log_batch(self.run_id, metrics=batch)
+        self.last_step = step
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def close(self, status: str | None = None) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+        if status:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def sqlite_uri(path: str) -> str:
+    return "sqlite:///" + os.path.abspath(path)
