@@ -213,6 +213,95 @@ class PrepareJobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """Post-pretraining on Ray Train + DeepSpeed (clipvip_spec.md section 4.1)."""
+
+    dataset_root: str
+    """A root written by `prepare` (local or s3://)."""
+    caption_set: str = "default"
+    """Caption set under <root>/captions/ used for the C and F<->C terms."""
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    micro_batch_size: int = 32
+    """Clips per worker per step; the global batch (InfoNCE negatives) is this x num_workers."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None: `epochs` full epochs)."""
+    epochs: int = 1
+    lr: float = 5e-6
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.01
+    grad_clip: float = 5.0
+    zero_stage: int = 1
+    precision: Literal["fp32", "bf16"] = "bf16"
+    num_frames: int = 12
+    image_size_px: int = 224
+    seed: int = 42
+    checkpoint_every_steps: int = 100
+    keep_checkpoints: int = 3
+    storage_path: str = "out/runs"
+    """Where Ray Train keeps run state and checkpoints (local or s3://)."""
+    warm_start: str | None = None
+    """Weights to start from, taken from another run (a checkpoint dir or an HF-format export);
+    the optimizer and data position start fresh. Distinct from resume, which is automatic."""
+    max_failures: int = 3
+    """Worker-group restarts Ray Train attempts from the last checkpoint."""
+    log_every_steps: int = 1
+    prefetch_batches: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("num_workers", "micro_batch_size", "epochs", "num_frames", "checkpoint_every_steps",
+                     "keep_checkpoints", "log_every_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps: must be >= 1, got {self.max_steps}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("train.weight_decay/grad_clip must be >= 0 and train.warmup_ratio in [0, 1)")
+        if self.image_size_px < 16:
+            raise ConfigError(f"train.image_size_px: must be >= 16, got {self.image_size_px}")
+        if self.max_failures < 0:
+            raise ConfigError(f"train.max_failures: must be >= 0, got {self.max_failures}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///out/mlflow.db"
+    """sqlite:///path locally; http://host:5000 for a tracking server (MLflow's file store is refused)."""
+    experiment: str = "clipvip"
+    system_metrics: bool = True
+    register_model: str | None = "clip-vip"
+    """Registered model name for the final weights (None: log them, do not register)."""
+
+    def __post_init__(self) -> None:
+        if self.tracking_uri.startswith("file:") or "://" not in self.tracking_uri:
+            raise ConfigError(f"tracking.tracking_uri: use sqlite:///path or http(s)://host, got {self.tracking_uri!r} "
+                              "(MLflow 3 refuses its file store)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PretrainJobConfig:
+    """`clipvip pretrain`: omnisource post-pretraining."""
+
+    run_name: str = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if not self.run_name or "/" in self.run_name:
+            raise ConfigError(f"run_name: must be a non-empty name without '/', got {self.run_name!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # Building dataclasses from dicts, with dotted-key errors
 

@@ -23,6 +23,7 @@ FORBIDDEN = {
     "pipeline/data/shards.py": {"ray"},
     "pipeline/data/captions.py": {"ray"},
     "pipeline/data/synthetic.py": {"ray"},
+    "pipeline/data/sampling.py": {"ray"},
     "pipeline/eval/retrieval.py": {"ray", "deepspeed", "mlflow"},
     "pipeline/": {"argparse", "jobs"},
 }
