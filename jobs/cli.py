@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "sample-data": ("jobs.sample_data", "write a synthetic HD-VILA-format dataset (videos, metadata, subtitles)"),
     "prepare": ("jobs.prepare", "videos -> frame shards + auxiliary captions (Ray Data)"),
+    "pretrain": ("jobs.pretrain", "omnisource post-pretraining on Ray Train + DeepSpeed, tracked in MLflow"),
     "demo": ("jobs.demo", "the embedded default end to end on synthetic data (what `make run` runs)"),
 }
 

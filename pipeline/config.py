@@ -249,6 +249,8 @@ class TrainConfig:
     """Worker-group restarts Ray Train attempts from the last checkpoint."""
     log_every_steps: int = 1
     prefetch_batches: int = 2
+    data_cpus_per_task: float = 1.0
+    """CPUs each loader task (JPEG decode, frame sampling, tokenising) reserves beside the workers."""
 
     def __post_init__(self) -> None:
         for name in ("num_workers", "micro_batch_size", "epochs", "num_frames", "checkpoint_every_steps",

@@ -30,7 +30,7 @@ class Tracker(Protocol):
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, status: str | None = None) -> None: ...
 
 
 class NullTracker:
@@ -50,7 +50,7 @@ class NullTracker:
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, status: str | None = None) -> None:
         pass
 
 
@@ -72,20 +72,48 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, tags: Mapping[
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    if exp is not None:
+        exp_id = exp.experiment_id
+    else:
+        exp_id = client.create_experiment(experiment, artifact_location=default_artifact_location(tracking_uri))
     run = client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
     return run.info.run_id
 
 
-def find_run(tracking_uri: str, experiment: str, run_name: str) -> str | None:
-    """The newest run of that name in the experiment, if any (resubmitting a job reuses it)."""
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """sqlite: artifacts beside the database (not ./mlruns of whatever the cwd is); servers decide."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = tracking_uri[len("sqlite:///"):]
+        return "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts")
+    return None
+
+
+def register_model(tracking_uri: str, run_id: str, artifact_path: str, name: str) -> str:
+    """Register `runs:/<run_id>/<artifact_path>` as a new version of model `name`; returns it."""
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    client = MlflowClient(tracking_uri)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+            raise
+    mv = client.create_model_version(name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id)
+    return str(mv.version)
+
+
+def find_run(tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None) -> str | None:
+    """The newest run of that name (and tags) in the experiment, if any (resubmitting reuses it)."""
     from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'",
+    clauses = [f"tags.`mlflow.runName` = '{run_name}'"]
+    clauses += [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items()]
+    runs = client.search_runs([exp.experiment_id], filter_string=" and ".join(clauses),
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
 

@@ -456,11 +456,15 @@ def make_rank_dataset(index: DatasetIndex, loader_cfg: LoaderConfig, seed: int, 
             for k in range(k0, min(k0 + spt, steps)):
                 yield build_micro_batch(reader, plan, positions, k, loader_cfg, seed, epoch, tok)
 
-    ds = ray.data.range(max(num_tasks, 1), override_num_blocks=max(num_tasks, 1))
+    # from_items, not ray.data.range: a read task would need a CPU of its own, and inside a Ray
+    # Train worker on a small node every CPU may already be held by the training workers.
+    ds = ray.data.from_items([{"id": i} for i in range(max(num_tasks, 1))], override_num_blocks=max(num_tasks, 1))
     if num_tasks == 0:  # resumed exactly at the end of the epoch
         ds = ds.limit(0)
-    ds = ds.map_batches(run_task, batch_size=1, num_cpus=loader_cfg.num_cpus_per_task,
-                        concurrency=loader_cfg.max_tasks_in_flight)
+    extra: dict[str, Any] = {}
+    if loader_cfg.max_tasks_in_flight is not None:
+        extra["compute"] = ray.data.TaskPoolStrategy(size=loader_cfg.max_tasks_in_flight)
+    ds = ds.map_batches(run_task, batch_size=1, num_cpus=loader_cfg.num_cpus_per_task, **extra)
     # Batches must come out in plan order: the step number is the checkpointed data position.
     ds.context.execution_options.preserve_order = True
     return ds

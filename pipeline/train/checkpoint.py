@@ -111,6 +111,8 @@ def full_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     for name, param in engine.module.named_parameters():
         full = safe_get_full_fp32_param(param)
         out[name] = (full if full is not None else param.detach().float()).detach().cpu().clone()
+    persistent = set(engine.module.state_dict())  # skip non-persistent buffers (e.g. position_ids)
     for name, buf in engine.module.named_buffers():
-        out.setdefault(name, buf.detach().cpu().clone())
+        if name in persistent:
+            out.setdefault(name, buf.detach().cpu().clone())
     return out

@@ -149,3 +149,26 @@ def delete_dir(uri: str, opts: S3Options | None = None) -> None:
 def file_size(uri: str, opts: S3Options | None = None) -> int:
     fs, path = resolve(uri, opts)
     return int(fs.get_file_info(path).size or 0)
+
+
+def upload_dir(local_dir: str, uri: str, opts: S3Options | None = None) -> None:
+    """Copy a local directory tree to `uri` (local or S3), each file written atomically."""
+    for dirpath, _, files in os.walk(local_dir):
+        for name in sorted(files):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
+            with open(path, "rb") as f:
+                write_bytes_atomic(join(uri, *rel.split("/")), f.read(), opts)
+
+
+def download_dir(uri: str, local_dir: str, opts: S3Options | None = None) -> None:
+    """Copy every file under `uri` (recursively) into `local_dir`."""
+    filesystem, path = resolve(uri, opts)
+    for info in filesystem.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(path):].lstrip("/")
+        dest = os.path.join(local_dir, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with filesystem.open_input_stream(info.path) as src, open(dest, "wb") as out:
+            out.write(src.read())

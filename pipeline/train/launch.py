@@ -1,0 +1,65 @@
+"""make_trainer: a PretrainJobConfig -> a Ray Train V2 TorchTrainer (no loop logic here).
+
+Resume is Ray Train V2's: the same `RunConfig(name, storage_path)` finds the run's latest
+checkpoint (`ray.train.get_checkpoint()` in the workers), both after a worker failure (the
+controller restarts the group, up to `train.max_failures`) and when the whole job is submitted
+again. The deprecated V1 `resume_from_checkpoint` / `Trainer.restore` raise in 2.60.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pipeline.config import PretrainJobConfig, to_dict
+from pipeline.utils import fs
+
+
+def run_dir(cfg: PretrainJobConfig) -> str:
+    return fs.join(cfg.train.storage_path, cfg.run_name)
+
+
+def export_dir(cfg: PretrainJobConfig) -> str:
+    """Where the final HF-format weights go (beside Ray Train's run directory)."""
+    return fs.join(cfg.train.storage_path, cfg.run_name + "-export")
+
+
+def storage_filesystem(cfg: PretrainJobConfig) -> Any:
+    """pyarrow filesystem for s3:// storage (endpoint override, AWS credential chain); None locally."""
+    if not fs.is_s3(cfg.train.storage_path):
+        return None
+    filesystem, _ = fs.resolve(cfg.train.storage_path, fs.S3Options(cfg.storage.s3_endpoint_url, cfg.storage.s3_region))
+    return filesystem
+
+
+def make_trainer(cfg: PretrainJobConfig, mlflow_run_id: str | None) -> Any:
+    import ray.train  # noqa: PLC0415
+    from ray.train.torch import TorchConfig, TorchTrainer  # noqa: PLC0415
+
+    from pipeline.train.worker import train_loop_per_worker  # noqa: PLC0415
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    storage = t.storage_path
+    filesystem = storage_filesystem(cfg)
+    if filesystem is not None:
+        storage = storage[len("s3://"):]
+    env = {k: v for k, v in os.environ.items() if k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TORCH_EXTENSIONS_DIR",
+                                                         "HF_HUB_OFFLINE", "CLIPVIP_CACHE_DIR")}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": to_dict(cfg), "mlflow_run_id": mlflow_run_id, "export_dir": export_dir(cfg)},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=storage,
+            storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )

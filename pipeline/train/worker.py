@@ -1,0 +1,227 @@
+"""`train_loop_per_worker`: what each Ray Train worker runs for `pretrain`.
+
+One worker = one data-parallel rank: build CLIP-ViP + omnisource loss, wrap it in a DeepSpeed
+engine (ZeRO stage, bf16/fp32, gradient clipping from TrainConfig), restore the latest checkpoint
+if Ray Train has one, then stream this rank's batches and step. Every rank saves and reports
+checkpoints together (`ray.train.report` is a barrier); rank 0 alone talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import PretrainJobConfig, build_dataclass
+from pipeline.train import checkpoint as ckpt_io
+from pipeline.train.checkpoint import TrainState
+from pipeline.train.optim import lr_at, make_adamw, param_groups, set_lr
+
+
+def ds_config(cfg: PretrainJobConfig) -> dict[str, Any]:
+    """The DeepSpeed config, built from TrainConfig (the one source of truth; no JSON file)."""
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        # Accumulation would shrink the InfoNCE negative set; the paper uses none.
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _skip_cpu_shm_build() -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory allreduce op on first use (~1 min cold);
+    gloo's allreduce is fine for CPU runs, so skip the build (environment.md section 3)."""
+    import deepspeed.comm.torch  # noqa: F401,PLC0415
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def build_task(cfg: PretrainJobConfig):
+    from pipeline.model.checkpoints import load_clip_vip  # noqa: PLC0415
+    from pipeline.model.clip_vip import CLIPViPModel, config_from_model_cfg  # noqa: PLC0415
+    from pipeline.model.losses import build_loss  # noqa: PLC0415
+    from pipeline.train.task import ClipVipTask  # noqa: PLC0415
+
+    torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's)
+    warm = cfg.train.warm_start
+    if warm and not os.path.isdir(os.path.join(warm, "ds")):
+        model = load_clip_vip(warm, cfg.model)
+    elif cfg.model.pretrained:
+        model = load_clip_vip(cfg.model.pretrained, cfg.model)
+    else:
+        model = CLIPViPModel(config_from_model_cfg(cfg.model))
+    model.set_attention(cfg.model.attention)
+    return ClipVipTask(model, build_loss(cfg.loss))
+
+
+def _global_mean(metrics: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    """Each rank's loss covers its own rows; the mean over ranks is the global-batch loss."""
+    keys = sorted(metrics)
+    vec = torch.stack([metrics[k].float().reshape(()) for k in keys])
+    if world > 1:
+        dist.all_reduce(vec)
+        vec /= world
+    return {k: float(v) for k, v in zip(keys, vec.tolist(), strict=True)}
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train  # noqa: PLC0415
+
+    cfg = build_dataclass(PretrainJobConfig, loop_config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not cfg.train.use_gpu:
+        _skip_cpu_shm_build()
+    import deepspeed  # noqa: PLC0415
+
+    from pipeline.data.loader import DatasetIndex, LoaderConfig, iter_rank_batches  # noqa: PLC0415
+    from pipeline.data.sampling import steps_per_epoch  # noqa: PLC0415
+    from pipeline.tracking import MlflowTracker, NullTracker  # noqa: PLC0415
+    from pipeline.utils.fs import S3Options  # noqa: PLC0415
+
+    task = build_task(cfg)
+    optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
+    engine, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config(cfg))
+
+    opts = S3Options(endpoint_url=cfg.storage.s3_endpoint_url, region=cfg.storage.s3_region)
+    index = DatasetIndex.open(cfg.train.dataset_root, cfg.train.caption_set, opts)
+    loader_cfg = LoaderConfig(caption_set=cfg.train.caption_set, micro_batch=cfg.train.micro_batch_size,
+                              num_frames=cfg.train.num_frames, image_size_px=cfg.train.image_size_px,
+                              max_text_len=cfg.model.max_text_len, prefetch_batches=cfg.train.prefetch_batches,
+                              num_cpus_per_task=cfg.train.data_cpus_per_task)
+    import ray.data  # noqa: PLC0415
+
+    # One progress bar per rank per epoch would drown the driver's progress line.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    spe = steps_per_epoch(index.layout, world, cfg.train.micro_batch_size)
+    if spe < 1:
+        raise ValueError(f"{index.num_rows} clips cannot fill one global batch of "
+                         f"{cfg.train.micro_batch_size * world}; lower train.micro_batch_size")
+    total = cfg.train.max_steps or spe * cfg.train.epochs
+
+    state = TrainState(world_size=world, mlflow_run_id=loop_config.get("mlflow_run_id"))
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            state = ckpt_io.load(engine, d, rank, world)
+    elif cfg.train.warm_start and os.path.isdir(os.path.join(cfg.train.warm_start, "ds")):
+        ckpt_io.load(engine, cfg.train.warm_start, rank, world, weights_only=True)
+    state.mlflow_run_id = state.mlflow_run_id or loop_config.get("mlflow_run_id")
+    already_done = state.step >= total  # a finished run submitted again: re-export, log nothing new
+
+    tracker: Any = NullTracker()
+    if rank == 0 and cfg.tracking.enabled and state.mlflow_run_id:
+        tracker = MlflowTracker(cfg.tracking.tracking_uri, state.mlflow_run_id, cfg.tracking.system_metrics)
+        if state.step == 0:
+            tracker.log_params(loop_config["job"])
+            tracker.log_dict(loop_config["job"], "config/job.json")
+            tracker.log_dict(ds_config(cfg), "config/deepspeed.json")
+        print(f"[pretrain] {'resumed at step ' + str(state.step) if state.step else 'starting'}; "
+              f"{total} steps, {spe} per epoch, global batch {cfg.train.micro_batch_size * world}", flush=True)
+
+    _run_steps(engine, cfg, loop_config, index, loader_cfg, state, spe, total, rank, world, tracker,
+               iter_rank_batches)
+    _export_final(engine, cfg, loop_config, rank, tracker, log_to_mlflow=not already_done)
+    tracker.close("FINISHED")
+
+
+def _run_steps(engine, cfg, loop_config, index, loader_cfg, state, spe, total, rank, world, tracker,
+               iter_rank_batches) -> None:
+    t_start, samples_at_start = time.perf_counter(), state.samples_seen
+    while state.step < total:
+        epoch, start = divmod(state.step, spe)
+        t_wait0 = time.perf_counter()
+        wait_s = 0.0
+        batches = iter_rank_batches(index, loader_cfg, cfg.train.seed, epoch, rank, world, start_step=start,
+                                    device=str(engine.device))
+        for batch in batches:
+            t_got = time.perf_counter()
+            wait_s += t_got - t_wait0
+            lr = lr_at(state.step, cfg.train.lr, total, cfg.train.warmup_ratio)
+            set_lr(engine.optimizer, lr)
+            loss, metrics = engine(batch)
+            engine.backward(loss)
+            engine.step()
+            state.step += 1
+            state.step_in_epoch = state.step % spe
+            state.epoch = state.step // spe
+            state.samples_seen += int(batch["frames"].shape[0]) * world
+            skipped = int(batch["skipped"].sum())
+            metrics = dict(metrics, loss=loss.detach(), skipped_rows=torch.tensor(float(skipped)))
+            if state.step % cfg.train.log_every_steps == 0 or state.step == total:
+                _log_step(engine, metrics, state, world, lr, wait_s, t_start, samples_at_start, total, tracker, rank)
+            if state.step % cfg.train.checkpoint_every_steps == 0 or state.step == total:
+                _save_and_report(engine, cfg, loop_config, state, rank)
+            t_wait0 = time.perf_counter()
+            if state.step >= total or state.step % spe == 0:
+                break
+
+
+def _log_step(engine, metrics, state, world, lr, wait_s, t_start, samples_at_start, total, tracker, rank) -> None:
+    logged = _global_mean(metrics, world)
+    logged["skipped_rows"] *= world  # a sum over ranks, not a mean
+    elapsed = time.perf_counter() - t_start
+    rate = (state.samples_seen - samples_at_start) / elapsed if elapsed > 0 else 0.0
+    grad_norm = engine.get_global_grad_norm()
+    out = {f"train/{k}": v for k, v in logged.items()}
+    out.update({"train/lr": lr, "train/samples_per_s": rate, "train/data_wait_frac": wait_s / max(elapsed, 1e-9),
+                "train/epoch": float(state.epoch)})
+    if grad_norm is not None and math.isfinite(float(grad_norm)):
+        out["train/grad_norm"] = float(grad_norm)
+    tracker.log_metrics(out, step=state.step)
+    if rank == 0:
+        eta = (total - state.step) * world * engine.train_micro_batch_size_per_gpu() / rate if rate > 0 else 0.0
+        print(f"[pretrain] step {state.step}/{total} loss {logged['loss']:.4f} | {rate:.1f} samples/s | "
+              f"data wait {out['train/data_wait_frac']:.0%} | lr {lr:.2e} | ETA {eta:.0f} s", flush=True)
+
+
+def _save_and_report(engine, cfg, loop_config, state, rank) -> None:
+    import ray.train  # noqa: PLC0415
+
+    tmp = tempfile.mkdtemp(prefix=f"clipvip-ckpt-r{rank}-")
+    try:
+        ckpt_io.save(engine, tmp, state, rank, loop_config["job"])
+        ray.train.report({"step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step_{state.step:09d}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export_final(engine, cfg, loop_config, rank, tracker, log_to_mlflow: bool) -> None:
+    """Final weights in HF format (fp32 masters), logged to MLflow and registered (rank 0)."""
+    weights = ckpt_io.full_fp32_state_dict(engine)  # all ranks: ZeRO-3 gathers
+    if rank != 0:
+        return
+    from pipeline.model.clip_vip import CLIPViPModel  # noqa: PLC0415
+
+    model = CLIPViPModel(engine.module.model.config)
+    prefix = "model."
+    model.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
+    from pipeline.utils import fs  # noqa: PLC0415
+
+    out_uri = loop_config["export_dir"]
+    with tempfile.TemporaryDirectory(prefix="clipvip-export-") as local:
+        model.save_pretrained(local)
+        fs.upload_dir(local, out_uri, fs.S3Options(cfg.storage.s3_endpoint_url, cfg.storage.s3_region))
+        print(f"[pretrain] final weights (HF format) -> {out_uri}", flush=True)
+        if tracker.run_id and log_to_mlflow:
+            tracker.log_artifacts(local, "model")
+        if tracker.run_id and log_to_mlflow and cfg.tracking.register_model:
+            from pipeline.tracking import register_model  # noqa: PLC0415
+
+            version = register_model(cfg.tracking.tracking_uri, tracker.run_id, "model",
+                                     cfg.tracking.register_model)
+            print(f"[pretrain] registered model {cfg.tracking.register_model!r} version {version}", flush=True)
