@@ -157,6 +157,26 @@ class RayConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RecaptionJobConfig:
+    """`clipvip recaption`: a new caption set for an existing root, frames untouched."""
+
+    run_name: str = "recaption"
+    root: str
+    """Dataset root written by `prepare` (local or s3://)."""
+    caption: CaptionConfig
+    """The captioner and the new set's name (caption.set_name)."""
+    frames_per_clip: int = 1
+    """1 captions the middle frame (the paper); k > 1 also captions k frames spread over the
+    clip's stored frames, kept as a list beside the middle-frame caption."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.frames_per_clip <= 64:
+            raise ConfigError(f"frames_per_clip: must be in [1, 64], got {self.frames_per_clip}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
     """CLIP-ViP architecture and initialisation (clipvip_spec.md section 1)."""
 

@@ -128,6 +128,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracker.log_params(loop_config["job"])
             tracker.log_dict(loop_config["job"], "config/job.json")
             tracker.log_dict(ds_config(cfg), "config/deepspeed.json")
+    if rank == 0:
         print(f"[pretrain] {'resumed at step ' + str(state.step) if state.step else 'starting'}; "
               f"{total} steps, {spe} per epoch, global batch {cfg.train.micro_batch_size * world}", flush=True)
 
