@@ -147,11 +147,15 @@ class RayConfig:
     """CPUs for a local instance (None = all)."""
     decode_cpus_per_task: float = 1.0
     """CPUs reserved per decode task (one task = one work unit)."""
+    decode_memory_gb: float = 1.0
+    """Memory reserved per decode task: one unit's frames are held until its shard is written."""
     progress_bars: bool = True
 
     def __post_init__(self) -> None:
         if self.decode_cpus_per_task <= 0:
             raise ConfigError(f"ray.decode_cpus_per_task: must be > 0, got {self.decode_cpus_per_task}")
+        if self.decode_memory_gb <= 0:
+            raise ConfigError(f"ray.decode_memory_gb: must be > 0, got {self.decode_memory_gb}")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ConfigError(f"ray.num_cpus: must be >= 1, got {self.num_cpus}")
 
@@ -375,6 +379,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads `1e-3` as a string; accept what float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

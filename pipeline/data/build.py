@@ -242,10 +242,12 @@ def run_prepare(cfg: PrepareJobConfig, log=print) -> PrepareSummary:
         ctx_data.enable_progress_bars = cfg.ray.progress_bars
         items = [{"unit": json.dumps(u.to_dict())} for u in plan.units]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        # Retries cover a killed worker (a redone unit rewrites identical bytes). The differing
-        # remote args also keep Ray from fusing decode into the caption actors: decode must scale
-        # on CPU tasks, independently of how many captioner actors (GPUs) exist.
-        ds = ds.map(make_decode_fn(ctx), num_cpus=cfg.ray.decode_cpus_per_task, max_retries=3)
+        # A memory reservation sized for one unit's decode; as the stages' remote args differ it
+        # also keeps Ray from fusing decode into the caption actors: decode must scale on CPU
+        # tasks, independently of how many captioner actors (GPUs) exist. Ray's default task
+        # retries cover a killed worker (a redone unit rewrites identical bytes).
+        ds = ds.map(make_decode_fn(ctx), num_cpus=cfg.ray.decode_cpus_per_task,
+                    memory=cfg.ray.decode_memory_gb * 2**30)
         remote_args, max_actors = caption_resources(cfg)
         ds = ds.map_batches(
             ShardCaptionStage,
