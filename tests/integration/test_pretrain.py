@@ -1,0 +1,204 @@
+"""`pretrain` end to end through the real CLI: 2 CPU workers, DeepSpeed ZeRO-1/2 on gloo, the tiny
+model, shards made by `prepare`. Resume after a killed worker and after a killed job must give
+final weights bit-identical to an uninterrupted run; MLflow runs against a real `mlflow server`
+on loopback; checkpoints go to a local S3 server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import PrepareJobConfig, load_config
+from pipeline.data.build import run_prepare
+from tests.conftest import ROOT
+from tests.integration.conftest import clipvip
+
+ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+@pytest.fixture(scope="module")
+def root(ray_local, sample_data, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("pt") / "root")
+    cfg = load_config(PrepareJobConfig, None, [
+        f"data.root={path}", f"data.metadata={sample_data.metadata_path}", f"data.video_root={sample_data.video_root}",
+        f"data.subtitles={sample_data.subtitles_table}", "data.clips_per_shard=3", "frames.short_side_px=64",
+        "frames.max_frames=8", "caption.model=builtin:tiny-blip", "ray.progress_bars=false"])
+    run_prepare(cfg, log=lambda *_: None)
+    return path
+
+
+def pretrain_args(root, storage, tracking_uri, run_name, *extra):
+    sets = [f"run_name={run_name}", f"train.dataset_root={root}", f"train.storage_path={storage}",
+            f"tracking.tracking_uri={tracking_uri}", "tracking.system_metrics=false", "model.preset=tiny",
+            "model.max_text_len=16", "train.caption_set=default", "train.num_workers=2",
+            "train.micro_batch_size=2", "train.max_steps=5", "train.checkpoint_every_steps=2",
+            "train.num_frames=4", "train.image_size_px=32", "train.precision=fp32", "train.lr=1e-3",
+            "train.warmup_ratio=0.2", "ray.num_cpus=4", *extra]
+    return ["pretrain"] + [a for s in sets for a in ("--set", s)]
+
+
+def final_weights(storage, run_name):
+    return load_file(os.path.join(storage, run_name + "-export", "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on loopback (sqlite backend, local artifact store)."""
+    d = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", f"file://{d}/artifacts",
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("mlflow server did not start")
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def reference_zero1(root, mlflow_server, tmp_path_factory):
+    storage = str(tmp_path_factory.mktemp("ref1"))
+    proc = clipvip(*pretrain_args(root, storage, mlflow_server, "ref-z1", "train.zero_stage=1"), env=ENV)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return storage, proc
+
+
+def test_uninterrupted_run_logs_to_mlflow_server(reference_zero1, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    storage, proc = reference_zero1
+    assert "pretrain summary" in proc.stdout
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("clipvip")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`mlflow.runName` = 'ref-z1'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["train.zero_stage"] == "1" and run.data.params["loss.variant"] == "vsc_fc"
+    for key in ("train/loss", "train/vsc_loss", "train/fc_loss", "train/logit_scale", "train/lr",
+                "train/grad_norm", "train/samples_per_s", "train/data_wait_frac"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == [1, 2, 3, 4, 5], (key, steps)
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
+    assert {"config/job.json", "config/deepspeed.json"} <= arts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/config.json",
+                                                                                  "model/model.safetensors"}
+    versions = client.search_model_versions("name = 'clip-vip'")
+    assert any(v.run_id == run.info.run_id for v in versions)
+    weights = final_weights(storage, "ref-z1")
+    assert any(k.endswith("added_cls") for k in weights)
+
+
+def _descendants(pid):
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def test_worker_killed_resumes_bit_identical(root, reference_zero1, mlflow_server, tmp_path):
+    ref_storage, _ = reference_zero1
+    storage = str(tmp_path / "runs")
+    args = pretrain_args(root, storage, mlflow_server, "kill-worker", "train.zero_stage=1")
+    log = open(tmp_path / "driver.log", "w+")  # a file, not a pipe: a full pipe would stall the run
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=dict(os.environ, **ENV),
+                            stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    killed = None
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        # Step 3 logged means the step-2 checkpoint is committed (report() is a barrier).
+        if "[pretrain] step 3/" in open(tmp_path / "driver.log").read():
+            for p in _descendants(proc.pid):
+                try:
+                    if "RayTrainWorker" in " ".join(p.cmdline()):
+                        p.kill()
+                        killed = p.pid
+                        break
+                except psutil.Error:
+                    continue
+        time.sleep(0.05)
+    proc.wait(timeout=600)
+    out = open(tmp_path / "driver.log").read()
+    assert killed, "no training worker was killed"
+    assert proc.returncode == 0, out[-4000:]
+    lines = [ln[-160:] for ln in out.splitlines() if "[pretrain]" in ln or "rror" in ln]
+    assert "resumed at step" in out, "the group restarted from a checkpoint:\n" + "\n".join(lines[-30:])
+    assert_same_weights(final_weights(storage, "kill-worker"), final_weights(ref_storage, "ref-z1"))
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("clipvip")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`mlflow.runName` = 'kill-worker'")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == [1, 2, 3, 4, 5], f"each step logged exactly once across the restart: {steps}"
+
+
+def test_job_killed_and_resubmitted_zero2_on_s3(root, s3_server, tmp_path):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="runs")
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    common = ("train.zero_stage=2", f"storage.s3_endpoint_url={s3_server}")
+    ref = clipvip(*pretrain_args(root, "s3://runs/ref", db, "ref-z2", *common), env=ENV)
+    assert ref.returncode == 0, ref.stderr[-4000:]
+
+    args = pretrain_args(root, "s3://runs/kill", db, "kill-job", *common)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=dict(os.environ, **ENV),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        listed = s3.list_objects_v2(Bucket="runs", Prefix="kill/kill-job/step_000000002/")
+        if listed.get("KeyCount", 0) > 0:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)
+
+    again = clipvip(*args, env=ENV)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resumed at step" in again.stdout + again.stderr
+
+    def s3_weights(prefix):
+        local = tmp_path / prefix.replace("/", "_")
+        local.mkdir()
+        path = str(local / "model.safetensors")
+        s3.download_file("runs", f"{prefix}/model.safetensors", path)
+        return load_file(path)
+
+    assert_same_weights(s3_weights("kill/kill-job-export"), s3_weights("ref/ref-z2-export"))
