@@ -285,6 +285,10 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps: must be >= 1, got {self.max_steps}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage == 0 and self.grad_clip > 0:
+            # DeepSpeed 0.19.7's non-ZeRO clip_grad_norm_ fails on CLIP's 0-dim logit_scale.
+            raise ConfigError("train.zero_stage: 0 cannot clip gradients (DeepSpeed 0.19.7 fails on the 0-dim "
+                              "logit_scale); use zero_stage >= 1 or train.grad_clip=0")
         if self.lr <= 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.warmup_ratio < 1:

@@ -63,6 +63,7 @@ def build_task(cfg: PretrainJobConfig):
     else:
         model = CLIPViPModel(config_from_model_cfg(cfg.model))
     model.set_attention(cfg.model.attention)
+    model.train()  # loaders return eval-mode models; training must not depend on that
     return ClipVipTask(model, build_loss(cfg.loss))
 
 
@@ -149,7 +150,8 @@ def _run_steps(engine, cfg, loop_config, index, loader_cfg, state, spe, total, r
                                     device=str(engine.device))
         for batch in batches:
             t_got = time.perf_counter()
-            wait_s += t_got - t_wait0
+            step_wait_s = t_got - t_wait0
+            wait_s += step_wait_s
             lr = lr_at(state.step, cfg.train.lr, total, cfg.train.warmup_ratio)
             set_lr(engine.optimizer, lr)
             loss, metrics = engine(batch)
@@ -160,7 +162,9 @@ def _run_steps(engine, cfg, loop_config, index, loader_cfg, state, spe, total, r
             state.epoch = state.step // spe
             state.samples_seen += int(batch["frames"].shape[0]) * world
             skipped = int(batch["skipped"].sum())
-            metrics = dict(metrics, loss=loss.detach(), skipped_rows=torch.tensor(float(skipped)))
+            metrics = dict(metrics, loss=loss.detach(), skipped_rows=torch.tensor(float(skipped)),
+                           step_time_s=torch.tensor(time.perf_counter() - t_wait0),
+                           data_wait_s=torch.tensor(step_wait_s))
             if state.step % cfg.train.log_every_steps == 0 or state.step == total:
                 _log_step(engine, metrics, state, world, lr, wait_s, t_start, samples_at_start, total, tracker, rank)
             if state.step % cfg.train.checkpoint_every_steps == 0 or state.step == total:
