@@ -1,7 +1,8 @@
 """`clipvip` console script: one subcommand per job, each `--config FILE.yaml` + repeated `--set`.
 
-The CLI is frozen to those two options (plus `--out/--seed` for sample data): every other knob
-is a config key, so YAML recipes, overrides and MLflow params share one vocabulary.
+The CLI is frozen to those two options (plus `--out/--seed` for sample data, and `inspect ROOT`
+with `--set storage.*`): every other knob is a config key, so YAML recipes, overrides and MLflow
+params share one vocabulary.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 COMMANDS = {
     "sample-data": ("jobs.sample_data", "write a synthetic HD-VILA-format dataset (videos, metadata, subtitles)"),
     "prepare": ("jobs.prepare", "videos -> frame shards + auxiliary captions (Ray Data)"),
+    "recaption": ("jobs.recaption", "a new caption set for a prepared root with another captioner; frames untouched"),
+    "inspect": ("jobs.inspect_root", "list a dataset root: shards, caption sets, clip counts (`clipvip inspect ROOT`)"),
     "pretrain": ("jobs.pretrain", "omnisource post-pretraining on Ray Train + DeepSpeed, tracked in MLflow"),
     "demo": ("jobs.demo", "the embedded default end to end on synthetic data (what `make run` runs)"),
 }

@@ -7,6 +7,7 @@ Layout (see DESIGN.md):
     <root>/captions/<set>/caption_set.json
     <root>/captions/<set>/part-00000.parquet  clip_id + caption, same rows/order as frames/part-00000
     <root>/captions/<set>/part-00000.json     caption shard sidecar (done marker)
+    (a recaption with frames_per_clip > 1 adds frame_captions / frame_caption_indices columns)
     <root>/quarantine/part-00000.parquet      clips that failed in prepare (decode/span/subtitle)
     <root>/quarantine/metadata.parquet        malformed metadata lines (file:line in `error`)
     <root>/quarantine/captions/<set>/part-00000.parquet   clips whose caption failed
@@ -44,6 +45,32 @@ CAPTION_SCHEMA = pa.schema(
         pa.field("caption", pa.string(), nullable=True),
     ]
 )
+
+# Extra columns of a caption part made with frames_per_clip = k > 1 (recaption): captions of k
+# frames spread uniformly over the clip's stored `frames`, and which frames they are. Items are
+# null where a frame failed to decode; `caption` stays the middle-frame caption training uses.
+FRAME_CAPTION_FIELDS = (
+    pa.field("frame_captions", pa.list_(pa.string()), nullable=False),
+    pa.field("frame_caption_indices", pa.list_(pa.int32()), nullable=False),
+)
+
+
+def caption_schema(frames_per_clip: int = 1) -> pa.Schema:
+    """Schema of a caption part: CAPTION_SCHEMA, plus the per-frame lists when k > 1.
+
+    Args:
+        frames_per_clip: frames captioned per clip besides the middle frame (1 = middle only).
+
+    Returns:
+        The Arrow schema; k = 1 gives exactly CAPTION_SCHEMA, so such parts stay byte-compatible
+        with the ones prepare writes.
+    """
+    if frames_per_clip < 1:
+        raise ValueError(f"frames_per_clip must be >= 1, got {frames_per_clip}")
+    if frames_per_clip == 1:
+        return CAPTION_SCHEMA
+    return pa.schema(list(CAPTION_SCHEMA) + list(FRAME_CAPTION_FIELDS))
+
 
 QUARANTINE_SCHEMA = pa.schema(
     [

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import schema
-from pipeline.config import PrepareJobConfig, fingerprint, to_dict
+from pipeline.config import CaptionConfig, PrepareJobConfig, fingerprint, to_dict
 from pipeline.data import captions as capsets
 from pipeline.data.manifest import (
     WorkUnit,
@@ -189,34 +189,37 @@ def make_decode_fn(ctx: UnitContext):
 
 
 class ShardCaptionStage:
-    """Stage 2 actor: loads the captioner once, then captions whole shards (batch_size=1)."""
+    """Caption actor (prepare stage 2, recaption's only stage): loads the captioner once, then
+    captions whole shards (batch_size=1); input columns pass through, `caption_json` is added."""
 
-    def __init__(self, caption_cfg: dict[str, Any], root: str, set_fp: str, s3: dict[str, Any]) -> None:
+    def __init__(self, caption_cfg: dict[str, Any], root: str, set_fp: str, s3: dict[str, Any],
+                 frames_per_clip: int = 1) -> None:
         from pipeline.config import CaptionConfig, build_dataclass  # noqa: PLC0415
         from pipeline.data.captioner import FrameCaptioner  # noqa: PLC0415  heavy: torch/transformers
 
         self.cfg = build_dataclass(CaptionConfig, caption_cfg)
         self.root, self.set_fp, self.s3 = root, set_fp, fs.S3Options(**s3)
+        self.frames_per_clip = frames_per_clip
         self.captioner = FrameCaptioner(self.cfg)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = []
         for index in batch["unit"]:
             side = capsets.caption_shard(self.root, self.cfg.set_name, int(index), self.captioner,
-                                         self.set_fp, self.s3)
+                                         self.set_fp, self.s3, frames_per_clip=self.frames_per_clip)
             out.append(json.dumps(side))
-        return {"unit": batch["unit"], "frames_json": batch["frames_json"], "caption_json": out}
+        return dict(batch, caption_json=out)
 
 
-def caption_resources(cfg: PrepareJobConfig) -> tuple[dict[str, Any], int]:
+def caption_resources(caption: CaptionConfig) -> tuple[dict[str, Any], int]:
     """(remote args, max actors): GPUs when the cluster has them, else one CPU actor."""
     import ray  # noqa: PLC0415
 
     gpus = float(ray.cluster_resources().get("GPU", 0))
     if gpus > 0:
-        per = cfg.caption.num_gpus_per_actor
-        return {"num_gpus": per}, cfg.caption.max_actors or max(1, int(gpus / per))
-    return {"num_cpus": 1}, cfg.caption.max_actors or 1
+        per = caption.num_gpus_per_actor
+        return {"num_gpus": per}, caption.max_actors or max(1, int(gpus / per))
+    return {"num_cpus": 1}, caption.max_actors or 1
 
 
 def run_prepare(cfg: PrepareJobConfig, log=print) -> PrepareSummary:
@@ -248,7 +251,7 @@ def run_prepare(cfg: PrepareJobConfig, log=print) -> PrepareSummary:
         # retries cover a killed worker (a redone unit rewrites identical bytes).
         ds = ds.map(make_decode_fn(ctx), num_cpus=cfg.ray.decode_cpus_per_task,
                     memory=cfg.ray.decode_memory_gb * 2**30)
-        remote_args, max_actors = caption_resources(cfg)
+        remote_args, max_actors = caption_resources(cfg.caption)
         ds = ds.map_batches(
             ShardCaptionStage,
             fn_constructor_kwargs={"caption_cfg": to_dict(cfg.caption), "root": cfg.data.root,
@@ -288,25 +291,18 @@ def _accumulate(summary: PrepareSummary, frames_side: dict[str, Any], cap_side: 
 
 
 def finish_root(cfg: PrepareJobConfig, plan: Plan, summary: PrepareSummary, capset: dict[str, Any]) -> None:
-    """Verify every unit is done, then write manifest.json and caption_set.json (last)."""
+    """Verify every unit is done, then write caption_set.json and manifest.json (last)."""
     opts = s3_options(cfg)
-    missing = [u.index for u in plan.units
-               if not fs.exists(frames_sidecar_uri(cfg.data.root, u.index), opts)
-               or not fs.exists(capsets.caption_sidecar_uri(cfg.data.root, cfg.caption.set_name, u.index), opts)]
+    missing = [u.index for u in plan.units if not fs.exists(frames_sidecar_uri(cfg.data.root, u.index), opts)]
     if missing:
         raise RuntimeError(f"prepare finished with {len(missing)} shards not done (first: {missing[:5]}); "
                            "run the same command again to resume")
-    identities = {json.dumps(fs.read_json(capsets.caption_sidecar_uri(cfg.data.root, cfg.caption.set_name,
-                                                                     u.index), opts)["captioner"], sort_keys=True)
-                  for u in plan.units}
+    capsets.finish_caption_set(cfg.data.root, capset, len(plan.units), opts, wall_s=summary.wall_s)
     counts = {
         "shards": summary.units, "clips": summary.clips, "clips_ok": summary.clips_ok,
         "clips_quarantined": summary.clips_quarantined, "quarantined_by_stage": summary.quarantined_by_stage,
         "metadata_issues": summary.metadata_issues, "frames": summary.frames, "frame_bytes": summary.bytes,
     }
-    capset = dict(capset, status="complete", captioner=[json.loads(i) for i in sorted(identities)],
-                  counts={"captioned": summary.captions_ok, "failed": summary.captions_failed})
-    fs.write_json_atomic(capsets.caption_set_uri(cfg.data.root, cfg.caption.set_name), capset, opts)
     fs.write_json_atomic(manifest_uri(cfg.data.root), {
         "schema_version": schema.SCHEMA_VERSION,
         "status": "complete",
@@ -314,6 +310,6 @@ def finish_root(cfg: PrepareJobConfig, plan: Plan, summary: PrepareSummary, caps
         "inputs": plan.identity,
         "num_units": len(plan.units),
         "counts": counts,
-        "caption_sets": sorted({cfg.caption.set_name}),
+        # Every complete set on the root (recaptioned ones too), not only this job's.
+        "caption_sets": capsets.complete_caption_sets(cfg.data.root, opts),
     }, opts)
-

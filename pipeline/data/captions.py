@@ -1,24 +1,32 @@
 """Caption sets: `captions/<set>/part-NNNNN.parquet`, aligned row for row with the frame shard of
 the same index, plus a per-part sidecar (done marker) and `caption_set.json`.
 
-Captioning reads only the `clip_id` and `middle_frame` columns of a frame shard, so a set can be
-(re)generated without touching frames. A set's fingerprint covers the captioner identity and the
-frames it was made from; a complete set is never rewritten, and a set of the same name with a
-different fingerprint is refused. No Ray in here: `build.py` runs `caption_shard` in an actor.
+Captioning reads only the `clip_id` and `middle_frame` columns of a frame shard (and `frames`
+when more than the middle frame is captioned), so a set can be (re)generated without touching
+frames. A set's fingerprint covers the captioner identity and the frames it was made from; a
+complete set is never rewritten, and a set of the same name with a different fingerprint is
+refused. No Ray in here: `build.py` runs `caption_shard` in an actor (for prepare and recaption).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Sequence
 
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.config import CaptionConfig, fingerprint
-from pipeline.data.shards import frames_part_uri, read_table, write_table_atomic
+from pipeline.data.shards import frames_part_uri, write_table_atomic
 from pipeline.utils import fs
+
+CAPTION_SET_FILE = "caption_set.json"
 
 
 class Captioner(Protocol):
@@ -31,6 +39,10 @@ class Captioner(Protocol):
 
 class CaptionSetConflict(ValueError):
     """A caption set of this name exists with a different fingerprint."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
 
 
 def set_dir(root: str, name: str) -> str:
@@ -50,33 +62,75 @@ def caption_quarantine_uri(root: str, name: str, index: int) -> str:
 
 
 def caption_set_uri(root: str, name: str) -> str:
-    return fs.join(set_dir(root, name), "caption_set.json")
+    return fs.join(set_dir(root, name), CAPTION_SET_FILE)
 
 
-def set_fingerprint(cfg: CaptionConfig, frames_fingerprint: str) -> str:
-    """Identity of a caption set: which captioner, how it was run, on which frames."""
-    return fingerprint({"captioner": cfg.identity(), "frames": frames_fingerprint})
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def spread_indices(num_frames: int, k: int) -> list[int]:
+    """k frame indices spread uniformly over `num_frames` stored frames (segment centres).
+
+    The clip is cut into k equal segments and the frame at each segment's centre is taken, as
+    CLIP-ViP's uniform (eval) sampling does. With fewer frames than k, frames repeat, so every
+    clip gets exactly k entries (a list column of fixed length is simpler to consume).
+
+    Args:
+        num_frames: frames stored for the clip (length of its `frames` list).
+        k: how many to pick (>= 1).
+
+    Returns:
+        k non-decreasing indices in [0, num_frames), or [] when the clip has no frames.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if num_frames <= 0:
+        return []
+    return [min(num_frames - 1, int((i + 0.5) * num_frames / k)) for i in range(k)]
+
+
+def set_fingerprint(cfg: CaptionConfig, frames_fingerprint: str, frames_per_clip: int = 1) -> str:
+    """Identity of a caption set: which captioner, how it was run, on which frames.
+
+    `frames_per_clip` joins the fingerprint only when > 1, so a middle-frame-only recaption with
+    prepare's captioner config has prepare's fingerprint (and is recognised as the same set).
+    """
+    ident: dict[str, Any] = {"captioner": cfg.identity(), "frames": frames_fingerprint}
+    if frames_per_clip != 1:
+        ident["frames_per_clip"] = frames_per_clip
+    return fingerprint(ident)
+
+
+# ---------------------------------------------------------------------------------------------
+# caption_set.json
 
 
 def open_caption_set(root: str, cfg: CaptionConfig, frames_fingerprint: str, opts: fs.S3Options,
-                     force: bool = False) -> dict[str, Any]:
+                     force: bool = False, frames_per_clip: int = 1) -> dict[str, Any]:
     """Create `caption_set.json` (status in_progress) or check an existing one matches.
+
+    Returns:
+        The set's metadata; `status` is "complete" when an identical set already exists.
 
     Raises:
         CaptionSetConflict: the set exists with another fingerprint and `force` is False.
     """
     uri = caption_set_uri(root, cfg.set_name)
-    want = set_fingerprint(cfg, frames_fingerprint)
+    want = set_fingerprint(cfg, frames_fingerprint, frames_per_clip)
     if fs.exists(uri, opts):
         meta = fs.read_json(uri, opts)
         if meta.get("fingerprint") == want:
             return meta
         if not force:
+            old = meta.get("config", {})
             raise CaptionSetConflict(
                 f"caption set {cfg.set_name!r} at {set_dir(root, cfg.set_name)} was made with a different "
-                f"captioner/config (fingerprint {meta.get('fingerprint')} != {want}; existing captioner "
-                f"{meta.get('config', {}).get('model')!r}). Choose another caption.set_name, or set "
-                f"data.force=true to delete and rebuild it.")
+                f"captioner/config (fingerprint {meta.get('fingerprint')} != {want}; existing: model "
+                f"{old.get('model')!r}, prompt {old.get('prompt')!r}, frames_per_clip "
+                f"{meta.get('frames_per_clip', 1)}, status {meta.get('status')!r}). A caption set is never "
+                f"overwritten: choose another caption.set_name (or, for prepare, set data.force=true to "
+                f"delete and rebuild it).")
         fs.delete_dir(set_dir(root, cfg.set_name), opts)
         fs.delete_dir(fs.join(root, "quarantine", "captions", cfg.set_name), opts)
     meta = {
@@ -84,6 +138,7 @@ def open_caption_set(root: str, cfg: CaptionConfig, frames_fingerprint: str, opt
         "name": cfg.set_name,
         "fingerprint": want,
         "frames_fingerprint": frames_fingerprint,
+        "frames_per_clip": frames_per_clip,
         "config": cfg.identity(),
         "status": "in_progress",
     }
@@ -91,9 +146,166 @@ def open_caption_set(root: str, cfg: CaptionConfig, frames_fingerprint: str, opt
     return meta
 
 
+def finish_caption_set(root: str, meta: dict[str, Any], num_units: int, opts: fs.S3Options,
+                       wall_s: float | None = None) -> dict[str, Any]:
+    """Check every part is done, then write `caption_set.json` with status complete (last).
+
+    Aggregates the part sidecars: the captioner identities that made them (resolved revision
+    included), counts, bytes read and summed stage timings.
+
+    Raises:
+        RuntimeError: a part has no sidecar (the job was not finished; rerun it to resume).
+    """
+    if meta.get("status") == "complete":
+        return meta  # immutable: a rerun of a finished job leaves it byte for byte as it is
+    name = meta["name"]
+    with ThreadPoolExecutor(max_workers=16) as pool:  # sidecar reads are latency-bound on S3
+        sides = list(pool.map(lambda u: _read_json_or_none(caption_sidecar_uri(root, name, u), opts),
+                              range(num_units)))
+    missing = [u for u, s in enumerate(sides) if s is None]
+    if missing:
+        raise RuntimeError(f"caption set {name!r}: {len(missing)} parts not done (first: {missing[:5]}); "
+                           "run the same command again to resume")
+    done = [s for s in sides if s is not None]
+    identities = sorted({json.dumps(s["captioner"], sort_keys=True) for s in done})
+    keys = ("rows", "captioned", "failed", "frame_captions", "frame_captions_failed", "images", "bytes",
+            "bytes_read")
+    counts = {k: sum(int(s.get(k, 0)) for s in done) for k in keys}
+    counts["shards"] = num_units
+    timings = {k: round(sum(float(s.get("timings_s", {}).get(k, 0.0)) for s in done), 3)
+               for k in ("read", "caption", "write")}
+    if wall_s is not None:
+        timings["wall_last_run"] = round(wall_s, 3)
+    # Images through the captioner per second of captioning (reads and writes excluded).
+    timings["images_per_caption_s"] = round(counts["images"] / timings["caption"], 3) if timings["caption"] else 0.0
+    out = dict(meta, status="complete", captioner=[json.loads(i) for i in identities], counts=counts,
+               timings_s=timings)
+    fs.write_json_atomic(caption_set_uri(root, name), out, opts)
+    return out
+
+
+def describe_caption_sets(root: str, opts: fs.S3Options | None = None) -> list[dict[str, Any]]:
+    """Every `captions/<name>/caption_set.json` under a root, with its parts-done count.
+
+    Returns:
+        One dict per set, sorted by name: the set's metadata plus `parts_done`.
+    """
+    filesystem, path = fs.resolve(fs.join(root, "captions"), opts)
+    infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    out = []
+    for name in names:
+        meta = _read_json_or_none(caption_set_uri(root, name), opts)
+        if meta is None:
+            continue
+        parts = fs.list_files(set_dir(root, name), opts, suffix=".json")
+        meta["parts_done"] = sum(1 for p in parts if not p.endswith(CAPTION_SET_FILE))
+        out.append(meta)
+    return out
+
+
+def complete_caption_sets(root: str, opts: fs.S3Options | None = None) -> list[str]:
+    """Names of the caption sets whose caption_set.json says complete (what manifest.json lists)."""
+    return [m["name"] for m in describe_caption_sets(root, opts) if m.get("status") == "complete"]
+
+
+def refresh_manifest_caption_sets(root: str, opts: fs.S3Options) -> list[str]:
+    """Rewrite manifest.json's `caption_sets` from the complete sets on disk (atomically).
+
+    The list is derived from the caption_set.json files at write time, so whichever job writes
+    last records every set finished so far.
+    """
+    uri = fs.join(root, "manifest.json")
+    manifest = fs.read_json(uri, opts)
+    sets = complete_caption_sets(root, opts)
+    if manifest.get("caption_sets") != sets:
+        fs.write_json_atomic(uri, dict(manifest, caption_sets=sets), opts)
+    return sets
+
+
+def _read_json_or_none(uri: str, opts: fs.S3Options | None) -> Any:
+    return fs.read_json(uri, opts) if fs.exists(uri, opts) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading frame shards: projected columns, counting the bytes that come off storage
+
+
+class _CountingFile(io.RawIOBase):
+    """A read-only file that counts the bytes read through it (wraps a pyarrow NativeFile)."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__()
+        self._f = f
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n if n is not None and n >= 0 else None)
+        self.bytes_read += len(data)
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        data = self.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+
+def read_columns(uri: str, opts: fs.S3Options | None, columns: list[str]) -> tuple[pa.Table, int]:
+    """Read some columns of a Parquet file; returns (table, bytes read from storage).
+
+    The footer is read exactly (8-byte tail, then the footer) instead of pyarrow's 64 KiB
+    speculative tail read, which on small shards would cost more than the middle frames do.
+
+    Args:
+        uri: local path or s3:// URI of a Parquet file.
+        opts: how to reach S3.
+        columns: columns to read (projection; other column chunks are never fetched).
+    """
+    filesystem, path = fs.resolve(uri, opts)
+    with filesystem.open_input_file(path) as native:
+        f = _CountingFile(native)
+        size = native.size()
+        f.seek(size - 8)
+        tail = f.read(8)
+        if len(tail) != 8 or tail[4:] != b"PAR1":
+            raise ValueError(f"{uri}: not a Parquet file")
+        footer_len = int.from_bytes(tail[:4], "little")
+        f.seek(size - 8 - footer_len)
+        footer = f.read(footer_len)
+        metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + footer + tail))
+        # pre_buffer coalesces nearby column chunks into fewer (S3) requests.
+        table = pq.ParquetFile(f, metadata=metadata, pre_buffer=True).read(columns=columns)
+        return table, f.bytes_read
+
+
+# ---------------------------------------------------------------------------------------------
+# Captioning one shard
+
+
 def caption_shard(root: str, name: str, index: int, captioner: Captioner, set_fp: str,
-                  opts: fs.S3Options) -> dict[str, Any]:
-    """Caption the middle frames of frame shard `index` unless its caption sidecar exists."""
+                  opts: fs.S3Options, frames_per_clip: int = 1) -> dict[str, Any]:
+    """Caption frame shard `index` into part `index` of set `name`, unless its sidecar exists.
+
+    Reads `clip_id` + `middle_frame` (+ `frames` when frames_per_clip > 1). A middle frame that
+    fails becomes a null caption plus a quarantine row (stage caption); a failed extra frame a
+    null list item. Files are written atomically and the sidecar last, so a killed run redoes
+    at most the parts without sidecars, with the same bytes.
+
+    Returns:
+        The part's sidecar, with `skipped` True when it was already done.
+    """
     sidecar_uri = caption_sidecar_uri(root, name, index)
     if fs.exists(sidecar_uri, opts):
         sidecar = fs.read_json(sidecar_uri, opts)
@@ -102,44 +314,73 @@ def caption_shard(root: str, name: str, index: int, captioner: Captioner, set_fp
 
     t0 = time.perf_counter()
     frames_uri = frames_part_uri(root, index)
-    table = read_table(frames_uri, opts, columns=["clip_id", "middle_frame", "video_id", "source_uri"])
-    bytes_read = sum(table.column(c).nbytes for c in ("clip_id", "middle_frame"))
+    columns = ["clip_id", "middle_frame"] + (["frames"] if frames_per_clip > 1 else [])
+    table, bytes_read = read_columns(frames_uri, opts, columns)
+    clip_ids = table.column("clip_id").to_pylist()
+    images = table.column("middle_frame").to_pylist()
+    picks: list[list[int]] = []
+    if frames_per_clip > 1:
+        # Each distinct (row, frame) is captioned once, even when a short clip repeats frames.
+        slots: dict[tuple[int, int], int] = {}
+        for row, frames in enumerate(table.column("frames").to_pylist()):
+            picks.append(spread_indices(len(frames), frames_per_clip))
+            for i in picks[-1]:
+                if (row, i) not in slots:
+                    slots[(row, i)] = len(images)
+                    images.append(frames[i])
     read_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    clip_ids = table.column("clip_id").to_pylist()
-    images = table.column("middle_frame").to_pylist()
     results = captioner.caption(images) if images else []
     caption_s = time.perf_counter() - t1
 
-    captions, bad = [], []
-    video_ids = table.column("video_id").to_pylist()
-    sources = table.column("source_uri").to_pylist()
-    for clip_id, video_id, src, res in zip(clip_ids, video_ids, sources, results, strict=True):
-        captions.append(res.caption)
-        if res.caption is None:
-            bad.append({"clip_id": clip_id, "video_id": video_id, "stage": schema.STAGE_CAPTION,
-                        "error": res.error or "captioner returned nothing", "source_uri": src})
-    out = pa.table({"clip_id": clip_ids, "caption": captions}, schema=schema.CAPTION_SCHEMA)
+    t2 = time.perf_counter()
+    captions = [r.caption for r in results[:len(clip_ids)]]
+    data: dict[str, Any] = {"clip_id": clip_ids, "caption": captions}
+    extra_failed = 0
+    if frames_per_clip > 1:
+        data["frame_captions"] = [[results[slots[(row, i)]].caption for i in p] for row, p in enumerate(picks)]
+        data["frame_caption_indices"] = picks
+        extra_failed = sum(c is None for lst in data["frame_captions"] for c in lst)
+    out = pa.table(data, schema=schema.caption_schema(frames_per_clip))
     nbytes, sha = write_table_atomic(caption_part_uri(root, name, index), out, opts)
-    if bad:
-        write_table_atomic(caption_quarantine_uri(root, name, index),
-                           pa.Table.from_pylist(bad, schema=schema.QUARANTINE_SCHEMA), opts)
+    bad_rows = [i for i, c in enumerate(captions) if c is None]
+    if bad_rows:
+        _write_caption_quarantine(root, name, index, bad_rows, clip_ids, results, opts)
+    write_s = time.perf_counter() - t2
+
     sidecar = {
         "schema_version": schema.SCHEMA_VERSION,
         "unit": index,
         "set": name,
         "fingerprint": set_fp,
         "rows": out.num_rows,
-        "captioned": out.num_rows - len(bad),
-        "failed": len(bad),
+        "captioned": out.num_rows - len(bad_rows),
+        "failed": len(bad_rows),
         "bytes": nbytes,
         "sha256": sha,
         "bytes_read": int(bytes_read),
+        "images": len(images),
         "clip_ids_sha256": hashlib.sha256("\n".join(clip_ids).encode("utf-8")).hexdigest(),
         "captioner": captioner.identity(),
-        "timings_s": {"read": round(read_s, 4), "caption": round(caption_s, 4)},
+        "timings_s": {"read": round(read_s, 4), "caption": round(caption_s, 4), "write": round(write_s, 4)},
     }
+    if frames_per_clip > 1:
+        sidecar.update(frames_per_clip=frames_per_clip, frame_captions=sum(len(p) for p in picks) - extra_failed,
+                       frame_captions_failed=extra_failed)
     fs.write_json_atomic(sidecar_uri, sidecar, opts)
     sidecar["skipped"] = False
     return sidecar
+
+
+def _write_caption_quarantine(root: str, name: str, index: int, bad_rows: list[int], clip_ids: list[str],
+                              results: list[Any], opts: fs.S3Options) -> None:
+    # video_id/source_uri are only needed for quarantine rows, so they are read only when a
+    # shard has one (rare), keeping the common read path to clip_id + middle_frame.
+    meta, _ = read_columns(frames_part_uri(root, index), opts, ["video_id", "source_uri"])
+    video_ids, sources = meta.column("video_id").to_pylist(), meta.column("source_uri").to_pylist()
+    rows = [{"clip_id": clip_ids[i], "video_id": video_ids[i], "stage": schema.STAGE_CAPTION,
+             "error": results[i].error or "captioner returned nothing", "source_uri": sources[i]}
+            for i in bad_rows]
+    write_table_atomic(caption_quarantine_uri(root, name, index),
+                       pa.Table.from_pylist(rows, schema=schema.QUARANTINE_SCHEMA), opts)

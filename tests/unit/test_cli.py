@@ -17,7 +17,7 @@ def run(*args):
 def test_help_lists_commands():
     out = run("--help")
     assert out.returncode == 0
-    for cmd in ("sample-data", "prepare", "demo"):
+    for cmd in ("sample-data", "prepare", "pretrain", "recaption", "inspect", "demo"):
         assert cmd in out.stdout
 
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pipeline.config import ConfigError, PrepareJobConfig, PretrainJobConfig, load_config
+from pipeline.config import ConfigError, PrepareJobConfig, PretrainJobConfig, RecaptionJobConfig, load_config
 from tests.conftest import ROOT
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "jobs", "configs", "*.yaml")))
@@ -16,7 +16,7 @@ RECIPES = sorted(glob.glob(os.path.join(ROOT, "jobs", "configs", "*.yaml")))
 @pytest.mark.parametrize("path", RECIPES, ids=[os.path.basename(p) for p in RECIPES])
 def test_recipe_is_valid(path):
     loaded = []
-    for cls in (PrepareJobConfig, PretrainJobConfig):
+    for cls in (PrepareJobConfig, PretrainJobConfig, RecaptionJobConfig):
         try:
             loaded.append(load_config(cls, path))
         except ConfigError:

@@ -1,0 +1,39 @@
+"""`clipvip recaption`: a new caption set for a prepared dataset root; frames are never touched.
+
+Run locally (starts a private Ray instance):
+    clipvip recaption --config jobs/configs/tiny_recaption.yaml
+On a cluster (see cluster/ and ray_cluster.yaml):
+    ray job submit --working-dir . -- clipvip recaption --config jobs/configs/tiny_recaption.yaml \
+        --set root=s3://bucket/hdvila/v1 --set caption.model=Salesforce/blip-image-captioning-large \
+        --set caption.set_name=blip_large
+Re-running the same command resumes; on a complete set it is a no-op. A set of the same name made
+by another captioner or config is refused (exit 2): pick another caption.set_name.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jobs.common import config_parser, init_ray, load_or_exit
+from pipeline.config import RecaptionJobConfig
+
+
+def main(argv: list[str]) -> int:
+    args = config_parser("clipvip recaption", __doc__.splitlines()[0]).parse_args(argv)
+    cfg = load_or_exit(RecaptionJobConfig, args)
+
+    from pipeline.data.captions import CaptionSetConflict  # noqa: PLC0415
+    from pipeline.data.recaption import RootNotReady, open_recaption, run_recaption  # noqa: PLC0415
+
+    try:
+        # Before Ray starts: a wrong root or a conflicting set costs milliseconds, not a cluster,
+        # and a complete set needs no cluster at all.
+        _, capset = open_recaption(cfg)
+        if capset.get("status") != "complete":
+            init_ray(cfg.ray)
+        summary = run_recaption(cfg)
+    except (RootNotReady, CaptionSetConflict, FileNotFoundError) as e:
+        print(f"recaption refused: {e}", file=sys.stderr)
+        return 2
+    print(summary.render())
+    return 0
