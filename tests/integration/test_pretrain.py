@@ -18,8 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import PrepareJobConfig, load_config
+from pipeline.config import PrepareJobConfig, RecaptionJobConfig, load_config
 from pipeline.data.build import run_prepare
+from pipeline.data.recaption import run_recaption
 from tests.conftest import ROOT
 from tests.integration.conftest import clipvip
 
@@ -34,13 +35,18 @@ def root(ray_local, sample_data, tmp_path_factory):
         f"data.subtitles={sample_data.subtitles_table}", "data.clips_per_shard=3", "frames.short_side_px=64",
         "frames.max_frames=8", "caption.model=builtin:tiny-blip", "ray.progress_bars=false"])
     run_prepare(cfg, log=lambda *_: None)
+    # Every pretrain run below trains on a second caption set made by `recaption` (issue 5:
+    # pretrain selects a recaptioned set by name).
+    recap = load_config(RecaptionJobConfig, None, [f"root={path}", "caption.set_name=git",
+                                                  "caption.model=builtin:tiny-git", "ray.progress_bars=false"])
+    run_recaption(recap, log=lambda *_: None)
     return path
 
 
 def pretrain_args(root, storage, tracking_uri, run_name, *extra):
     sets = [f"run_name={run_name}", f"train.dataset_root={root}", f"train.storage_path={storage}",
             f"tracking.tracking_uri={tracking_uri}", "tracking.system_metrics=false", "model.preset=tiny",
-            "model.max_text_len=16", "train.caption_set=default", "train.num_workers=2",
+            "model.max_text_len=16", "train.caption_set=git", "train.num_workers=2",
             "train.micro_batch_size=2", "train.max_steps=5", "train.checkpoint_every_steps=2",
             "train.num_frames=4", "train.image_size_px=32", "train.precision=fp32", "train.lr=1e-3",
             "train.warmup_ratio=0.2", "ray.num_cpus=4", *extra]
@@ -101,6 +107,7 @@ def test_uninterrupted_run_logs_to_mlflow_server(reference_zero1, mlflow_server)
 
     storage, proc = reference_zero1
     assert "pretrain summary" in proc.stdout
+    assert "caption set 'git'" in proc.stdout
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("clipvip")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`mlflow.runName` = 'ref-z1'")
