@@ -173,14 +173,16 @@ def test_worker_killed_resumes_bit_identical(root, reference_zero1, mlflow_serve
     assert steps == [1, 2, 3, 4, 5], f"each step logged exactly once across the restart: {steps}"
 
 
-def test_job_killed_and_resubmitted_zero2_on_s3(root, s3_server, tmp_path):
+def test_job_killed_and_resubmitted_zero2_on_s3(root, reference_zero1, s3_server, tmp_path):
+    """ZeRO-2 with checkpoints on S3, the whole job killed and resubmitted. With 2 fp32 ranks ZeRO-2
+    (reduce-scatter) and ZeRO-1 (all-reduce) do the same arithmetic, so the uninterrupted ZeRO-1
+    run is the reference (checked bit-identical when this test was written)."""
     import boto3
 
+    ref_storage, _ = reference_zero1
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="runs")
     db = f"sqlite:///{tmp_path}/mlflow.db"
     common = ("train.zero_stage=2", f"storage.s3_endpoint_url={s3_server}")
-    ref = clipvip(*pretrain_args(root, "s3://runs/ref", db, "ref-z2", *common), env=ENV)
-    assert ref.returncode == 0, ref.stderr[-4000:]
 
     args = pretrain_args(root, "s3://runs/kill", db, "kill-job", *common)
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=dict(os.environ, **ENV),
@@ -208,4 +210,4 @@ def test_job_killed_and_resubmitted_zero2_on_s3(root, s3_server, tmp_path):
         s3.download_file("runs", f"{prefix}/model.safetensors", path)
         return load_file(path)
 
-    assert_same_weights(s3_weights("kill/kill-job-export"), s3_weights("ref/ref-z2-export"))
+    assert_same_weights(s3_weights("kill/kill-job-export"), final_weights(ref_storage, "ref-z1"))
