@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
                         help="storage.s3_endpoint_url=URL / storage.s3_region=NAME (repeatable)")
     args = parser.parse_args(argv)
     cfg = load_or_exit(InspectConfig, argparse.Namespace(config=None, overrides=args.overrides))
-    opts = fs.S3Options(endpoint_url=cfg.storage.s3_endpoint_url, region=cfg.storage.s3_region)
+    opts = fs.S3Options.of(cfg.storage)
     if not fs.exists(fs.join(args.root, "manifest.json"), opts):
         print(f"inspect: {args.root} has no manifest.json (not a dataset root written by prepare)", file=sys.stderr)
         return 2

@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
 
     try:  # fail before Ray starts: missing root, missing/incomplete caption set, schema mismatch
         index = DatasetIndex.open(cfg.train.dataset_root, cfg.train.caption_set,
-                                  S3Options(cfg.storage.s3_endpoint_url, cfg.storage.s3_region))
+                                  S3Options.of(cfg.storage))
     except (ValueError, FileNotFoundError) as e:
         print(f"pretrain refused: {e}", file=sys.stderr)
         return 2

@@ -97,10 +97,3 @@ def part_name(index: int) -> str:
         raise ValueError(f"shard index must be >= 0, got {index}")
     return f"part-{index:05d}"
 
-
-def part_index(name: str) -> int:
-    """Inverse of part_name for 'part-00012', 'part-00012.parquet' or 'part-00012.json'."""
-    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
-    if not stem.startswith("part-"):
-        raise ValueError(f"not a shard name: {name!r}")
-    return int(stem[len("part-"):])

@@ -174,10 +174,6 @@ class MlflowTracker:
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, local_dir, artifact_path)
 
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
-
     def close(self, status: str | None = None) -> None:
         if self._monitor is not None:
             self._monitor.finish()
@@ -185,6 +181,3 @@ class MlflowTracker:
         if status:
             self.client.set_terminated(self.run_id, status=status)
 
-
-def sqlite_uri(path: str) -> str:
-    return "sqlite:///" + os.path.abspath(path)

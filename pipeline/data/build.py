@@ -139,7 +139,7 @@ def make_plan(cfg: PrepareJobConfig) -> Plan:
 
 
 def s3_options(cfg: PrepareJobConfig) -> fs.S3Options:
-    return fs.S3Options(endpoint_url=cfg.storage.s3_endpoint_url, region=cfg.storage.s3_region)
+    return fs.S3Options.of(cfg.storage)
 
 
 def manifest_uri(root: str) -> str:

@@ -75,7 +75,7 @@ class RecaptionSummary:
 
 
 def s3_options(cfg: RecaptionJobConfig) -> fs.S3Options:
-    return fs.S3Options(endpoint_url=cfg.storage.s3_endpoint_url, region=cfg.storage.s3_region)
+    return fs.S3Options.of(cfg.storage)
 
 
 def check_root(root: str, opts: fs.S3Options) -> dict[str, Any]:

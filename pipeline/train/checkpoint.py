@@ -94,9 +94,6 @@ def load(engine: Any, ckpt_dir: str, rank: int, world_size: int, weights_only: b
     return state
 
 
-def read_state(ckpt_dir: str) -> TrainState:
-    with open(os.path.join(ckpt_dir, STATE_FILE), encoding="utf-8") as f:
-        return TrainState(**json.load(f))
 
 
 def full_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:

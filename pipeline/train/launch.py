@@ -28,7 +28,7 @@ def storage_filesystem(cfg: PretrainJobConfig) -> Any:
     """pyarrow filesystem for s3:// storage (endpoint override, AWS credential chain); None locally."""
     if not fs.is_s3(cfg.train.storage_path):
         return None
-    filesystem, _ = fs.resolve(cfg.train.storage_path, fs.S3Options(cfg.storage.s3_endpoint_url, cfg.storage.s3_region))
+    filesystem, _ = fs.resolve(cfg.train.storage_path, fs.S3Options.of(cfg.storage))
     return filesystem
 
 

@@ -30,11 +30,6 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
     return [g for g in groups if g["params"]]
 
 
-def no_decay_names(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> list[str]:
-    """Names exempt from weight decay (for logging and tests)."""
-    return [n for n, _ in named_params if any(nd in n for nd in NO_DECAY_SUBSTRINGS)]
-
-
 def make_adamw(groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6
                ) -> torch.optim.AdamW:
     """AdamW as the paper: betas (0.9, 0.98), eps 1e-6, decoupled decay.

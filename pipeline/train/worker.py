@@ -96,7 +96,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
     engine, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config(cfg))
 
-    opts = S3Options(endpoint_url=cfg.storage.s3_endpoint_url, region=cfg.storage.s3_region)
+    opts = S3Options.of(cfg.storage)
     index = DatasetIndex.open(cfg.train.dataset_root, cfg.train.caption_set, opts)
     loader_cfg = LoaderConfig(caption_set=cfg.train.caption_set, micro_batch=cfg.train.micro_batch_size,
                               num_frames=cfg.train.num_frames, image_size_px=cfg.train.image_size_px,
@@ -220,7 +220,7 @@ def _export_final(engine, cfg, loop_config, rank, tracker, log_to_mlflow: bool) 
     out_uri = loop_config["export_dir"]
     with tempfile.TemporaryDirectory(prefix="clipvip-export-") as local:
         model.save_pretrained(local)
-        fs.upload_dir(local, out_uri, fs.S3Options(cfg.storage.s3_endpoint_url, cfg.storage.s3_region))
+        fs.upload_dir(local, out_uri, fs.S3Options.of(cfg.storage))
         print(f"[pretrain] final weights (HF format) -> {out_uri}", flush=True)
         if tracker.run_id and log_to_mlflow:
             tracker.log_artifacts(local, "model")

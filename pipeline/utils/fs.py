@@ -27,6 +27,11 @@ class S3Options:
     endpoint_url: str | None = None
     region: str | None = None
 
+    @classmethod
+    def of(cls, storage: Any) -> S3Options:
+        """From a `StorageConfig` (any object with s3_endpoint_url / s3_region)."""
+        return cls(endpoint_url=storage.s3_endpoint_url, region=storage.s3_region)
+
 
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
