@@ -300,7 +300,7 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
     from pipeline.config import to_dict  # noqa: PLC0415
     from pipeline.train.checkpoint import TrainState  # noqa: PLC0415
     from pipeline.train.optim import make_adamw, param_groups  # noqa: PLC0415
-    from pipeline.train.worker import _run_steps, _skip_cpu_shm_build, build_task, ds_config  # noqa: PLC0415
+    from pipeline.train.worker import _run_steps, skip_cpu_shm_build, build_task, ds_config  # noqa: PLC0415
 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -314,7 +314,7 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                               LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
             dist.init_process_group("gloo", rank=0, world_size=1)
-        _skip_cpu_shm_build()
+        skip_cpu_shm_build()
         import deepspeed  # noqa: PLC0415
 
         task = build_task(cfg)

@@ -201,8 +201,15 @@ class ModelConfig:
     attention: Literal["sparse", "dense"] = "sparse"
     """sparse: per-frame + proxy two-branch SDPA; dense: S x S masked reference (tests only)."""
     max_text_len: int = 70
+    video_pooling: Literal["proxy", "mean"] = "proxy"
+    """proxy: CLIP-ViP (first video proxy token). mean: the CLIP4Clip-MeanP baseline (spec 1.6),
+    every frame through plain CLIP, L2-normalised features averaged; needs add_cls_num=0 and
+    use_temporal_embed=false so the tower is exactly CLIP."""
 
     def __post_init__(self) -> None:
+        if self.video_pooling == "mean" and (self.add_cls_num != 0 or self.use_temporal_embed):
+            raise ConfigError("model.video_pooling: 'mean' (the CLIP4Clip baseline) runs plain CLIP per frame; "
+                              "set model.add_cls_num=0 and model.use_temporal_embed=false")
         if self.temporal_size < 1:
             raise ConfigError(f"model.temporal_size: must be >= 1, got {self.temporal_size}")
         if self.add_cls_num < 0:
@@ -241,8 +248,8 @@ class PrepareJobConfig:
 class TrainConfig:
     """Post-pretraining on Ray Train + DeepSpeed (clipvip_spec.md section 4.1)."""
 
-    dataset_root: str
-    """A root written by `prepare` (local or s3://)."""
+    dataset_root: str = ""
+    """A root written by `prepare` (local or s3://); required by pretrain, unused by finetune."""
     caption_set: str = "default"
     """Caption set under <root>/captions/ used for the C and F<->C terms."""
     num_workers: int = 2
@@ -330,6 +337,8 @@ class PretrainJobConfig:
     def __post_init__(self) -> None:
         if not self.run_name or "/" in self.run_name:
             raise ConfigError(f"run_name: must be a non-empty name without '/', got {self.run_name!r}")
+        if not self.train.dataset_root:
+            raise ConfigError("train.dataset_root: required key is missing (a root written by `prepare`)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -128,6 +128,10 @@ class MlflowTracker:
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri)
         self.last_step = self._last_logged_step()
+        # Steps the run already has were logged by an earlier attempt: a resumed run replays them
+        # (from its last checkpoint) and must not log them twice. Later steps may be logged in
+        # several calls (training metrics, then validation at the same step).
+        self.replayed_until = self.last_step
         self._monitor = None
         if system_metrics:
             self._monitor = self._start_system_metrics()
@@ -160,13 +164,14 @@ class MlflowTracker:
         """Log one step's metrics; a step already in the run (a replay after resume) is dropped."""
         from mlflow.entities import Metric  # noqa: PLC0415
 
-        if step <= self.last_step:
+        if step <= self.replayed_until:
             return
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        batch.append(Metric(STEP_METRIC, float(step), ts, step))
+        if step > self.last_step:
+            batch.append(Metric(STEP_METRIC, float(step), ts, step))
         self.client.log_batch(self.run_id, metrics=batch)
-        self.last_step = step
+        self.last_step = max(self.last_step, step)
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, obj, artifact_file)

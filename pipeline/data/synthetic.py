@@ -2,8 +2,8 @@
 
 Owns: the source videos (moving coloured shapes over a gradient + static noise background), the
 HD-VILA-100M metadata jsonl, ASR-style subtitles (clip_id->text jsonl and per-video WebVTT), and a
-held-out MSR-VTT-format retrieval set whose captions need frame order to be matched (each pair of
-clips is one rendering played forwards and backwards). Everything is a pure function of the seed:
+MSR-VTT-format retrieval set whose captions need frame order to be matched (each pair of
+clips is one rendering played forwards and backwards), with train / val / test splits. Everything is a pure function of the seed:
 same seed, same bytes (x264 runs single-threaded, see `encode_video`; videos are encoded in
 parallel instead).
 
@@ -12,9 +12,12 @@ On-disk layout under `out_dir`:
     videos/<video_id>.mp4          H.264 yuv420p, B-frames on
     subtitles.jsonl                {"clip_id", "text"} per clip
     subtitles/<video_id>.vtt       1-3 cues per clip, inside its span; joined they give its text
-    retrieval/test.jsonl           {"clip_id": "video<k>", "text": caption} (MSR-VTT test1ka style)
-    retrieval/train.jsonl          {"clip_id", "text": [captions]} for the SAME clips (format only)
-    retrieval/videos/video<k>.mp4
+    retrieval/test.jsonl           {"clip_id": "video<k>", "text": caption} (MSR-VTT test1ka style);
+                                   its pairs never share colour+shape
+    retrieval/train.jsonl          {"clip_id", "text": [3 captions]} (MSR-VTT train9k style): other
+                                   renderings of the test clips' colour+shape combos, random motions
+    retrieval/val.jsonl            {"clip_id", "text": caption}: a held-out split for model selection
+    retrieval/videos/video<k>.mp4  all splits (ids are distinct across splits, as in MSR-VTT)
     sample_data.json               spec, seed, counts, per-video facts, retrieval pairs
 """
 
@@ -83,7 +86,11 @@ class SampleDataSpec:
     """Gap before the first span, between spans and (at least the min) after the last."""
     objects_per_scene: tuple[int, int] = (1, 3)
     num_retrieval: int = 16
-    """Held-out retrieval clips; even, as they come in forward/backward pairs."""
+    """Retrieval test clips; even, as they come in forward/backward pairs."""
+    num_retrieval_train: int = 64
+    """Retrieval fine-tuning clips (even; pairs too, colour+shape drawn from the test combos)."""
+    num_retrieval_val: int = 16
+    """Retrieval validation clips (even)."""
     retrieval_duration_s: tuple[float, float] = (3.0, 5.0)
     retrieval_resolution: tuple[int, int] = (320, 240)
     retrieval_fps: float = 25.0
@@ -110,6 +117,9 @@ class SampleDataSpec:
                 self.objects_per_scene[1] <= len(COLOURS),
             "fps: fps and retrieval_fps must be > 0": self.fps > 0 and self.retrieval_fps > 0,
             "num_retrieval: must be even and >= 0": self.num_retrieval >= 0 and self.num_retrieval % 2 == 0,
+            "num_retrieval_train: must be even and >= 0":
+                self.num_retrieval_train >= 0 and self.num_retrieval_train % 2 == 0,
+            "num_retrieval_val: must be even and >= 0": self.num_retrieval_val >= 0 and self.num_retrieval_val % 2 == 0,
             f"num_retrieval: at most {2 * len(COLOURS) * len(SHAPES)} (distinct colour+shape pairs)":
                 self.num_retrieval <= 2 * len(COLOURS) * len(SHAPES),
         }
@@ -133,6 +143,7 @@ class SampleDataset:
     num_clips: int
     num_retrieval: int
     retrieval_train_jsonl: str = ""
+    retrieval_val_jsonl: str = ""
     info_path: str = ""
 
 
@@ -176,7 +187,8 @@ def make_sample_dataset(out_dir: str, seed: int = 0, spec: SampleDataSpec = Samp
         retrieval_jsonl=os.path.join(root, "retrieval", "test.jsonl"),
         retrieval_video_root=os.path.join(root, "retrieval", "videos"), num_videos=spec.num_videos,
         num_clips=0, num_retrieval=spec.num_retrieval, info_path=os.path.join(root, "sample_data.json"),
-        retrieval_train_jsonl=os.path.join(root, "retrieval", "train.jsonl"))
+        retrieval_train_jsonl=os.path.join(root, "retrieval", "train.jsonl"),
+        retrieval_val_jsonl=os.path.join(root, "retrieval", "val.jsonl"))
     for d in (ds.video_root, ds.subtitles_dir, ds.retrieval_video_root):
         os.makedirs(d, exist_ok=True)
     # One generator per video / pair, so results do not depend on scheduling or on num_videos.
@@ -191,8 +203,11 @@ def make_sample_dataset(out_dir: str, seed: int = 0, spec: SampleDataSpec = Samp
     _write_text(ds.metadata_path, "".join(json.dumps(v["metadata"]) + "\n" for v in videos_info))
     _write_text(ds.subtitles_table, "".join(
         json.dumps({"clip_id": c["clip_id"], "text": c["text"]}) + "\n" for c in clips))
-    rows = sorted((r for p in pairs_info for r in p["rows"]), key=lambda r: int(r[0][len("video"):]))
-    for path, pick in ((ds.retrieval_jsonl, lambda t: t[0]), (ds.retrieval_train_jsonl, lambda t: t)):
+    for split, path, pick in (("test", ds.retrieval_jsonl, lambda t: t[0]),
+                              ("train", ds.retrieval_train_jsonl, lambda t: t),
+                              ("val", ds.retrieval_val_jsonl, lambda t: t[0])):
+        rows = sorted((r for p in pairs_info if p["split"] == split for r in p["rows"]),
+                      key=lambda r: int(r[0][len("video"):]))
         _write_text(path, "".join(json.dumps({"clip_id": c, "text": pick(t)}) + "\n" for c, t in rows))
     info = {
         "generator": "pipeline.data.synthetic", "format_version": 1, "seed": seed,
@@ -200,9 +215,12 @@ def make_sample_dataset(out_dir: str, seed: int = 0, spec: SampleDataSpec = Samp
         "num_retrieval": spec.num_retrieval,
         "paths": {k: os.path.relpath(getattr(ds, k), root) for k in (
             "metadata_path", "video_root", "subtitles_table", "subtitles_dir", "retrieval_jsonl",
-            "retrieval_train_jsonl", "retrieval_video_root")},
+            "retrieval_train_jsonl", "retrieval_val_jsonl", "retrieval_video_root")},
         "videos": [{k: v for k, v in info.items() if k != "metadata"} for info in videos_info],
-        "retrieval_pairs": [p["pair"] for p in pairs_info],
+        "retrieval_pairs": [p["pair"] for p in pairs_info if p["split"] == "test"],
+        "retrieval_split_pairs": {k: [p["pair"] for p in pairs_info if p["split"] == k] for k in ("train", "val")},
+        "retrieval_splits": {k: getattr(spec, n) for k, n in (
+            ("train", "num_retrieval_train"), ("val", "num_retrieval_val"), ("test", "num_retrieval"))},
     }
     _write_text(ds.info_path, json.dumps(info, indent=1) + "\n")
     return dataclasses.replace(ds, num_clips=len(clips))
@@ -434,17 +452,37 @@ def _split_cues(rng: np.random.Generator, text: str, start_ms: int, end_ms: int)
     return [(times[i], times[i + 1], " ".join(words[cuts[i]:cuts[i + 1]])) for i in range(len(cuts) - 1)]
 
 
-def _plan_retrieval(spec: SampleDataSpec, seed: int) -> list[tuple[str, str, list[str], np.random.Generator]]:
-    """(colour, shape, [forward id, backward id], generator) per pair; no two pairs share colour+shape."""
+def _plan_retrieval(spec: SampleDataSpec, seed: int) -> list[tuple[str, str, str, list[str], np.random.Generator]]:
+    """(split, colour, shape, [forward id, backward id], generator) per pair.
+
+    Test pairs never share colour+shape (so only motion direction separates a pair's two clips);
+    train/val pairs draw colour+shape with replacement from the test pairs' combos. Ids are video0..video<N-1> across all
+    splits (test first, so test ids do not depend on the train/val sizes); within a split a pair's
+    ids are not adjacent.
+    """
     rng = np.random.default_rng([seed, 2])
     combos = [(c, s) for c in COLOURS for s in SHAPES]
     chosen = rng.choice(len(combos), spec.num_retrieval // 2, replace=False)
-    slots = rng.permutation(spec.num_retrieval).tolist()  # video<k> ids, so a pair's ids are not adjacent
-    return [(*combos[c], [f"video{slots[2 * p]}", f"video{slots[2 * p + 1]}"],
+    slots = rng.permutation(spec.num_retrieval).tolist()
+    plan = [("test", *combos[c], [f"video{slots[2 * p]}", f"video{slots[2 * p + 1]}"],
              np.random.default_rng([seed, 3, p])) for p, c in enumerate(chosen)]
+    first = spec.num_retrieval
+    for split, count, stream in (("train", spec.num_retrieval_train, 4), ("val", spec.num_retrieval_val, 5)):
+        split_rng = np.random.default_rng([seed, stream])
+        # Train/val show the test split's colour+shape combos (new renderings, random motions), so a
+        # random batch holds clips that differ only in motion: the contrastive loss then has to
+        # read frame order, the thing the test pairs measure (MSR-VTT-like: test concepts are seen
+        # in training, the test videos are not).
+        vocab = chosen if len(chosen) else np.arange(len(combos))
+        picks = vocab[split_rng.integers(0, len(vocab), count // 2)]
+        slots = (first + split_rng.permutation(count)).tolist()
+        plan += [(split, *combos[c], [f"video{slots[2 * p]}", f"video{slots[2 * p + 1]}"],
+                  np.random.default_rng([seed, stream, p])) for p, c in enumerate(picks)]
+        first += count
+    return plan
 
 
-def _make_retrieval_pair(ds: SampleDataset, spec: SampleDataSpec, colour: str, shape: str,
+def _make_retrieval_pair(ds: SampleDataset, spec: SampleDataSpec, split: str, colour: str, shape: str,
                          ids: list[str], rng: np.random.Generator) -> dict:
     """One rendering encoded forwards and backwards: both clips hold the same frames, reversed."""
     motion = str(rng.choice(MOTIONS, p=[0.2, 0.2, 0.2, 0.2, 0.1, 0.1]))
@@ -457,7 +495,7 @@ def _make_retrieval_pair(ds: SampleDataset, spec: SampleDataSpec, colour: str, s
         encode_video(os.path.join(ds.retrieval_video_root, f"{clip_id}.mp4"), clip_frames,
                      spec.retrieval_fps, spec.crf, preset=spec.x264_preset)
         rows.append((clip_id, [f"{_a(colour)} {colour} {shape} {verb}" for verb in _CAPTION[m]]))
-    return {"pair": ids, "rows": rows}
+    return {"split": split, "pair": ids, "rows": rows}
 
 
 def _a(word: str) -> str:

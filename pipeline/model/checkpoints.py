@@ -129,7 +129,8 @@ def _load_export(path: str, model_cfg: ModelConfig | None) -> CLIPViPModel:
     model, info = CLIPViPModel.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
     _raise_on_loading_info(path, info)
     if model_cfg is not None:
-        saved = {k: getattr(model.config, k) for k in ("add_cls_num", "temporal_size", "use_temporal_embed")}
+        saved = {k: getattr(model.config, k)
+                 for k in ("add_cls_num", "temporal_size", "use_temporal_embed", "video_pooling")}
         wanted = {k: v for k, v in vip_extras(model_cfg).items() if k in saved}
         if saved != wanted:
             raise ValueError(f"{path}: saved ViP architecture {saved} differs from model config {wanted}")

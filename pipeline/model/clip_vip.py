@@ -46,6 +46,7 @@ from transformers.models.clip.modeling_clip import (
 from pipeline.config import ModelConfig
 
 ATTENTION_MODES = ("sparse", "dense")
+VIDEO_POOLINGS = ("proxy", "mean")
 LN_200 = math.log(200.0)
 
 # --------------------------------------------------------------------------------------------
@@ -72,6 +73,9 @@ class CLIPViPConfig(CLIPConfig):
     """Upper clamp of the log logit scale, applied functionally in `clamped_logit_scale`."""
     attention: str = "sparse"
     """Vision attention: "sparse" (two-branch SDPA, the training path) or "dense" (S x S mask)."""
+    video_pooling: str = "proxy"
+    """"proxy": the first proxy token pools the video (CLIP-ViP). "mean": CLIP4Clip-MeanP baseline
+    (spec 1.6): each frame encoded alone, unit features averaged and renormalised."""
 
     def validate_vip(self) -> None:
         """Strict-dataclass class validator for the ViP fields."""
@@ -81,6 +85,8 @@ class CLIPViPConfig(CLIPConfig):
             raise ValueError(f"temporal_size must be >= 1, got {self.temporal_size}")
         if self.add_cls_num < 0:
             raise ValueError(f"add_cls_num must be >= 0, got {self.add_cls_num}")
+        if self.video_pooling not in VIDEO_POOLINGS:
+            raise ValueError(f"video_pooling must be one of {VIDEO_POOLINGS}, got {self.video_pooling!r}")
 
 
 _TEXT_B = dict(
@@ -130,6 +136,7 @@ def vip_extras(cfg: ModelConfig) -> dict:
         logit_scale_max=float(cfg.logit_scale_max),
         logit_scale_init_value=float(cfg.logit_scale_init),
         attention=cfg.attention,
+        video_pooling=cfg.video_pooling,
     )
 
 
@@ -578,9 +585,23 @@ class CLIPViPModel(CLIPPreTrainedModel):
         Returns:
             [B, P].
         """
+        if self.config.video_pooling == "mean":
+            return self._encode_video_meanpool(pixel_values_BTCHW, normalize)
         pooled_BD = self.vision_model(pixel_values_BTCHW).pooler_output
         feats_BP = self.visual_projection(pooled_BD)
         return F.normalize(feats_BP, dim=-1) if normalize else feats_BP
+
+    def _encode_video_meanpool(self, pixel_values_BTCHW: torch.Tensor, normalize: bool) -> torch.Tensor:
+        """CLIP4Clip-MeanP (spec 1.6): frames as independent 1-frame inputs, unit features averaged.
+
+        With M=1 and no temporal embedding a 1-frame input is exactly plain CLIP (spec 7 test 3),
+        so frame order cannot matter: the baseline the proxies are measured against.
+        """
+        B, T = pixel_values_BTCHW.shape[:2]
+        frames_N1CHW = pixel_values_BTCHW.reshape(B * T, 1, *pixel_values_BTCHW.shape[2:])
+        per_frame_NP = F.normalize(self.visual_projection(self.vision_model(frames_N1CHW).pooler_output), dim=-1)
+        mean_BP = per_frame_NP.reshape(B, T, -1).mean(dim=1)
+        return F.normalize(mean_BP, dim=-1) if normalize else mean_BP
 
     def encode_frames(self, pixel_values_BCHW: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Frame/image branch (spec 1.5): each middle frame as a 1-frame video, same ViP tower.

@@ -43,6 +43,9 @@ class TrainState:
     skipped_rows: int = 0
     mlflow_run_id: str | None = None
     world_size: int = 1
+    best_metric: float | None = None
+    """finetune: best validation score so far (its weights are in <run>-best)."""
+    best_step: int = 0
 
 
 def rng_state() -> dict[str, Any]:

@@ -9,22 +9,23 @@ again. The deprecated V1 `resume_from_checkpoint` / `Trainer.restore` raise in 2
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
-from pipeline.config import PretrainJobConfig, to_dict
+from pipeline.config import to_dict
 from pipeline.utils import fs
 
 
-def run_dir(cfg: PretrainJobConfig) -> str:
+def run_dir(cfg: Any) -> str:
     return fs.join(cfg.train.storage_path, cfg.run_name)
 
 
-def export_dir(cfg: PretrainJobConfig) -> str:
+def export_dir(cfg: Any) -> str:
     """Where the final HF-format weights go (beside Ray Train's run directory)."""
     return fs.join(cfg.train.storage_path, cfg.run_name + "-export")
 
 
-def storage_filesystem(cfg: PretrainJobConfig) -> Any:
+def storage_filesystem(cfg: Any) -> Any:
     """pyarrow filesystem for s3:// storage (endpoint override, AWS credential chain); None locally."""
     if not fs.is_s3(cfg.train.storage_path):
         return None
@@ -32,7 +33,17 @@ def storage_filesystem(cfg: PretrainJobConfig) -> Any:
     return filesystem
 
 
-def make_trainer(cfg: PretrainJobConfig, mlflow_run_id: str | None) -> Any:
+def best_dir(cfg: Any) -> str:
+    """finetune: where the weights with the best validation score go (HF format)."""
+    return fs.join(cfg.train.storage_path, cfg.run_name + "-best")
+
+
+def make_trainer(cfg: Any, mlflow_run_id: str | None, loop: Callable[[dict], None] | None = None,
+                 extra_loop_config: dict[str, Any] | None = None) -> Any:
+    """A TorchTrainer for `pretrain` (default loop) or `finetune` (its loop + item lists).
+
+    `cfg` is a PretrainJobConfig or FinetuneJobConfig: both have run_name, train, storage.
+    """
     import ray.train  # noqa: PLC0415
     from ray.train.torch import TorchConfig, TorchTrainer  # noqa: PLC0415
 
@@ -49,8 +60,9 @@ def make_trainer(cfg: PretrainJobConfig, mlflow_run_id: str | None) -> Any:
     env = {k: v for k, v in os.environ.items() if k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TORCH_EXTENSIONS_DIR",
                                                          "HF_HUB_OFFLINE", "CLIPVIP_CACHE_DIR")}
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": to_dict(cfg), "mlflow_run_id": mlflow_run_id, "export_dir": export_dir(cfg)},
+        loop or train_loop_per_worker,
+        train_loop_config={"job": to_dict(cfg), "mlflow_run_id": mlflow_run_id, "export_dir": export_dir(cfg),
+                           "best_dir": best_dir(cfg), **(extra_loop_config or {})},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),

@@ -40,7 +40,7 @@ def ds_config(cfg: PretrainJobConfig) -> dict[str, Any]:
     }
 
 
-def _skip_cpu_shm_build() -> None:
+def skip_cpu_shm_build() -> None:
     """On CPU, DeepSpeed JIT-compiles a shared-memory allreduce op on first use (~1 min cold);
     gloo's allreduce is fine for CPU runs, so skip the build (environment.md section 3)."""
     import deepspeed.comm.torch  # noqa: F401,PLC0415
@@ -48,11 +48,10 @@ def _skip_cpu_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def build_task(cfg: PretrainJobConfig):
+def build_model(cfg: Any):
+    """The model a run starts from: warm start > model.pretrained > random init (same on every rank)."""
     from pipeline.model.checkpoints import load_clip_vip  # noqa: PLC0415
     from pipeline.model.clip_vip import CLIPViPModel, config_from_model_cfg  # noqa: PLC0415
-    from pipeline.model.losses import build_loss  # noqa: PLC0415
-    from pipeline.train.task import ClipVipTask  # noqa: PLC0415
 
     torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's)
     warm = cfg.train.warm_start
@@ -64,10 +63,17 @@ def build_task(cfg: PretrainJobConfig):
         model = CLIPViPModel(config_from_model_cfg(cfg.model))
     model.set_attention(cfg.model.attention)
     model.train()  # loaders return eval-mode models; training must not depend on that
-    return ClipVipTask(model, build_loss(cfg.loss))
+    return model
 
 
-def _global_mean(metrics: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+def build_task(cfg: PretrainJobConfig):
+    from pipeline.model.losses import build_loss  # noqa: PLC0415
+    from pipeline.train.task import ClipVipTask  # noqa: PLC0415
+
+    return ClipVipTask(build_model(cfg), build_loss(cfg.loss))
+
+
+def global_mean(metrics: dict[str, torch.Tensor], world: int) -> dict[str, float]:
     """Each rank's loss covers its own rows; the mean over ranks is the global-batch loss."""
     keys = sorted(metrics)
     vec = torch.stack([metrics[k].float().reshape(()) for k in keys])
@@ -84,7 +90,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not cfg.train.use_gpu:
-        _skip_cpu_shm_build()
+        skip_cpu_shm_build()
     import deepspeed  # noqa: PLC0415
 
     from pipeline.data.loader import DatasetIndex, LoaderConfig, iter_rank_batches  # noqa: PLC0415
@@ -168,14 +174,14 @@ def _run_steps(engine, cfg, loop_config, index, loader_cfg, state, spe, total, r
             if state.step % cfg.train.log_every_steps == 0 or state.step == total:
                 _log_step(engine, metrics, state, world, lr, wait_s, t_start, samples_at_start, total, tracker, rank)
             if state.step % cfg.train.checkpoint_every_steps == 0 or state.step == total:
-                _save_and_report(engine, cfg, loop_config, state, rank)
+                save_and_report(engine, cfg, loop_config, state, rank)
             t_wait0 = time.perf_counter()
             if state.step >= total or state.step % spe == 0:
                 break
 
 
 def _log_step(engine, metrics, state, world, lr, wait_s, t_start, samples_at_start, total, tracker, rank) -> None:
-    logged = _global_mean(metrics, world)
+    logged = global_mean(metrics, world)
     logged["skipped_rows"] *= world  # a sum over ranks, not a mean
     elapsed = time.perf_counter() - t_start
     rate = (state.samples_seen - samples_at_start) / elapsed if elapsed > 0 else 0.0
@@ -192,7 +198,7 @@ def _log_step(engine, metrics, state, world, lr, wait_s, t_start, samples_at_sta
               f"data wait {out['train/data_wait_frac']:.0%} | lr {lr:.2e} | ETA {eta:.0f} s", flush=True)
 
 
-def _save_and_report(engine, cfg, loop_config, state, rank) -> None:
+def save_and_report(engine, cfg, loop_config, state, rank) -> None:
     import ray.train  # noqa: PLC0415
 
     tmp = tempfile.mkdtemp(prefix=f"clipvip-ckpt-r{rank}-")
@@ -207,26 +213,35 @@ def _save_and_report(engine, cfg, loop_config, state, rank) -> None:
 
 def _export_final(engine, cfg, loop_config, rank, tracker, log_to_mlflow: bool) -> None:
     """Final weights in HF format (fp32 masters), logged to MLflow and registered (rank 0)."""
+    export_weights(engine, loop_config["export_dir"], cfg, rank, tracker if log_to_mlflow else None, "model",
+                   cfg.tracking.register_model if log_to_mlflow else None, "pretrain")
+
+
+def export_weights(engine, out_uri: str, cfg, rank: int, tracker, artifact_path: str, register_as: str | None,
+                   tag: str) -> None:
+    """Write the module's fp32 weights as an HF-format `CLIPViPModel` to `out_uri` (all ranks call).
+
+    Args:
+        tracker: log the files as MLflow artifacts under `artifact_path` (None: do not log).
+        register_as: registered-model name for those artifacts (None: do not register).
+    """
     weights = ckpt_io.full_fp32_state_dict(engine)  # all ranks: ZeRO-3 gathers
     if rank != 0:
         return
     from pipeline.model.clip_vip import CLIPViPModel  # noqa: PLC0415
+    from pipeline.utils import fs  # noqa: PLC0415
 
     model = CLIPViPModel(engine.module.model.config)
     prefix = "model."
     model.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
-    from pipeline.utils import fs  # noqa: PLC0415
-
-    out_uri = loop_config["export_dir"]
     with tempfile.TemporaryDirectory(prefix="clipvip-export-") as local:
         model.save_pretrained(local)
         fs.upload_dir(local, out_uri, fs.S3Options.of(cfg.storage))
-        print(f"[pretrain] final weights (HF format) -> {out_uri}", flush=True)
-        if tracker.run_id and log_to_mlflow:
-            tracker.log_artifacts(local, "model")
-        if tracker.run_id and log_to_mlflow and cfg.tracking.register_model:
-            from pipeline.tracking import register_model  # noqa: PLC0415
+        print(f"[{tag}] weights (HF format) -> {out_uri}", flush=True)
+        if tracker is not None and tracker.run_id:
+            tracker.log_artifacts(local, artifact_path)
+            if register_as:
+                from pipeline.tracking import register_model  # noqa: PLC0415
 
-            version = register_model(cfg.tracking.tracking_uri, tracker.run_id, "model",
-                                     cfg.tracking.register_model)
-            print(f"[pretrain] registered model {cfg.tracking.register_model!r} version {version}", flush=True)
+                version = register_model(cfg.tracking.tracking_uri, tracker.run_id, artifact_path, register_as)
+                print(f"[{tag}] registered model {register_as!r} version {version}", flush=True)

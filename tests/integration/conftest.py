@@ -56,7 +56,9 @@ def sample_data(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("sample")
     spec = SampleDataSpec(num_videos=4, min_duration_s=4.0, max_duration_s=10.0,
-                          resolutions=((320, 240), (640, 360), (1280, 720)), num_retrieval=4)
+                          resolutions=((320, 240), (640, 360), (1280, 720)), num_retrieval=4,
+                          num_retrieval_train=8, num_retrieval_val=4, retrieval_resolution=(160, 120),
+                          retrieval_fps=10.0, retrieval_duration_s=(1.5, 2.5))
     return make_sample_dataset(str(out), seed=0, spec=spec)
 
 

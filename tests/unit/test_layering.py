@@ -24,7 +24,12 @@ FORBIDDEN = {
     "pipeline/data/captions.py": {"ray"},
     "pipeline/data/synthetic.py": {"ray"},
     "pipeline/data/sampling.py": {"ray"},
-    "pipeline/eval/retrieval.py": {"ray", "deepspeed", "mlflow"},
+    "pipeline/eval/": {"deepspeed"},
+    "pipeline/eval/metrics.py": {"torch", "ray", "mlflow"},
+    "pipeline/eval/formats.py": {"torch", "ray", "mlflow"},
+    "pipeline/eval/video.py": {"ray", "mlflow"},
+    "pipeline/eval/encode.py": {"ray", "mlflow"},
+    "pipeline/train/retrieval_data.py": {"ray", "deepspeed", "mlflow"},
     "pipeline/": {"argparse", "jobs"},
 }
 

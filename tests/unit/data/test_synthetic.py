@@ -15,7 +15,7 @@ from pipeline.data.synthetic import COLOURS, SampleDataset, SampleDataSpec, enco
 SMALL = SampleDataSpec(
     num_videos=3, min_duration_s=3.0, max_duration_s=6.0, resolutions=((320, 240), (160, 120), (256, 144)),
     fps=10.0, clips_per_video=(1, 3), clip_duration_s=(1.0, 3.0), gap_s=(0.2, 0.6), num_retrieval=6,
-    retrieval_duration_s=(1.0, 1.5), retrieval_resolution=(160, 120), retrieval_fps=10.0)
+    num_retrieval_train=4, num_retrieval_val=2, retrieval_duration_s=(1.0, 1.5), retrieval_resolution=(160, 120), retrieval_fps=10.0)
 CLIP_ID = re.compile(r"^([A-Za-z0-9_-]{11})\.(\d+)\.mp4$")
 CUE = re.compile(r"^(\d\d):(\d\d):(\d\d)\.(\d\d\d) --> (\d\d):(\d\d):(\d\d)\.(\d\d\d)$")
 
@@ -148,8 +148,6 @@ def test_retrieval_pairs_need_frame_order(dataset: SampleDataset) -> None:
     rows = _jsonl(dataset.retrieval_jsonl)
     assert [r["clip_id"] for r in rows] == [f"video{k}" for k in range(SMALL.num_retrieval)]
     text = {r["clip_id"]: r["text"] for r in rows}
-    train = {r["clip_id"]: r["text"] for r in _jsonl(dataset.retrieval_train_jsonl)}
-    assert all(isinstance(t, list) and t[0] == text[c] for c, t in train.items())
     pairs = _info(dataset)["retrieval_pairs"]
     assert sorted(c for p in pairs for c in p) == sorted(text)
     for fwd_id, bwd_id in pairs:
@@ -163,6 +161,22 @@ def test_retrieval_pairs_need_frame_order(dataset: SampleDataset) -> None:
         assert len(a) == len(b) >= 10
         assert np.abs(a[0].astype(int) - b[-1]).mean() < 3  # same frames, reversed (up to coding noise)
         assert np.abs(a[0].astype(int) - a[-1]).mean() > 2 * np.abs(a[0].astype(int) - b[-1]).mean()
+
+
+def test_retrieval_splits_are_disjoint_and_share_the_vocabulary(dataset: SampleDataset) -> None:
+    test = {r["clip_id"] for r in _jsonl(dataset.retrieval_jsonl)}
+    train = {r["clip_id"]: r["text"] for r in _jsonl(dataset.retrieval_train_jsonl)}
+    val = {r["clip_id"]: r["text"] for r in _jsonl(dataset.retrieval_val_jsonl)}
+    assert len(train) == SMALL.num_retrieval_train and len(val) == SMALL.num_retrieval_val
+    assert sorted(test | set(train) | set(val), key=lambda c: int(c[5:])) == [
+        f"video{k}" for k in range(SMALL.num_retrieval + SMALL.num_retrieval_train + SMALL.num_retrieval_val)]
+    assert all(isinstance(t, list) and len(t) == 3 for t in train.values())  # MSR-VTT train: caption lists
+    assert all(isinstance(t, str) for t in val.values())
+    for clip_id in (*train, *val):
+        assert os.path.exists(os.path.join(dataset.retrieval_video_root, f"{clip_id}.mp4"))
+    info = _info(dataset)
+    assert info["retrieval_splits"] == {"train": 4, "val": 2, "test": 6}
+    assert sorted(c for p in info["retrieval_pairs"] for c in p) == sorted(test, key=str)
 
 
 def test_same_seed_same_bytes_other_seed_differs(dataset: SampleDataset, tmp_path: os.PathLike) -> None:

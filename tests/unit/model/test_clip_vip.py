@@ -192,6 +192,29 @@ def test_reduces_to_hf_clip(attention):
         assert (model.encode_video(images[:, None] * 0.5, normalize=False) - theirs).abs().max() > 1e-3
 
 
+def test_meanpool_baseline_is_clip4clip_meanp():
+    """video_pooling=mean: per-frame HF CLIP features, unit-normalised, averaged, renormalised (spec 1.6)."""
+    with pytest.raises(Exception, match="add_cls_num=0"):
+        ModelConfig(preset="tiny", video_pooling="mean")
+    model = tiny(add_cls_num=0, use_temporal_embed=False, video_pooling="mean")
+    torch.manual_seed(3)
+    hf = hf_clip(model).eval()
+    missing, unexpected = model.load_state_dict(hf.state_dict(), strict=False)
+    assert set(missing) <= {"vision_model.embeddings.added_cls"} and not unexpected  # [0, D] when M = 1
+    clip_BTCHW = video(2, 4)
+    with torch.no_grad():
+        per_frame = F.normalize(hf.get_image_features(pixel_values=clip_BTCHW.flatten(0, 1)).pooler_output, dim=-1)
+        expected = F.normalize(per_frame.reshape(2, 4, -1).mean(1), dim=-1)
+        ours = model.encode_video(clip_BTCHW)
+        assert (ours - expected).abs().max() < 1e-5
+        # Order-blind by construction; CLIP-ViP with a temporal embedding is not.
+        assert (model.encode_video(clip_BTCHW.flip(1)) - ours).abs().max() < 1e-5
+        vip = tiny(seed=4)
+        with torch.no_grad():
+            vip.vision_model.embeddings.temporal_embedding.normal_()
+        assert (vip.encode_video(clip_BTCHW.flip(1)) - vip.encode_video(clip_BTCHW)).abs().max() > 1e-3
+
+
 def test_text_attention_mask_is_respected():
     model = tiny()
     ids, mask = text_ids(2, seed=5)

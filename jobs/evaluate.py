@@ -1,0 +1,62 @@
+"""`clipvip evaluate --config FILE`: text<->video retrieval (R@1/5/10, MdR, MnR; DSL) for any checkpoint.
+
+    clipvip evaluate --config jobs/configs/tiny_evaluate.yaml
+    clipvip evaluate --config jobs/configs/msrvtt_evaluate.yaml --set eval.models.0.weights=out/runs/ft-export
+
+Models: our HF-format exports (`<run>-export`, `<run>-best`), an official CLIP-ViP `.pt`, plain
+HF CLIP (`openai/clip-vit-base-patch32`); several are ranked side by side (e.g. CLIP-ViP and the
+mean-pooling baseline). Exit 2 on a bad config or unreadable split, 1 on a failed run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from jobs.common import config_parser, init_ray, load_or_exit
+from pipeline.eval.config import EvaluateJobConfig
+
+
+def local_path(path: str | None) -> str | None:
+    """Ray tasks run in another cwd: make an existing relative local path absolute."""
+    if path is None or "://" in path or os.path.isabs(path) or not os.path.exists(path):
+        return path
+    return os.path.abspath(path)
+
+
+def absolutize(cfg: EvaluateJobConfig) -> EvaluateJobConfig:
+    e = cfg.eval
+    data = dataclasses.replace(e.data, annotations=local_path(e.data.annotations),
+                               video_root=local_path(e.data.video_root))
+    models = tuple(dataclasses.replace(m, weights=local_path(m.weights)) for m in e.models)
+    out = e.out if "://" in e.out else os.path.abspath(e.out)
+    uri = cfg.tracking.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        db = os.path.abspath(uri[len("sqlite:///"):])
+        os.makedirs(os.path.dirname(db), exist_ok=True)
+        uri = "sqlite:///" + db
+    return dataclasses.replace(cfg, eval=dataclasses.replace(e, data=data, models=models, out=out),
+                               tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
+
+
+def main(argv: list[str]) -> int:
+    args = config_parser("clipvip evaluate", __doc__.splitlines()[0]).parse_args(argv)
+    cfg = absolutize(load_or_exit(EvaluateJobConfig, args))
+    from pipeline.eval.formats import read_items  # noqa: PLC0415
+
+    try:  # a missing or empty split fails before Ray starts
+        read_items(cfg.eval.data)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    init_ray(cfg.ray)
+    from pipeline.eval.evaluate import run_evaluate  # noqa: PLC0415
+
+    try:
+        summary = run_evaluate(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary.render(), flush=True)
+    return 0

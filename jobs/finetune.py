@@ -1,0 +1,104 @@
+"""`clipvip finetune --config FILE`: retrieval fine-tuning on Ray Train + DeepSpeed (spec 4.2).
+
+    clipvip finetune --config jobs/configs/tiny_finetune.yaml
+    clipvip finetune --config jobs/configs/msrvtt_finetune_b32.yaml --set model.pretrained=out/runs/pt-export
+
+Symmetric InfoNCE with global negatives; validation every `data.val_every_steps` on a held-out
+split picks the best weights (`<storage>/<run_name>-best`); the last weights go to
+`<run_name>-export`. Resubmitting the same run name and storage resumes from its last checkpoint.
+Exit 2 on a bad config or unreadable split before Ray starts, 1 on a failed run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import asdict
+
+from jobs.common import config_parser, init_ray, load_or_exit
+from jobs.evaluate import local_path
+from pipeline.eval.config import FinetuneJobConfig
+
+
+def absolutize(cfg: FinetuneJobConfig) -> FinetuneJobConfig:
+    """Ray workers run in another cwd: existing relative paths become absolute on the driver."""
+    import os  # noqa: PLC0415
+
+    def split(d):
+        return d if d is None else dataclasses.replace(d, annotations=local_path(d.annotations),
+                                                       video_root=local_path(d.video_root))
+
+    t = cfg.train
+    storage = t.storage_path if "://" in t.storage_path else os.path.abspath(t.storage_path)
+    train = dataclasses.replace(t, storage_path=storage, warm_start=local_path(t.warm_start))
+    data = dataclasses.replace(cfg.data, train=split(cfg.data.train), val=split(cfg.data.val))
+    model = dataclasses.replace(cfg.model, pretrained=local_path(cfg.model.pretrained))
+    uri = cfg.tracking.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        db = os.path.abspath(uri[len("sqlite:///"):])
+        os.makedirs(os.path.dirname(db), exist_ok=True)
+        uri = "sqlite:///" + db
+    return dataclasses.replace(cfg, train=train, data=data, model=model,
+                               tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
+
+
+def splits(cfg: FinetuneJobConfig):
+    """(train items, val items, skipped rows) as the workers will see them."""
+    from pipeline.eval.formats import read_items  # noqa: PLC0415
+    from pipeline.train.retrieval_data import holdout_split  # noqa: PLC0415
+
+    train, skipped = read_items(cfg.data.train)
+    if cfg.data.val is not None:
+        val, val_skipped = read_items(cfg.data.val)
+        skipped = [*skipped, *val_skipped]
+    else:
+        train, val = holdout_split(train, cfg.data.val_holdout, cfg.train.seed)
+    return train, val, skipped
+
+
+def mlflow_run(cfg: FinetuneJobConfig) -> str | None:
+    if not cfg.tracking.enabled:
+        return None
+    from pipeline.tracking import create_run, find_run  # noqa: PLC0415
+    from pipeline.train.launch import run_dir  # noqa: PLC0415
+
+    tags = {"clipvip.run_dir": run_dir(cfg), "clipvip.job": "finetune"}
+    run_id = find_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.run_name, tags)
+    return run_id or create_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.run_name, tags)
+
+
+def run(cfg: FinetuneJobConfig):
+    """Fit (or resume) the run; returns (Ray Train result, MLflow run id). Ray must be up."""
+    from pipeline.train.finetune_worker import finetune_loop_per_worker  # noqa: PLC0415
+    from pipeline.train.launch import make_trainer  # noqa: PLC0415
+
+    train, val, skipped = splits(cfg)
+    for where, why in skipped[:20]:
+        print(f"[finetune] skipped annotation {where}: {why}", flush=True)
+    run_id = mlflow_run(cfg)
+    trainer = make_trainer(cfg, run_id, loop=finetune_loop_per_worker, extra_loop_config={
+        "train_items": [asdict(it) for it in train], "val_items": [asdict(it) for it in val]})
+    return trainer.fit(), run_id
+
+
+def main(argv: list[str]) -> int:
+    args = config_parser("clipvip finetune", __doc__.splitlines()[0]).parse_args(argv)
+    cfg = absolutize(load_or_exit(FinetuneJobConfig, args))
+    try:  # missing/empty splits fail before Ray starts
+        train, val, _ = splits(cfg)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[finetune] {len(train)} train / {len(val)} val videos; run {cfg.run_name!r} under "
+          f"{cfg.train.storage_path}", flush=True)
+    init_ray(cfg.ray)
+    from pipeline.train.launch import best_dir, export_dir  # noqa: PLC0415
+
+    result, run_id = run(cfg)
+    if result.error:
+        print(f"finetune failed: {result.error}", file=sys.stderr)
+        return 1
+    m = result.metrics or {}
+    print(f"[finetune] done: {m.get('step')} steps; best weights {best_dir(cfg)}; last weights "
+          f"{export_dir(cfg)}; MLflow run {run_id}", flush=True)
+    return 0

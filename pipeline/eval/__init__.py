@@ -1,0 +1,1 @@
+"""Retrieval evaluation: metrics, downstream annotation formats, evaluation-time video decoding."""

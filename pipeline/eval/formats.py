@@ -1,0 +1,206 @@
+"""Downstream retrieval annotations (MSR-VTT, DiDeMo, LSMDC, ActivityNet) -> checked items.
+
+Owns the config section of one retrieval split and the jsonl reader (clipvip_spec.md 3.3, 6.2).
+Rows are `{"clip_id": str, "text": str | [str], "num_frame": int (frame dirs only)}`. A row
+that cannot be used (bad JSON, no clip id, empty text, missing video, duplicate id) is skipped
+and reported with its reason; the split fails only when nothing is left.
+
+Where the videos are:
+    video_format "video":  <video_root>/<clip_id><ext>; lsmdc: ext = .avi (raw LSMDC clips),
+                           other formats: the first of .mp4, .avi, .mkv, .webm that exists.
+    video_format "frames": <video_root>/<clip_id>/<clip_id>_{i:03d}.jpg, 0-indexed (ActivityNet).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+from pipeline.config import ConfigError
+
+FORMATS = ("msrvtt", "didemo", "lsmdc", "activitynet")
+VIDEO_FORMATS = ("video", "frames")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm")
+# Paragraph-to-video is the standard protocol for DiDeMo and ActivityNet (spec 3.3, pitfall).
+_PARAGRAPH_FORMATS = ("didemo", "activitynet")
+_NUM_FRAMES_DEFAULT = {"activitynet": 32}
+_NUM_FRAMES_OTHER = 12
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetrievalDataConfig:
+    """One retrieval split: annotation jsonl, where its videos are, and how to read its texts.
+
+    Validation messages start with "data." so that `build_dataclass` rewrites them to the
+    parent's key (a parent field named `data` under `eval` reports "eval.data.format: ...").
+    """
+
+    format: Literal["msrvtt", "didemo", "lsmdc", "activitynet"] = "msrvtt"
+    """Dataset convention: video extension lookup and the paragraph / frame-count defaults."""
+    annotations: str
+    """Annotation jsonl (e.g. test1ka.jsonl), one {"clip_id", "text"} object per line."""
+    video_root: str
+    """Directory of videos, or of per-clip frame directories when video_format is "frames"."""
+    video_format: Literal["video", "frames"] = "video"
+    """"video": encoded files read with PyAV; "frames": pre-decoded JPEG directories."""
+    paragraph: bool | None = None
+    """Join all sentences of a video into one text; None: by format (didemo, activitynet)."""
+    num_frames: int | None = None
+    """Frames sampled per video; None: by format (activitynet 32, else 12)."""
+    limit: int | None = None
+    """Keep only the first N usable videos (smoke runs); None keeps all."""
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format: unknown {self.format!r}, expected one of {list(FORMATS)}")
+        if self.video_format not in VIDEO_FORMATS:
+            raise ConfigError(f"data.video_format: unknown {self.video_format!r}, expected one of "
+                              f"{list(VIDEO_FORMATS)}")
+        if not self.annotations:
+            raise ConfigError("data.annotations: must be a jsonl path, got an empty string")
+        if not self.video_root:
+            raise ConfigError("data.video_root: must be a directory, got an empty string")
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ConfigError(f"data.num_frames: must be >= 1 or null, got {self.num_frames}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"data.limit: must be >= 1 or null, got {self.limit}")
+
+    def resolved_paragraph(self) -> bool:
+        """`paragraph`, or the format's default (didemo, activitynet: True)."""
+        return self.format in _PARAGRAPH_FORMATS if self.paragraph is None else self.paragraph
+
+    def resolved_num_frames(self) -> int:
+        """`num_frames`, or the format's default (activitynet 32, else 12)."""
+        return _NUM_FRAMES_DEFAULT.get(self.format, _NUM_FRAMES_OTHER) if self.num_frames is None \
+            else self.num_frames
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievalItem:
+    """One video of a split with all its texts."""
+
+    clip_id: str
+    video_path: str
+    """The resolved video file, or the frame directory when video_format is "frames"."""
+    texts: tuple[str, ...]
+    """Every caption of the video; for paragraph datasets ONE text, the sentences joined by " "."""
+    num_frames_hint: int | None = None
+    """The jsonl `num_frame` of a frame directory (None when absent or for video files)."""
+
+
+class ReadResult(NamedTuple):
+    """What `read_items` returns; unpacks as `items, skipped = read_items(cfg)`."""
+
+    items: list[RetrievalItem]
+    """Usable videos in file order (at most `limit`)."""
+    skipped: list[tuple[int | str, str]]
+    """(1-based line number, reason) for unparsable rows, (clip_id, reason) for the rest."""
+
+
+def _texts(raw: Any, paragraph: bool) -> tuple[str, ...] | str:
+    """The row's texts, or the reason they are unusable."""
+    if raw is None:
+        return "no text"
+    if isinstance(raw, str):
+        sentences = [raw]
+    elif isinstance(raw, list) and all(isinstance(t, str) for t in raw):
+        sentences = raw
+    else:
+        return f"text must be a string or a list of strings, got {type(raw).__name__}"
+    kept = [t.strip() for t in sentences if t.strip()]
+    if not kept:
+        return "empty text"
+    return (" ".join(kept),) if paragraph else tuple(kept)
+
+
+def _scan(root: str) -> tuple[set[str], set[str]]:
+    """File and directory names directly under root (one listing instead of a stat per item)."""
+    files: set[str] = set()
+    dirs: set[str] = set()
+    with os.scandir(root) as entries:
+        for e in entries:
+            (dirs if e.is_dir() else files).add(e.name)
+    return files, dirs
+
+
+def _item(cfg: RetrievalDataConfig, row: dict[str, Any], clip_id: str, paragraph: bool, files: set[str],
+          dirs: set[str]) -> RetrievalItem | str:
+    """The row's item, or the reason it is skipped."""
+    if "/" in clip_id or os.sep in clip_id or clip_id in (".", ".."):
+        return "clip_id is not a plain file name"
+    texts = _texts(row.get("text"), paragraph)
+    if isinstance(texts, str):
+        return texts
+    if cfg.video_format == "frames":
+        if clip_id not in dirs:
+            return f"no frame directory {clip_id}/ under {cfg.video_root}"
+        hint = row.get("num_frame")
+        if hint is not None and (not isinstance(hint, int) or isinstance(hint, bool) or hint < 1):
+            return f"num_frame must be a positive integer, got {hint!r}"
+        return RetrievalItem(clip_id, os.path.join(cfg.video_root, clip_id), texts, hint)
+    extensions = (".avi",) if cfg.format == "lsmdc" else VIDEO_EXTENSIONS
+    name = next((clip_id + ext for ext in extensions if clip_id + ext in files), None)
+    if name is None:
+        return f"no video file {clip_id}{{{','.join(extensions)}}} under {cfg.video_root}"
+    return RetrievalItem(clip_id, os.path.join(cfg.video_root, name), texts)
+
+
+def read_items(cfg: RetrievalDataConfig) -> ReadResult:
+    """Read and check a split's annotation jsonl.
+
+    Args:
+        cfg: the split's config.
+
+    Returns:
+        ReadResult(items, skipped): the usable items in file order (the first `cfg.limit`
+        only), and every skipped row with its reason. Reading stops once `limit` items are kept.
+
+    Raises:
+        FileNotFoundError: the annotation file does not exist.
+        ValueError: video_root is not a directory, or no usable item is left.
+    """
+    if not os.path.isdir(cfg.video_root):
+        raise ValueError(f"video_root {cfg.video_root!r} is not a directory")
+    files, dirs = _scan(cfg.video_root)
+    paragraph = cfg.resolved_paragraph()
+    items: list[RetrievalItem] = []
+    skipped: list[tuple[int | str, str]] = []
+    first_line: dict[str, int] = {}
+    with open(cfg.annotations, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if cfg.limit is not None and len(items) >= cfg.limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                skipped.append((line_no, f"bad JSON: {e.msg} at column {e.colno}"))
+                continue
+            clip_id = row.get("clip_id") if isinstance(row, dict) else None
+            if not isinstance(clip_id, str) or not clip_id.strip():
+                skipped.append((line_no, "no clip_id string"))
+                continue
+            if clip_id in first_line:
+                skipped.append((clip_id, f"duplicate clip_id at line {line_no} (first seen at line "
+                                         f"{first_line[clip_id]})"))
+                continue
+            first_line[clip_id] = line_no
+            item = _item(cfg, row, clip_id, paragraph, files, dirs)
+            if isinstance(item, str):
+                skipped.append((clip_id, f"{item} (line {line_no})"))
+            else:
+                items.append(item)
+    if not items:
+        reasons = "; ".join(f"{k}: {r}" for k, r in skipped[:3])
+        raise ValueError(f"{cfg.annotations}: no usable items ({len(skipped)} skipped{': ' if reasons else ''}"
+                         f"{reasons})")
+    return ReadResult(items, skipped)
+
+
+def eval_texts(items: Sequence[RetrievalItem]) -> list[str]:
+    """One text per video, for a square test matrix: the first text (the paragraph, if joined)."""
+    return [item.texts[0] for item in items]

@@ -1,0 +1,232 @@
+"""`finetune_loop_per_worker`: what each Ray Train worker runs for `finetune` (spec 4.2).
+
+Same engine, checkpoints, resume and MLflow logging as `pretrain` (`pipeline.train.worker`);
+different data (a downstream retrieval split decoded on the fly), loss (symmetric InfoNCE) and
+a validation pass every `data.val_every_steps` and at the end. Validation runs on every rank
+(each encodes its share of the held-out videos, so ZeRO-3 gathers stay collective), features
+are gathered, rank 0 ranks them; when the selection metric improves the weights are exported
+to `<storage>/<run_name>-best`. Selection never looks at the test split (the official code
+kept `model_best.pt` by test R@1).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import build_dataclass
+from pipeline.eval.config import FinetuneJobConfig
+from pipeline.eval.formats import RetrievalItem
+from pipeline.train import checkpoint as ckpt_io
+from pipeline.train.checkpoint import TrainState
+from pipeline.train.optim import lr_at, make_adamw, param_groups, set_lr
+from pipeline.train.worker import (
+    build_model,
+    ds_config,
+    export_weights,
+    global_mean,
+    save_and_report,
+    skip_cpu_shm_build,
+)
+
+TAG = "finetune"
+
+
+def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train  # noqa: PLC0415
+
+    cfg = build_dataclass(FinetuneJobConfig, loop_config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not cfg.train.use_gpu:
+        skip_cpu_shm_build()
+    import deepspeed  # noqa: PLC0415
+
+    from pipeline.model.losses import NCELearnableTempLoss  # noqa: PLC0415
+    from pipeline.tracking import MlflowTracker, NullTracker  # noqa: PLC0415
+    from pipeline.train.retrieval_data import (  # noqa: PLC0415
+        FrameCache,
+        RankBatches,
+        RetrievalLoaderConfig,
+        steps_per_epoch,
+    )
+    from pipeline.train.task import RetrievalTask  # noqa: PLC0415
+
+    train_items = [RetrievalItem(**it) for it in loop_config["train_items"]]
+    val_items = [RetrievalItem(**it) for it in loop_config["val_items"]]
+    task = RetrievalTask(build_model(cfg), NCELearnableTempLoss(gather=True))
+    optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
+    engine, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config(cfg))
+    t = cfg.train
+    loader_cfg = RetrievalLoaderConfig(video_format=cfg.data.train.video_format, num_frames=t.num_frames,
+                                       size_px=t.image_size_px, max_text_len=cfg.data.max_text_len,
+                                       micro_batch=t.micro_batch_size, seed=t.seed,
+                                       decode_threads=cfg.data.decode_threads, cache_mb=cfg.data.cache_decoded_mb)
+    cache = FrameCache(cfg.data.cache_decoded_mb * 2**20) if cfg.data.cache_decoded_mb else None
+    spe = steps_per_epoch(len(train_items), world, t.micro_batch_size)
+    if spe < 1:
+        raise ValueError(f"{len(train_items)} training videos cannot fill one global batch of "
+                         f"{t.micro_batch_size * world}; lower train.micro_batch_size")
+    total = t.max_steps or spe * t.epochs
+
+    state = TrainState(world_size=world, mlflow_run_id=loop_config.get("mlflow_run_id"))
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            state = ckpt_io.load(engine, d, rank, world)
+    state.mlflow_run_id = state.mlflow_run_id or loop_config.get("mlflow_run_id")
+    already_done = state.step >= total
+
+    tracker: Any = NullTracker()
+    if rank == 0 and cfg.tracking.enabled and state.mlflow_run_id:
+        tracker = MlflowTracker(cfg.tracking.tracking_uri, state.mlflow_run_id, cfg.tracking.system_metrics)
+        if state.step == 0:
+            tracker.log_params(loop_config["job"])
+            tracker.log_dict(loop_config["job"], "config/job.json")
+            tracker.log_dict(ds_config(cfg), "config/deepspeed.json")
+    if rank == 0:
+        print(f"[{TAG}] {'resumed at step ' + str(state.step) if state.step else 'starting'}; {total} steps, "
+              f"{spe} per epoch, global batch {t.micro_batch_size * world}, {len(train_items)} train / "
+              f"{len(val_items)} val videos", flush=True)
+
+    t_start, samples_at_start = time.perf_counter(), state.samples_seen
+    while state.step < total:
+        epoch, start = divmod(state.step, spe)
+        t_wait0 = time.perf_counter()
+        for batch in RankBatches(train_items, loader_cfg, epoch, rank, world, cache)(start):
+            wait_s = time.perf_counter() - t_wait0
+            lr = lr_at(state.step, t.lr, total, t.warmup_ratio)
+            set_lr(engine.optimizer, lr)
+            loss, metrics = engine(batch)
+            engine.backward(loss)
+            engine.step()
+            state.step += 1
+            state.epoch, state.step_in_epoch = divmod(state.step, spe)
+            state.samples_seen += int(batch["frames"].shape[0]) * world
+            state.skipped_rows += int(batch["skipped"].sum()) * world
+            if state.step % t.log_every_steps == 0 or state.step == total:
+                metrics = dict(metrics, loss=loss.detach(), data_wait_s=torch.tensor(wait_s))
+                _log_train(engine, metrics, state, world, lr, t_start, samples_at_start, total, tracker, rank)
+            if state.step % cfg.data.val_every_steps == 0 or state.step == total:
+                _validate_and_keep_best(engine, cfg, loop_config, val_items, state, rank, world, tracker)
+            if state.step % t.checkpoint_every_steps == 0 or state.step == total:
+                save_and_report(engine, cfg, loop_config, state, rank)
+            t_wait0 = time.perf_counter()
+            if state.step >= total:
+                break
+    export_weights(engine, loop_config["export_dir"], cfg, rank, tracker if not already_done else None, "model",
+                   None, TAG)
+    if rank == 0 and not already_done and tracker.run_id and state.best_metric is not None:
+        _log_best_artifacts(cfg, loop_config["best_dir"], tracker)
+    if rank == 0:
+        print(f"[{TAG}] best {cfg.data.select_metric} {state.best_metric} at step {state.best_step} -> "
+              f"{loop_config['best_dir']}", flush=True)
+    tracker.close("FINISHED")
+
+
+def _log_train(engine, metrics, state, world, lr, t_start, samples_at_start, total, tracker, rank) -> None:
+    logged = global_mean(metrics, world)
+    elapsed = time.perf_counter() - t_start
+    rate = (state.samples_seen - samples_at_start) / elapsed if elapsed > 0 else 0.0
+    out = {f"train/{k}": v for k, v in logged.items()}
+    out.update({"train/lr": lr, "train/samples_per_s": rate, "train/epoch": float(state.epoch),
+                "train/skipped_videos": float(state.skipped_rows)})
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None and math.isfinite(float(grad_norm)):
+        out["train/grad_norm"] = float(grad_norm)
+    tracker.log_metrics(out, step=state.step)
+    if rank == 0:
+        print(f"[{TAG}] step {state.step}/{total} loss {logged['loss']:.4f} | {rate:.1f} samples/s | "
+              f"lr {lr:.2e}", flush=True)
+
+
+def validate(model, items: list[RetrievalItem], cfg: FinetuneJobConfig, rank: int, world: int
+             ) -> dict[str, float] | None:
+    """t2v/v2t metrics of `items` (rank 0; None elsewhere). Every rank encodes items[rank::world]
+    (padded to equal counts so collective forwards match), features are gathered."""
+    from pipeline.data.sampling import BadSample  # noqa: PLC0415
+    from pipeline.eval.encode import encode_clips, encode_texts  # noqa: PLC0415
+    from pipeline.eval.formats import eval_texts  # noqa: PLC0415
+    from pipeline.eval.metrics import t2v_v2t  # noqa: PLC0415
+    from pipeline.eval.video import load_clip  # noqa: PLC0415
+
+    t = cfg.train
+    per_rank = -(-len(items) // world)
+    mine = list(range(rank, len(items), world))
+    mine += mine[:1] * (per_rank - len(mine))  # padding rows are dropped after the gather
+    texts = eval_texts(items)
+    was_training = model.training
+    model.eval()
+    rows: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for lo in range(0, per_rank, t.micro_batch_size):
+        idx = mine[lo:lo + t.micro_batch_size]
+        clips, ok = [], []
+        for i in idx:
+            try:
+                clips.append(load_clip(items[i], cfg.data.train.video_format, t.num_frames, t.image_size_px,
+                                       False, None))
+                ok.append(True)
+            except BadSample:
+                clips.append(np.zeros((t.num_frames, t.image_size_px, t.image_size_px, 3), np.uint8))
+                ok.append(False)
+        video = encode_clips(model, np.stack(clips))
+        text = encode_texts(model, [texts[i] for i in idx], cfg.data.max_text_len)
+        rows += [(i, v, x) for i, v, x, good in zip(idx, video, text, ok, strict=True) if good]
+    model.train(was_training)
+    gathered: list[Any] = [None] * world
+    if world > 1:
+        dist.all_gather_object(gathered, rows)
+    else:
+        gathered = [rows]
+    if rank != 0:
+        return None
+    by_index = {i: (v, x) for part in gathered for i, v, x in part}
+    order = sorted(by_index)
+    video_NP = np.stack([by_index[i][0] for i in order]).astype(np.float64)
+    text_NP = np.stack([by_index[i][1] for i in order]).astype(np.float64)
+    out = t2v_v2t(text_NP @ video_NP.T)
+    out["num_videos"] = float(len(order))
+    return out
+
+
+def _validate_and_keep_best(engine, cfg, loop_config, val_items, state, rank, world, tracker) -> None:
+    t0 = time.perf_counter()
+    result = validate(engine.module.model, val_items, cfg, rank, world)
+    improved = torch.zeros(1)
+    if rank == 0:
+        score = result[cfg.data.select_metric]
+        tracker.log_metrics({f"val/{k}": v for k, v in result.items()}, step=state.step)
+        if state.best_metric is None or score > state.best_metric:
+            state.best_metric, state.best_step = float(score), state.step
+            improved[0] = 1
+        print(f"[{TAG}] val @ step {state.step}: {cfg.data.select_metric} {score:.1f} "
+              f"(best {state.best_metric:.1f} @ {state.best_step}) | t2v R@5 {result['t2v/R5']:.1f} "
+              f"| {time.perf_counter() - t0:.1f} s", flush=True)
+    if world > 1:
+        dist.broadcast(improved, src=0)
+        best = [state.best_metric, state.best_step]
+        dist.broadcast_object_list(best, src=0)
+        state.best_metric, state.best_step = best
+    if improved[0] > 0:
+        export_weights(engine, loop_config["best_dir"], cfg, rank, None, "best_model", None, TAG)
+
+
+def _log_best_artifacts(cfg, best_dir: str, tracker) -> None:
+    import tempfile  # noqa: PLC0415
+
+    from pipeline.utils import fs  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="clipvip-best-") as local:
+        fs.download_dir(best_dir, local, fs.S3Options.of(cfg.storage))
+        tracker.log_artifacts(local, "best_model")
+        if cfg.tracking.register_model:
+            from pipeline.tracking import register_model  # noqa: PLC0415
+
+            version = register_model(cfg.tracking.tracking_uri, tracker.run_id, "best_model",
+                                     cfg.tracking.register_model)
+            print(f"[{TAG}] registered best model {cfg.tracking.register_model!r} version {version}", flush=True)

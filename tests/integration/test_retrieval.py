@@ -1,0 +1,124 @@
+"""`evaluate` and `finetune` through the real CLI on the synthetic retrieval splits.
+
+evaluate: two models side by side (CLIP-ViP and the mean-pooling baseline), a corrupt video
+reported and left out (exactly the decodable N ranked), results.json + MLflow.
+finetune: 2 CPU workers, DeepSpeed ZeRO-1 on gloo, validation picks the best weights; the job is
+killed after its first checkpoint and resubmitted: it resumes there, finishes, and MLflow holds
+each step once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+from tests.integration.conftest import clipvip
+
+ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+TINY = ["model.preset=tiny", "model.max_text_len=16"]
+
+
+def sets(*items: str) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def split(sample_data, tmp_path_factory):
+    """The synthetic retrieval set, with one test video replaced by garbage."""
+    root = tmp_path_factory.mktemp("retrieval")
+    videos = shutil.copytree(sample_data.retrieval_video_root, root / "videos")
+    test_rows = [json.loads(line) for line in open(sample_data.retrieval_jsonl, encoding="utf-8")]
+    (videos / f"{test_rows[0]['clip_id']}.mp4").write_bytes(b"\x00\x00\x00 this is not an mp4")
+    return {"videos": str(videos), "test": sample_data.retrieval_jsonl, "train": sample_data.retrieval_train_jsonl,
+            "val": sample_data.retrieval_val_jsonl, "bad": test_rows[0]["clip_id"], "n_test": len(test_rows)}
+
+
+def test_evaluate_two_models_side_by_side(split, tmp_path):
+    out, db = tmp_path / "eval", tmp_path / "mlflow.db"
+    args = sets("run_name=smoke", "eval.data.format=msrvtt", f"eval.data.annotations={split['test']}",
+                f"eval.data.video_root={split['videos']}", "eval.data.num_frames=4", "eval.image_size_px=32",
+                "eval.max_text_len=16", f"eval.out={out}", f"tracking.tracking_uri=sqlite:///{db}",
+                "ray.num_cpus=2", "ray.progress_bars=false",
+                "eval.models=[{name: clip-vip, model: {preset: tiny}}, {name: meanpool, model: {preset: tiny, "
+                "add_cls_num: 0, use_temporal_embed: false, video_pooling: mean}}]")
+    proc = clipvip("evaluate", *args, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    n = split["n_test"] - 1
+    assert f"{n} of {split['n_test']} videos ranked" in proc.stdout
+    assert f"undecodable {split['bad']}" in proc.stdout
+    for row in ("clip-vip ", "clip-vip+dsl", "meanpool ", "chance"):
+        assert row in proc.stdout, proc.stdout
+    doc = json.load(open(out / "smoke" / "results.json", encoding="utf-8"))
+    assert doc["num_evaluated"] == n and set(doc["results"]) == {"clip-vip", "clip-vip+dsl", "meanpool", "meanpool+dsl"}
+    assert doc["chance"]["t2v/R1"] == pytest.approx(100 / n)
+    sims = np.load(out / "smoke" / "sim_clip-vip.npz")
+    assert sims["sim_TV"].shape == (n, n) and split["bad"] not in sims["clip_ids"].tolist()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("clipvip").experiment_id])
+    assert run.data.metrics["clip-vip/t2v/R1"] == pytest.approx(doc["results"]["clip-vip"]["t2v/R1"])
+    assert "meanpool/dsl/t2v/R1" in run.data.metrics
+
+
+def test_evaluate_refuses_a_missing_split(tmp_path):
+    proc = clipvip("evaluate", *sets(f"eval.data.annotations={tmp_path}/none.jsonl", f"eval.data.video_root={tmp_path}",
+                                     "eval.models=[{name: m}]"), env=ENV)
+    assert proc.returncode == 2 and "none.jsonl" in proc.stderr
+
+
+def finetune_args(split, storage, db, run_name, *extra):
+    return ["finetune", *sets(
+        f"run_name={run_name}", *TINY, f"train.storage_path={storage}", f"tracking.tracking_uri=sqlite:///{db}",
+        "tracking.system_metrics=false", "tracking.register_model=null", "train.num_workers=2",
+        "train.micro_batch_size=2", "train.max_steps=6", "train.checkpoint_every_steps=2", "train.num_frames=4",
+        "train.image_size_px=32", "train.precision=fp32", "train.lr=1e-3", "train.grad_clip=1.0",
+        f"data.train.annotations={split['train']}", f"data.train.video_root={split['videos']}",
+        f"data.val.annotations={split['val']}", f"data.val.video_root={split['videos']}",
+        "data.val_every_steps=3", "data.max_text_len=16", "data.cache_decoded_mb=64", "ray.num_cpus=4", *extra)]
+
+
+def test_finetune_killed_and_resubmitted_resumes(split, tmp_path):
+    storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
+    args = finetune_args(split, storage, db, "ft")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=dict(os.environ, **ENV),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    first = storage / "ft" / "step_000000002"
+    while time.time() < deadline and proc.poll() is None and not first.exists():
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    assert first.exists(), "no checkpoint within 300 s"
+    time.sleep(1.0)  # let Ray Train finish registering the checkpoint
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    again = clipvip(*args, env=ENV)
+    assert again.returncode == 0, again.stderr[-4000:]
+    log = again.stdout + again.stderr
+    assert "[finetune] resumed at step " in log, log[-3000:]
+    assert "[finetune] done: 6 steps" in log
+    assert (storage / "ft-best" / "model.safetensors").exists()
+    assert (storage / "ft-export" / "model.safetensors").exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("clipvip").experiment_id])
+    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == 6, loss_steps
+    val_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/t2v/R1")]
+    assert val_steps == [3, 6], val_steps
+    assert run.data.params["data.select_metric"] == "t2v/R1"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "best_model"} <= artifacts, artifacts
