@@ -1,73 +1,185 @@
 """`clipvip demo --out DIR`: the embedded default end to end (what `make run` runs).
 
-Synthetic HD-VILA-format data -> `prepare` (local Ray: decode tasks + tiny captioner actor) ->
-`pretrain` (tiny CLIP-ViP, 2 Ray Train workers, DeepSpeed ZeRO-1 on gloo, MLflow on sqlite).
-Everything stays under DIR. Later stages (recaption, evaluate) join here as they land.
+Synthetic HD-VILA-format data -> `prepare` (decode tasks + tiny captioner actor) -> `recaption`
+(a second caption set) -> `pretrain` CLIP-ViP and the CLIP4Clip mean-pooling baseline with the
+same recipe (2 Ray Train workers, DeepSpeed ZeRO-1 on gloo, MLflow on sqlite) -> `finetune` both
+on the synthetic retrieval train split (best weights chosen on its val split) -> `evaluate`
+both on the test split, whose clip pairs differ only in frame order. Every stage runs through the
+same library calls as its `clipvip` command, with the tiny recipes in jobs/configs/; everything
+stays under DIR.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 
 from jobs.common import init_ray
-from pipeline.config import ConfigError, PrepareJobConfig, PretrainJobConfig, load_config
+from pipeline.config import ConfigError, PrepareJobConfig, PretrainJobConfig, RecaptionJobConfig, load_config
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+BASELINE = ["model.add_cls_num=0", "model.use_temporal_embed=false", "model.video_pooling=mean"]
+
+
+def _recipe(cls: type, name: str, overrides: list[str]):
+    return load_config(cls, os.path.join(CONFIGS, name), overrides)
+
+
+QUICK_SAMPLE = dict(num_videos=4, max_duration_s=12.0, num_retrieval=8, num_retrieval_train=16, num_retrieval_val=8)
+QUICK = {"pretrain": ["train.max_steps=2", "train.checkpoint_every_steps=2"],
+         "finetune": ["train.max_steps=4", "train.checkpoint_every_steps=4", "data.val_every_steps=2",
+                      "train.micro_batch_size=4"]}
+
+
+def build_configs(out: str, sample, quick: bool = False) -> dict:
+    """Every stage's config: the tiny recipes with their paths pointed under `out`."""
+    from pipeline.eval.config import EvaluateJobConfig, FinetuneJobConfig  # noqa: PLC0415
+
+    root, runs = os.path.join(out, "dataset"), os.path.join(out, "runs")
+    mlflow = f"tracking.tracking_uri=sqlite:///{os.path.join(out, 'mlflow.db')}"
+    ret = os.path.dirname(sample.retrieval_jsonl)
+    prep = _recipe(PrepareJobConfig, "tiny.yaml", [
+        f"data.root={root}", f"data.metadata={sample.metadata_path}", f"data.video_root={sample.video_root}",
+        f"data.subtitles={sample.subtitles_table}"])
+    recap = _recipe(RecaptionJobConfig, "tiny_recaption.yaml", [f"root={root}"])
+    cfgs = {"prepare": prep, "recaption": recap}
+    for name, extra in (("clip-vip", []), ("meanpool-baseline", BASELINE)):
+        cfgs[f"pretrain/{name}"] = _recipe(PretrainJobConfig, "tiny_pretrain.yaml", [
+            f"run_name=demo-pretrain-{name}", f"train.dataset_root={root}",
+            f"train.caption_set={recap.caption.set_name}", f"train.storage_path={runs}", mlflow, *extra,
+            *(QUICK["pretrain"] if quick else [])])
+        cfgs[f"finetune/{name}"] = _recipe(FinetuneJobConfig, "tiny_finetune.yaml", [
+            f"run_name=demo-finetune-{name}", f"model.pretrained={runs}/demo-pretrain-{name}-export",
+            f"train.storage_path={runs}", mlflow, f"data.train.annotations={ret}/train.jsonl",
+            f"data.train.video_root={ret}/videos", f"data.val.annotations={ret}/val.jsonl",
+            f"data.val.video_root={ret}/videos", *extra, *(QUICK["finetune"] if quick else [])])
+    cfgs["evaluate"] = _recipe(EvaluateJobConfig, "tiny_evaluate.yaml", [
+        "run_name=demo-evaluate", f"eval.data.annotations={ret}/test.jsonl", f"eval.data.video_root={ret}/videos",
+        f"eval.models.0.weights={runs}/demo-finetune-clip-vip-best",
+        f"eval.models.1.weights={runs}/demo-finetune-meanpool-baseline-best",
+        f"eval.out={os.path.join(out, 'eval')}", mlflow])
+    return cfgs
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="clipvip demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/demo", help="where sample data and outputs go")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller data and a few steps per stage: checks the wiring, not the numbers (tests)")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
     t0 = time.perf_counter()
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # else each report waits 2 s
-
     from pipeline.data.synthetic import make_sample_dataset  # noqa: PLC0415
 
     sample_dir = os.path.join(out, "sample")
-    print(f"[demo] 1/3 synthetic HD-VILA-format data -> {sample_dir}", flush=True)
-    sample = make_sample_dataset(sample_dir, seed=args.seed)
-    print(f"[demo]     {sample.num_videos} videos, {sample.num_clips} clips", flush=True)
+    print(f"[demo] 1/6 synthetic HD-VILA-format data + retrieval splits -> {sample_dir}", flush=True)
+    from pipeline.data.synthetic import SampleDataSpec  # noqa: PLC0415
 
-    root = os.path.join(out, "dataset")
+    spec = SampleDataSpec(**QUICK_SAMPLE) if args.quick else SampleDataSpec()
+    sample = make_sample_dataset(sample_dir, seed=args.seed, spec=spec)
+    print(f"[demo]     {sample.num_videos} videos, {sample.num_clips} clips; retrieval test {sample.num_retrieval} "
+          "clips (pairs differing only in frame order)", flush=True)
     try:
-        prep = load_config(PrepareJobConfig, os.path.join(CONFIGS, "tiny.yaml"), [
-            f"data.root={root}", f"data.metadata={sample.metadata_path}", f"data.video_root={sample.video_root}",
-            f"data.subtitles={sample.subtitles_table}"])
-        train = load_config(PretrainJobConfig, os.path.join(CONFIGS, "tiny_pretrain.yaml"), [
-            f"train.dataset_root={root}", f"train.caption_set={prep.caption.set_name}",
-            f"train.storage_path={os.path.join(out, 'runs')}",
-            f"tracking.tracking_uri=sqlite:///{os.path.join(out, 'mlflow.db')}"])
+        cfgs = build_configs(out, sample, quick=args.quick)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    report = run_stages(cfgs)
+    report["took_s"] = time.perf_counter() - t0
+    print(render(report, cfgs), flush=True)
+    with open(os.path.join(out, "demo_report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, sort_keys=True)
+    return 0 if report["ok"] else 1
 
-    from jobs.pretrain import absolutize, mlflow_run  # noqa: PLC0415
+
+def run_stages(cfgs: dict) -> dict:
+    from jobs import finetune as finetune_job  # noqa: PLC0415
+    from jobs import pretrain as pretrain_job  # noqa: PLC0415
+    from jobs.evaluate import absolutize as abs_eval  # noqa: PLC0415
     from pipeline.data.build import run_prepare  # noqa: PLC0415
-    from pipeline.train.launch import export_dir, make_trainer  # noqa: PLC0415
+    from pipeline.data.recaption import run_recaption  # noqa: PLC0415
+    from pipeline.eval.evaluate import run_evaluate  # noqa: PLC0415
+    from pipeline.train.launch import make_trainer  # noqa: PLC0415
 
-    print(f"[demo] 2/3 prepare -> {root}", flush=True)
-    init_ray(train.ray)
-    summary = run_prepare(prep)
+    init_ray(cfgs["pretrain/clip-vip"].ray)
+    report: dict = {"ok": True, "pretrain": {}, "finetune": {}}
+    print(f"[demo] 2/6 prepare -> {cfgs['prepare'].data.root}", flush=True)
+    prep = run_prepare(cfgs["prepare"])
+    print(prep.render(), flush=True)
+    report["prepare"] = {"clips": prep.clips_ok, "quarantined": prep.clips_quarantined, "captions": prep.captions_ok,
+                         "caption_set": cfgs["prepare"].caption.set_name, "root": cfgs["prepare"].data.root}
+    print(f"[demo] 3/6 recaption -> caption set {cfgs['recaption'].caption.set_name!r}", flush=True)
+    recap = run_recaption(cfgs["recaption"])
+    print(recap.render(), flush=True)
+    report["recaption"] = {"caption_set": recap.caption_set, "captioned": recap.captioned, "failed": recap.failed}
+    for name in ("clip-vip", "meanpool-baseline"):
+        cfg = pretrain_job.absolutize(cfgs[f"pretrain/{name}"])
+        print(f"[demo] 4/6 pretrain {name} (tiny, 2 workers, DeepSpeed ZeRO-{cfg.train.zero_stage}, MLflow)", flush=True)
+        run_id = pretrain_job.mlflow_run(cfg)
+        result = make_trainer(cfg, run_id).fit()
+        report["pretrain"][name] = {"steps": (result.metrics or {}).get("step"), "mlflow_run": run_id,
+                                    "final_loss": _last_metric(cfg.tracking.tracking_uri, run_id, "train/loss")}
+    for name in ("clip-vip", "meanpool-baseline"):
+        cfg = finetune_job.absolutize(cfgs[f"finetune/{name}"])
+        print(f"[demo] 5/6 finetune {name} on the retrieval train split (best on val)", flush=True)
+        result, run_id = finetune_job.run(cfg)
+        report["finetune"][name] = {"steps": (result.metrics or {}).get("step"), "mlflow_run": run_id,
+                                    "final_loss": _last_metric(cfg.tracking.tracking_uri, run_id, "train/loss"),
+                                    "best_val_t2v_R1": _best_metric(cfg.tracking.tracking_uri, run_id, "val/t2v/R1")}
+    print("[demo] 6/6 evaluate on the test split: CLIP-ViP vs mean pooling", flush=True)
+    summary = run_evaluate(abs_eval(cfgs["evaluate"]))
     print(summary.render(), flush=True)
+    report["evaluate"] = {"results": summary.results, "chance": summary.chance(), "num": summary.num_evaluated,
+                          "out": summary.out_dir, "mlflow_run": summary.mlflow_run_id}
+    return report
 
-    print("[demo] 3/3 pretrain (tiny CLIP-ViP, 2 workers, DeepSpeed ZeRO-1, MLflow)", flush=True)
-    train = absolutize(train)
-    run_id = mlflow_run(train)
-    result = make_trainer(train, run_id).fit()
-    m = result.metrics or {}
-    print("demo report")
-    print(f"  clips           {summary.clips_ok} prepared ({summary.clips_quarantined} quarantined), "
-          f"{summary.captions_ok} captions in set {prep.caption.set_name!r}")
-    print(f"  training        {m.get('step')} steps, {m.get('samples_seen')} samples")
-    print(f"  dataset root    {root}")
-    print(f"  checkpoints     {result.checkpoint.path if result.checkpoint else None}")
-    print(f"  final weights   {export_dir(train)}")
-    print(f"  MLflow          run {run_id}: mlflow ui --backend-store-uri {train.tracking.tracking_uri}")
-    print(f"  took            {time.perf_counter() - t0:.0f} s")
-    return 0
+
+def _last_metric(uri: str, run_id: str | None, key: str) -> float | None:
+    return _history(uri, run_id, key)[-1] if _history(uri, run_id, key) else None
+
+
+def _best_metric(uri: str, run_id: str | None, key: str) -> float | None:
+    values = _history(uri, run_id, key)
+    return max(values) if values else None
+
+
+def _history(uri: str, run_id: str | None, key: str) -> list[float]:
+    if not run_id:
+        return []
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    return [m.value for m in sorted(MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def render(report: dict, cfgs: dict) -> str:
+    ev = report["evaluate"]
+    vip, base = ev["results"]["clip-vip"]["t2v/R1"], ev["results"]["meanpool-baseline"]["t2v/R1"]
+    uri = cfgs["pretrain/clip-vip"].tracking.tracking_uri
+    p, ft = report["prepare"], report["finetune"]
+    lines = [
+        "demo report",
+        f"  data            {p['clips']} clips prepared ({p['quarantined']} quarantined), {p['captions']} captions "
+        f"in {p['caption_set']!r}, {report['recaption']['captioned']} in {report['recaption']['caption_set']!r}",
+        *(f"  pretrain        {n}: {r['steps']} steps, final loss {_fmt(r['final_loss'])}"
+          for n, r in report["pretrain"].items()),
+        *(f"  finetune        {n}: {r['steps']} steps, final loss {_fmt(r['final_loss'])}, best val t2v R@1 "
+          f"{_fmt(r['best_val_t2v_R1'])}" for n, r in ft.items()),
+        f"  test t2v R@1    CLIP-ViP {vip:.1f} | mean-pooling baseline {base:.1f} | chance {ev['chance']['t2v/R1']:.1f} "
+        f"({ev['num']} clips; each pair differs only in frame order)",
+        f"  dataset root    {p['root']}",
+        f"  checkpoints     {cfgs['pretrain/clip-vip'].train.storage_path}",
+        f"  results         {ev['out']}/results.json",
+        f"  MLflow          mlflow ui --backend-store-uri {uri}   (experiment "
+        f"{cfgs['pretrain/clip-vip'].tracking.experiment!r})",
+        f"  took            {report['took_s']:.0f} s",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}" if v < 10 else f"{v:.1f}"

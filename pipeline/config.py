@@ -453,15 +453,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts = key.strip().split(".")
         if not all(parts):
             raise ConfigError(f"--set {item!r}: bad key {key!r}")
-        node = out
-        for i, p in enumerate(parts[:-1]):
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
-            node = nxt
-        node[parts[-1]] = _parse_scalar(text)
+        node: Any = out
+        for i, p in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):  # list items by index: eval.models.0.weights=...
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i])} has {len(node)} items, no item {p!r}")
+                if last:
+                    node[int(p)] = _parse_scalar(text)
+                    break
+                node = node[int(p)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i])} is not a section")
+            if last:
+                node[p] = _parse_scalar(text)
+                break
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
     return out
 
 

@@ -53,3 +53,16 @@ def test_fingerprint_stable_and_sensitive():
     c = load_config(PrepareJobConfig, None, [*BASE, "frames.fps=2"])
     assert fingerprint(a.frames) == fingerprint(b.frames)
     assert fingerprint(a.frames) != fingerprint(c.frames)
+
+
+def test_overrides_reach_list_items_and_name_bad_paths():
+    from pipeline.config import apply_overrides
+
+    raw = {"eval": {"models": [{"name": "a"}, {"name": "b"}]}, "x": 1}
+    out = apply_overrides(raw, ["eval.models.1.weights=w/b", "eval.models.0.name=z"])
+    assert out["eval"]["models"] == [{"name": "z"}, {"name": "b", "weights": "w/b"}]
+    assert raw["eval"]["models"][1] == {"name": "b"}, "the input is not modified"
+    with pytest.raises(ConfigError, match="has 2 items, no item '5'"):
+        apply_overrides(raw, ["eval.models.5.name=q"])
+    with pytest.raises(ConfigError, match="x is not a section"):
+        apply_overrides(raw, ["x.y=1"])
