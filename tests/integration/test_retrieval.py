@@ -42,26 +42,33 @@ def split(sample_data, tmp_path_factory):
             "val": sample_data.retrieval_val_jsonl, "bad": test_rows[0]["clip_id"], "n_test": len(test_rows)}
 
 
-def test_evaluate_two_models_side_by_side(split, tmp_path):
+def test_evaluate_two_models_side_by_side(ray_local, split, tmp_path):
+    """In-process on the session's Ray (the CLI path is the next test): encode tasks + actors."""
+    from jobs.evaluate import absolutize
+    from pipeline.config import load_config
+    from pipeline.eval.config import EvaluateJobConfig
+    from pipeline.eval.evaluate import run_evaluate
+
     out, db = tmp_path / "eval", tmp_path / "mlflow.db"
-    args = sets("run_name=smoke", "eval.data.format=msrvtt", f"eval.data.annotations={split['test']}",
-                f"eval.data.video_root={split['videos']}", "eval.data.num_frames=4", "eval.image_size_px=32",
-                "eval.max_text_len=16", f"eval.out={out}", f"tracking.tracking_uri=sqlite:///{db}",
-                "ray.num_cpus=2", "ray.progress_bars=false",
-                "eval.models=[{name: clip-vip, model: {preset: tiny}}, {name: meanpool, model: {preset: tiny, "
-                "add_cls_num: 0, use_temporal_embed: false, video_pooling: mean}}]")
-    proc = clipvip("evaluate", *args, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    cfg = absolutize(load_config(EvaluateJobConfig, None, [
+        "run_name=smoke", "eval.data.format=msrvtt", f"eval.data.annotations={split['test']}",
+        f"eval.data.video_root={split['videos']}", "eval.data.num_frames=4", "eval.image_size_px=32",
+        "eval.max_text_len=16", f"eval.out={out}", f"tracking.tracking_uri=sqlite:///{db}", "ray.progress_bars=false",
+        "eval.models=[{name: clip-vip, model: {preset: tiny}}, {name: meanpool, model: {preset: tiny, "
+        "add_cls_num: 0, use_temporal_embed: false, video_pooling: mean}}]"]))
+    summary = run_evaluate(cfg, log=lambda *_: None)
+    text = summary.render()
     n = split["n_test"] - 1
-    assert f"{n} of {split['n_test']} videos ranked" in proc.stdout
-    assert f"undecodable {split['bad']}" in proc.stdout
+    assert f"{n} of {split['n_test']} videos ranked" in text
+    assert f"undecodable {split['bad']}" in text
     for row in ("clip-vip ", "clip-vip+dsl", "meanpool ", "chance"):
-        assert row in proc.stdout, proc.stdout
+        assert row in text, text
     doc = json.load(open(out / "smoke" / "results.json", encoding="utf-8"))
     assert doc["num_evaluated"] == n and set(doc["results"]) == {"clip-vip", "clip-vip+dsl", "meanpool", "meanpool+dsl"}
     assert doc["chance"]["t2v/R1"] == pytest.approx(100 / n)
     sims = np.load(out / "smoke" / "sim_clip-vip.npz")
     assert sims["sim_TV"].shape == (n, n) and split["bad"] not in sims["clip_ids"].tolist()
+    assert not np.allclose(np.load(out / "smoke" / "sim_meanpool.npz")["sim_TV"], sims["sim_TV"])  # two models
 
     from mlflow.tracking import MlflowClient
 
