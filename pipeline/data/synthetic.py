@@ -428,10 +428,15 @@ def _render(scene: _Scene, progress: float) -> np.ndarray:
 
 def _timeline_frames(scenes: list[_Scene], spans_ms: list[tuple[int, int]], num_frames: int,
                      fps: float) -> Iterator[np.ndarray]:
-    """Scene k is on screen from span k's start (scene 0 from t=0); its motion runs over the span."""
+    """Scene k is on screen from span k's start (scene 0 from t=0); its motion runs over the span.
+
+    The frame on screen at span k's start (the one a decoder returns for that time) already shows
+    scene k: a frame belongs to the scene whose span starts before the frame's display ends.
+    """
     for index in range(num_frames):
         t_ms = index / fps * 1000
-        k = max([i for i, (start, _) in enumerate(spans_ms) if start <= t_ms], default=0)
+        shown_until_ms = (index + 1) / fps * 1000
+        k = max([i for i, (start, _) in enumerate(spans_ms) if start < shown_until_ms], default=0)
         start, end = spans_ms[k]
         yield _render(scenes[k], min(1.0, max(0.0, (t_ms - start) / (end - start))))
 
