@@ -20,6 +20,8 @@ COMMANDS = {
     "pretrain": ("jobs.pretrain", "omnisource post-pretraining on Ray Train + DeepSpeed, tracked in MLflow"),
     "evaluate": ("jobs.evaluate", "text<->video retrieval metrics (MSR-VTT/DiDeMo/LSMDC/ActivityNet) for any checkpoint"),
     "finetune": ("jobs.finetune", "retrieval fine-tuning on Ray Train + DeepSpeed, best checkpoint chosen on validation"),
+    "submit": ("jobs.submit", "submit a jobs/ recipe to a Ray cluster through the Ray Jobs API (`--follow` streams logs)"),
+    "job": ("jobs.job_control", "status, logs or stop of a submitted job (`clipvip job status|logs|stop ID`)"),
     "demo": ("jobs.demo", "the embedded default end to end on synthetic data (what `make run` runs)"),
 }
 

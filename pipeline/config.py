@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,18 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the dotted key and the reason."""
 
 
+_URI_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/\s@'\"]+@")
+
+
+def refuse_credentials(key: str, value: str | None) -> None:
+    """Credentials in a URI (`https://user:token@host`) would be copied into MLflow params, the
+    resolved config written next to checkpoints, and logs; they must come from the environment
+    (MLFLOW_TRACKING_USERNAME/PASSWORD, the AWS chain) instead."""
+    if value and _URI_USERINFO.search(value):
+        raise ConfigError(f"{key}: holds credentials in the URI; take them out and set them in the environment "
+                          "(MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_* or an instance role)")
+
+
 # --------------------------------------------------------------------------------------------
 # Sections
 
@@ -32,6 +45,9 @@ class StorageConfig:
     """Endpoint override for S3-compatible stores (else AWS_ENDPOINT_URL[_S3] or AWS)."""
     s3_region: str | None = None
     """Region for S3 (else the AWS chain's region, else us-east-1)."""
+
+    def __post_init__(self) -> None:
+        refuse_credentials("storage.s3_endpoint_url", self.s3_endpoint_url)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -320,6 +336,7 @@ class TrackingConfig:
         if self.tracking_uri.startswith("file:") or "://" not in self.tracking_uri:
             raise ConfigError(f"tracking.tracking_uri: use sqlite:///path or http(s)://host, got {self.tracking_uri!r} "
                               "(MLflow 3 refuses its file store)")
+        refuse_credentials("tracking.tracking_uri", self.tracking_uri)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

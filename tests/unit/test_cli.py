@@ -51,3 +51,13 @@ def test_job_options_are_frozen():
 
     opts = {a.option_strings[0] for a in config_parser("x", "y")._actions if a.option_strings}
     assert opts == {"-h", "--config", "--set"}
+
+
+def test_every_command_module_imports_and_has_main():
+    import importlib
+
+    from jobs.cli import COMMANDS
+
+    assert {"submit", "job", "finetune", "evaluate"} <= set(COMMANDS)
+    for name, (module, _) in COMMANDS.items():
+        assert callable(getattr(importlib.import_module(module), "main", None)), name

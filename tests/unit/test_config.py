@@ -66,3 +66,16 @@ def test_overrides_reach_list_items_and_name_bad_paths():
         apply_overrides(raw, ["eval.models.5.name=q"])
     with pytest.raises(ConfigError, match="x is not a section"):
         apply_overrides(raw, ["x.y=1"])
+
+
+@pytest.mark.parametrize("override", ["tracking.tracking_uri=https://alice:s3cr3t@mlflow.example:5000",
+                                      "storage.s3_endpoint_url=http://AKIAXX:topsecret@127.0.0.1:9000"])
+def test_credentials_in_uris_are_refused(override):
+    from pipeline.config import PretrainJobConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainJobConfig, None, ["run_name=r", "train.dataset_root=/d", override])
+    key = override.split("=")[0]
+    assert key in str(err.value) and "s3cr3t" not in str(err.value) and "topsecret" not in str(err.value)
+    load_config(PretrainJobConfig, None, ["run_name=r", "train.dataset_root=/d",
+                                         f"{key}=https://mlflow.example:5000"])
