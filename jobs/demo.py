@@ -55,7 +55,7 @@ def build_configs(out: str, sample, quick: bool = False) -> dict:
             f"run_name=demo-finetune-{name}", f"model.pretrained={runs}/demo-pretrain-{name}-export",
             f"train.storage_path={runs}", mlflow, f"data.train.annotations={ret}/train.jsonl",
             f"data.train.video_root={ret}/videos", f"data.val.annotations={ret}/val.jsonl",
-            f"data.val.video_root={ret}/videos", *extra, *(QUICK["finetune"] if quick else [])])
+            f"data.val.video_root={ret}/videos", f"data.batch_groups={ret}/train_pairs.json", *extra, *(QUICK["finetune"] if quick else [])])
     cfgs["evaluate"] = _recipe(EvaluateJobConfig, "tiny_evaluate.yaml", [
         "run_name=demo-evaluate", f"eval.data.annotations={ret}/test.jsonl", f"eval.data.video_root={ret}/videos",
         f"eval.models.0.weights={runs}/demo-finetune-clip-vip-best",

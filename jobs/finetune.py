@@ -12,11 +12,13 @@ Exit 2 on a bad config or unreadable split before Ray starts, 1 on a failed run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import asdict
 
 from jobs.common import config_parser, init_ray, load_or_exit
 from jobs.evaluate import local_path
+from pipeline.config import ConfigError
 from pipeline.eval.config import FinetuneJobConfig
 
 
@@ -56,6 +58,28 @@ def splits(cfg: FinetuneJobConfig):
     return train, val, skipped
 
 
+def batch_groups(cfg: FinetuneJobConfig, train: list) -> list[list[int]]:
+    """`data.batch_groups` as index groups of `train`; a clear error for an unreadable file."""
+    if not cfg.data.batch_groups:
+        return []
+    from pipeline.train.retrieval_data import resolve_groups  # noqa: PLC0415
+
+    try:
+        with open(cfg.data.batch_groups, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.batch_groups: cannot read {cfg.data.batch_groups}: {e}") from None
+    if not isinstance(raw, list) or not all(isinstance(g, list) and all(isinstance(c, str) for c in g) for g in raw):
+        raise ConfigError(f"data.batch_groups: {cfg.data.batch_groups} must hold a JSON list of clip-id lists")
+    try:
+        groups, missing = resolve_groups(train, raw)
+    except ValueError as e:
+        raise ConfigError(f"data.batch_groups: {e}") from None
+    if missing:
+        print(f"[finetune] data.batch_groups: {missing} listed ids are not in the training split", flush=True)
+    return groups
+
+
 def mlflow_run(cfg: FinetuneJobConfig) -> str | None:
     if not cfg.tracking.enabled:
         return None
@@ -75,9 +99,11 @@ def run(cfg: FinetuneJobConfig):
     train, val, skipped = splits(cfg)
     for where, why in skipped[:20]:
         print(f"[finetune] skipped annotation {where}: {why}", flush=True)
+    groups = batch_groups(cfg, train)
     run_id = mlflow_run(cfg)
     trainer = make_trainer(cfg, run_id, loop=finetune_loop_per_worker, extra_loop_config={
-        "train_items": [asdict(it) for it in train], "val_items": [asdict(it) for it in val]})
+        "train_items": [asdict(it) for it in train], "val_items": [asdict(it) for it in val],
+        "train_groups": groups})
     return trainer.fit(), run_id
 
 
@@ -86,10 +112,13 @@ def main(argv: list[str]) -> int:
     cfg = absolutize(load_or_exit(FinetuneJobConfig, args))
     try:  # missing/empty splits fail before Ray starts
         train, val, _ = splits(cfg)
+        groups = batch_groups(cfg, train)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[finetune] {len(train)} train / {len(val)} val videos; run {cfg.run_name!r} under "
+    print(f"[finetune] {len(train)} train / {len(val)} val videos"
+          + (f" ({sum(map(len, groups))} of them in {len(groups)} batch groups)" if groups else "")
+          + f"; run {cfg.run_name!r} under "
           f"{cfg.train.storage_path}", flush=True)
     init_ray(cfg.ray)
     from pipeline.train.launch import best_dir, export_dir  # noqa: PLC0415

@@ -17,6 +17,7 @@ On-disk layout under `out_dir`:
     retrieval/train.jsonl          {"clip_id", "text": [3 captions]} (MSR-VTT train9k style): other
                                    renderings of the test clips' colour+shape combos, random motions
     retrieval/val.jsonl            {"clip_id", "text": caption}: a held-out split for model selection
+    retrieval/train_pairs.json     [[forward id, backward id], ...] of train (finetune's data.batch_groups)
     retrieval/videos/video<k>.mp4  all splits (ids are distinct across splits, as in MSR-VTT)
     sample_data.json               spec, seed, counts, per-video facts, retrieval pairs
 """
@@ -96,7 +97,7 @@ class SampleDataSpec:
     retrieval_duration_s: tuple[float, float] = (2.0, 3.0)
     retrieval_resolution: tuple[int, int] = (160, 120)
     retrieval_fps: float = 10.0
-    retrieval_object_scale: float = 1.0
+    retrieval_object_scale: float = 2.0
     """Size multiplier of the retrieval clips' object (models that see 32 px frames need > 1)."""
     crf: int = 23
     x264_preset: str = "veryfast"
@@ -148,6 +149,7 @@ class SampleDataset:
     num_retrieval: int
     retrieval_train_jsonl: str = ""
     retrieval_val_jsonl: str = ""
+    retrieval_train_pairs: str = ""
     info_path: str = ""
 
 
@@ -192,7 +194,8 @@ def make_sample_dataset(out_dir: str, seed: int = 0, spec: SampleDataSpec = Samp
         retrieval_video_root=os.path.join(root, "retrieval", "videos"), num_videos=spec.num_videos,
         num_clips=0, num_retrieval=spec.num_retrieval, info_path=os.path.join(root, "sample_data.json"),
         retrieval_train_jsonl=os.path.join(root, "retrieval", "train.jsonl"),
-        retrieval_val_jsonl=os.path.join(root, "retrieval", "val.jsonl"))
+        retrieval_val_jsonl=os.path.join(root, "retrieval", "val.jsonl"),
+        retrieval_train_pairs=os.path.join(root, "retrieval", "train_pairs.json"))
     for d in (ds.video_root, ds.subtitles_dir, ds.retrieval_video_root):
         os.makedirs(d, exist_ok=True)
     # One generator per video / pair, so results do not depend on scheduling or on num_videos.
@@ -213,13 +216,14 @@ def make_sample_dataset(out_dir: str, seed: int = 0, spec: SampleDataSpec = Samp
         rows = sorted((r for p in pairs_info if p["split"] == split for r in p["rows"]),
                       key=lambda r: int(r[0][len("video"):]))
         _write_text(path, "".join(json.dumps({"clip_id": c, "text": pick(t)}) + "\n" for c, t in rows))
+    _write_text(ds.retrieval_train_pairs, json.dumps([p["pair"] for p in pairs_info if p["split"] == "train"]) + "\n")
     info = {
         "generator": "pipeline.data.synthetic", "format_version": 1, "seed": seed,
         "spec": dataclasses.asdict(spec), "num_videos": spec.num_videos, "num_clips": len(clips),
         "num_retrieval": spec.num_retrieval,
         "paths": {k: os.path.relpath(getattr(ds, k), root) for k in (
             "metadata_path", "video_root", "subtitles_table", "subtitles_dir", "retrieval_jsonl",
-            "retrieval_train_jsonl", "retrieval_val_jsonl", "retrieval_video_root")},
+            "retrieval_train_jsonl", "retrieval_val_jsonl", "retrieval_train_pairs", "retrieval_video_root")},
         "videos": [{k: v for k, v in info.items() if k != "metadata"} for info in videos_info],
         "retrieval_pairs": [p["pair"] for p in pairs_info if p["split"] == "test"],
         "retrieval_split_pairs": {k: [p["pair"] for p in pairs_info if p["split"] == k] for k in ("train", "val")},
@@ -262,9 +266,12 @@ def encode_video(path: str, frames: Iterable[np.ndarray], fps: float, crf: int =
     with av.open(tmp, "w") as container:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        # weightp=0: with it on, this libx264 gave other bytes for the same frames in ~1% of runs
-        # (seen at 96x64, single thread); off, 1,800 runs were identical. Fades are not drawn here.
-        stream.options = {"crf": str(crf), "preset": preset}
+        # mbtree=0: with macroblock-tree rate control on, this libx264 gave other bytes for the same
+        # frames depending on what the process had encoded before (the first encode of a process,
+        # or the order threads happened to run in: 1 of 12 retrieval clips changed between runs
+        # with 2 threads). Off, 30 encodes of one clip and 6 whole samples with 1/2/4 threads
+        # were byte-identical. Costs a little compression; these videos are synthetic.
+        stream.options = {"crf": str(crf), "preset": preset, "x264-params": "mbtree=0"}
         stream.codec_context.thread_count = threads
         for index, img in enumerate(itertools.chain([first], it)):
             if img.shape != first.shape:

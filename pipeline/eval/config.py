@@ -99,6 +99,11 @@ class FinetuneDataConfig:
     visit). Worth it when the split's resized frames fit (small or low-resolution splits)."""
     decode_threads: int = 2
     """Threads per worker decoding the next batch while the current one trains."""
+    batch_groups: str | None = None
+    """JSON file: a list of clip-id lists (e.g. a clip and its time-reversed copy). Each group is
+    kept inside one global batch, as in-batch hard negatives; other videos are shuffled as usual.
+    Not in the paper (plain random batches there); the synthetic recipe uses it because its
+    order-only pairs are otherwise rarely in one batch (README, Known limits)."""
 
     def __post_init__(self) -> None:
         if self.cache_decoded_mb < 0 or self.decode_threads < 1:

@@ -59,6 +59,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     train_items = [RetrievalItem(**it) for it in loop_config["train_items"]]
     val_items = [RetrievalItem(**it) for it in loop_config["val_items"]]
+    groups = loop_config.get("train_groups", [])
     task = RetrievalTask(build_model(cfg), NCELearnableTempLoss(gather=True))
     optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
     engine, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config(cfg))
@@ -66,7 +67,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
     loader_cfg = RetrievalLoaderConfig(video_format=cfg.data.train.video_format, num_frames=t.num_frames,
                                        size_px=t.image_size_px, max_text_len=cfg.data.max_text_len,
                                        micro_batch=t.micro_batch_size, seed=t.seed,
-                                       decode_threads=cfg.data.decode_threads, cache_mb=cfg.data.cache_decoded_mb)
+                                       decode_threads=cfg.data.decode_threads)
     cache = FrameCache(cfg.data.cache_decoded_mb * 2**20) if cfg.data.cache_decoded_mb else None
     spe = steps_per_epoch(len(train_items), world, t.micro_batch_size)
     if spe < 1:
@@ -98,7 +99,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
     while state.step < total:
         epoch, start = divmod(state.step, spe)
         t_wait0 = time.perf_counter()
-        for batch in RankBatches(train_items, loader_cfg, epoch, rank, world, cache)(start):
+        for batch in RankBatches(train_items, loader_cfg, epoch, rank, world, cache, groups)(start):
             wait_s = time.perf_counter() - t_wait0
             lr = lr_at(state.step, t.lr, total, t.warmup_ratio)
             set_lr(engine.optimizer, lr)

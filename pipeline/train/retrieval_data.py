@@ -9,7 +9,7 @@ generator keyed by (seed, epoch, position), so they do not depend on threads or 
 
 Videos are decoded on the fly with PyAV (as the official code reads with decord each step), a
 few at a time in threads (the decoder releases the GIL); the next batch is decoded while the
-current one trains. With `cache_mb > 0` a worker keeps every resized frame of the clips it
+current one trains. With a FrameCache (`data.cache_decoded_mb`) a worker keeps every resized frame of the clips it
 has decoded, until the budget is spent, and samples later visits from memory: small splits
 (the synthetic one, or low-resolution frames) then decode once per run instead of once per
 epoch; large ones fall back to decoding only the sampled frames. A video that fails to decode
@@ -46,8 +46,6 @@ class RetrievalLoaderConfig:
     micro_batch: int
     seed: int
     decode_threads: int = 2
-    cache_mb: int = 0
-    """Per-worker budget for keeping every resized frame of decoded clips (0: no cache)."""
 
 
 class FrameCache:
@@ -92,22 +90,47 @@ def steps_per_epoch(num_items: int, world_size: int, micro_batch: int) -> int:
     return num_items // (world_size * micro_batch)
 
 
-def epoch_order(num_items: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, _STREAM]).permutation(num_items)
+def epoch_order(num_items: int, seed: int, epoch: int, groups: Sequence[Sequence[int]] = ()) -> np.ndarray:
+    """A permutation of the split's item indices; with `groups`, each group's members come next to
+    each other (a random order of groups and single items), so a group lands in one global batch
+    unless it straddles a batch boundary (never when every video is in a pair and the batch is even)."""
+    rng = np.random.default_rng([seed, epoch, _STREAM])
+    if not groups:
+        return rng.permutation(num_items)
+    grouped = {i for g in groups for i in g}
+    units = [list(g) for g in groups] + [[i] for i in range(num_items) if i not in grouped]
+    return np.array([i for u in rng.permutation(len(units)) for i in units[u]], dtype=np.int64)
+
+
+def resolve_groups(items: Sequence[RetrievalItem], groups: Sequence[Sequence[str]]) -> tuple[list[list[int]], int]:
+    """Clip-id groups -> index groups of `items` (ids not in the split, e.g. held out, drop out;
+    groups left with one member are no groups); also the number of ids not found."""
+    index = {it.clip_id: i for i, it in enumerate(items)}
+    seen: set[int] = set()
+    out, missing = [], 0
+    for group in groups:
+        members = [index[c] for c in group if c in index]
+        missing += len(group) - len(members)
+        if seen & set(members) or len(set(members)) != len(members):
+            raise ValueError(f"batch group {list(group)} shares a video with another group or repeats one")
+        seen.update(members)
+        if len(members) > 1:
+            out.append(members)
+    return out, missing
 
 
 class RankBatches:
     """This rank's micro batches of one epoch, from `start_step` on, decoded ahead in threads."""
 
     def __init__(self, items: Sequence[RetrievalItem], cfg: RetrievalLoaderConfig, epoch: int, rank: int,
-                 world_size: int, cache: FrameCache | None = None) -> None:
+                 world_size: int, cache: FrameCache | None = None, groups: Sequence[Sequence[int]] = ()) -> None:
         self.items = list(items)
         self.cache = cache
         self.cfg = cfg
         self.epoch = epoch
         self.rank = rank
         self.world = world_size
-        self.order = epoch_order(len(self.items), cfg.seed, epoch)
+        self.order = epoch_order(len(self.items), cfg.seed, epoch, groups)
         self.spe = steps_per_epoch(len(self.items), world_size, cfg.micro_batch)
 
     def positions(self, step: int) -> np.ndarray:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data.sampling import clip_hash
 from pipeline.data.synthetic import encode_video
 from pipeline.eval.formats import RetrievalItem
 from pipeline.train.retrieval_data import (
@@ -17,6 +18,7 @@ from pipeline.train.retrieval_data import (
     RetrievalLoaderConfig,
     epoch_order,
     holdout_split,
+    resolve_groups,
     steps_per_epoch,
 )
 
@@ -98,3 +100,25 @@ def test_holdout_is_stable_and_disjoint(items):
     assert {i.clip_id for i in val} == {i.clip_id for i in val2}  # file order does not matter
     with pytest.raises(ValueError, match="no training videos"):
         holdout_split(items, NUM, seed=1)
+
+
+def test_batch_groups_share_a_global_batch(items):
+    groups, missing = resolve_groups(items, [["video0", "video5"], ["video3", "video8"], ["video9", "absent"]])
+    assert groups == [[0, 5], [3, 8]] and missing == 1  # a group left with one member is no group
+    assert np.array_equal(epoch_order(NUM, 5, 3), epoch_order(NUM, 5, 3, ()))  # no groups: order unchanged
+    for epoch in range(20):
+        order = epoch_order(NUM, 5, epoch, groups).tolist()
+        assert sorted(order) == list(range(NUM))
+        for a, b in groups:
+            assert abs(order.index(a) - order.index(b)) == 1
+    # Every video in a pair, global batch 4 (2 ranks x 2): each pair lands in one step.
+    pairs, _ = resolve_groups(items, [[f"video{k}", f"video{k + 5}"] for k in range(5)])
+    steps = [sorted(a + b) for a, b in zip(ids(RankBatches(items, cfg(), 1, 0, 2, groups=pairs)()),
+                                           ids(RankBatches(items, cfg(), 1, 1, 2, groups=pairs)()), strict=True)]
+    assert len(steps) == steps_per_epoch(NUM, 2, 2) == 2
+    hash_of = {clip_hash(f"video{k}"): k for k in range(NUM)}
+    for step in steps:
+        videos = {hash_of[h] for h in step}
+        assert all((k + 5 in videos) == (k in videos) for k in range(5)), step
+    with pytest.raises(ValueError, match="shares a video"):
+        resolve_groups(items, [["video0", "video1"], ["video1", "video2"]])
