@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Any
 
-from pipeline.config import ConfigError, RayConfig, load_config
+from pipeline.config import ConfigError, RayConfig, TrackingConfig, load_config
 
 
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -27,6 +28,24 @@ def load_or_exit(cls: type, args: argparse.Namespace) -> Any:
         raise SystemExit(2) from None
 
 
+def local_path(path: str | None) -> str | None:
+    """Ray workers run in another cwd: an existing relative local path becomes absolute."""
+    if path is None or "://" in path or os.path.isabs(path) or not os.path.exists(path):
+        return path
+    return os.path.abspath(path)
+
+
+def absolute_tracking(cfg: TrackingConfig) -> TrackingConfig:
+    """A relative sqlite:///path becomes absolute (its directory created), so the driver and the
+    Ray workers, which run in another cwd, write the same database."""
+    uri = cfg.tracking_uri
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:////"):
+        return cfg
+    db = os.path.abspath(uri[len("sqlite:///"):])
+    os.makedirs(os.path.dirname(db), exist_ok=True)
+    return dataclasses.replace(cfg, tracking_uri="sqlite:///" + db)
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Connect to `ray.address` / RAY_ADDRESS, or start a private local instance."""
     import ray  # noqa: PLC0415
@@ -37,4 +56,9 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+        # No dashboard on a laptop-sized instance (it costs ~20 s of start-up and a process on 2
+        # cores). Without it Ray Train V2's PlacementGroupCleaner cannot reach the State API and
+        # warns every second for as long as Ray is up; worker-side Python logging at ERROR drops
+        # that (and Ray Train's INFO chatter). Our own progress lines are prints and still show.
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
+                 logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"))

@@ -14,15 +14,8 @@ import dataclasses
 import os
 import sys
 
-from jobs.common import config_parser, init_ray, load_or_exit
+from jobs.common import absolute_tracking, config_parser, init_ray, load_or_exit, local_path
 from pipeline.eval.config import EvaluateJobConfig
-
-
-def local_path(path: str | None) -> str | None:
-    """Ray tasks run in another cwd: make an existing relative local path absolute."""
-    if path is None or "://" in path or os.path.isabs(path) or not os.path.exists(path):
-        return path
-    return os.path.abspath(path)
 
 
 def absolutize(cfg: EvaluateJobConfig) -> EvaluateJobConfig:
@@ -31,13 +24,8 @@ def absolutize(cfg: EvaluateJobConfig) -> EvaluateJobConfig:
                                video_root=local_path(e.data.video_root))
     models = tuple(dataclasses.replace(m, weights=local_path(m.weights)) for m in e.models)
     out = e.out if "://" in e.out else os.path.abspath(e.out)
-    uri = cfg.tracking.tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        db = os.path.abspath(uri[len("sqlite:///"):])
-        os.makedirs(os.path.dirname(db), exist_ok=True)
-        uri = "sqlite:///" + db
     return dataclasses.replace(cfg, eval=dataclasses.replace(e, data=data, models=models, out=out),
-                               tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
+                               tracking=absolute_tracking(cfg.tracking))
 
 
 def main(argv: list[str]) -> int:

@@ -16,8 +16,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from jobs.common import config_parser, init_ray, load_or_exit
-from jobs.evaluate import local_path
+from jobs.common import absolute_tracking, config_parser, init_ray, load_or_exit, local_path
 from pipeline.config import ConfigError
 from pipeline.eval.config import FinetuneJobConfig
 
@@ -33,15 +32,11 @@ def absolutize(cfg: FinetuneJobConfig) -> FinetuneJobConfig:
     t = cfg.train
     storage = t.storage_path if "://" in t.storage_path else os.path.abspath(t.storage_path)
     train = dataclasses.replace(t, storage_path=storage, warm_start=local_path(t.warm_start))
-    data = dataclasses.replace(cfg.data, train=split(cfg.data.train), val=split(cfg.data.val))
+    data = dataclasses.replace(cfg.data, train=split(cfg.data.train), val=split(cfg.data.val),
+                               batch_groups=local_path(cfg.data.batch_groups))
     model = dataclasses.replace(cfg.model, pretrained=local_path(cfg.model.pretrained))
-    uri = cfg.tracking.tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        db = os.path.abspath(uri[len("sqlite:///"):])
-        os.makedirs(os.path.dirname(db), exist_ok=True)
-        uri = "sqlite:///" + db
     return dataclasses.replace(cfg, train=train, data=data, model=model,
-                               tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
+                               tracking=absolute_tracking(cfg.tracking))
 
 
 def splits(cfg: FinetuneJobConfig):

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import sys
 
-from jobs.common import config_parser, init_ray, load_or_exit
+from jobs.common import absolute_tracking, config_parser, init_ray, load_or_exit, local_path
 from pipeline.config import PretrainJobConfig
 
 
@@ -25,18 +25,10 @@ def absolutize(cfg: PretrainJobConfig) -> PretrainJobConfig:
 
     t = cfg.train
     train = dataclasses.replace(t, dataset_root=local(t.dataset_root), storage_path=local(t.storage_path),
-                                warm_start=local(t.warm_start) if t.warm_start and os.path.exists(t.warm_start)
-                                else t.warm_start)
-    uri = cfg.tracking.tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        db = os.path.abspath(uri[len("sqlite:///"):])
-        os.makedirs(os.path.dirname(db), exist_ok=True)
-        uri = "sqlite:///" + db
-    model = cfg.model
-    if model.pretrained and os.path.exists(model.pretrained):
-        model = dataclasses.replace(model, pretrained=os.path.abspath(model.pretrained))
+                                warm_start=local_path(t.warm_start))
+    model = dataclasses.replace(cfg.model, pretrained=local_path(cfg.model.pretrained))
     return dataclasses.replace(cfg, train=train, model=model,
-                               tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
+                               tracking=absolute_tracking(cfg.tracking))
 
 
 def mlflow_run(cfg: PretrainJobConfig) -> str | None:

@@ -61,10 +61,10 @@ _OPENERS = ("so here we have", "okay so now we've got", "alright so this is", "a
 _JOINERS = ("and um", "and then", "and uh there's also", "and you can see", "plus")
 _CLOSERS = ("", "", "okay", "you know", "pretty cool", "so yeah")
 _CAPTION = {  # MSR-VTT style; the first one goes to the test file
-    "right": ("moves from left to right", "slides across the screen to the right", "travels to the right side"),
-    "left": ("moves from right to left", "slides across the screen to the left", "travels to the left side"),
-    "up": ("moves from the bottom to the top", "rises up the screen", "goes upward"),
-    "down": ("moves from the top to the bottom", "falls down the screen", "goes downward"),
+    "right": ("moves to the right", "slides across the screen to the right", "travels to the right side"),
+    "left": ("moves to the left", "slides across the screen to the left", "travels to the left side"),
+    "up": ("moves up the screen", "rises up", "goes upward"),
+    "down": ("moves down the screen", "falls down", "goes downward"),
     "growing": ("grows larger", "gets bigger and bigger", "expands in size"),
     "shrinking": ("shrinks", "gets smaller and smaller", "contracts in size"),
 }
@@ -90,8 +90,8 @@ class SampleDataSpec:
     """Retrieval test clips; even, as they come in forward/backward pairs."""
     num_retrieval_train: int = 256
     """Retrieval fine-tuning clips (even; pairs too, colour+shape drawn from the test combos)."""
-    num_retrieval_val: int = 32
-    """Retrieval validation clips (even)."""
+    num_retrieval_val: int = 16
+    """Retrieval validation clips (even; pairs as in test, new renderings of the test combos)."""
     # Retrieval clips are short and small (MSR-VTT itself is re-encoded to 6 fps): fine-tuning
     # decodes them on the fly, and the tiny model sees them at 32 px anyway.
     retrieval_duration_s: tuple[float, float] = (2.0, 3.0)
@@ -473,7 +473,7 @@ def _plan_retrieval(spec: SampleDataSpec, seed: int) -> list[tuple[str, str, str
     """(split, colour, shape, [forward id, backward id], generator) per pair.
 
     Test pairs never share colour+shape (so only motion direction separates a pair's two clips);
-    train/val pairs draw colour+shape with replacement from the test pairs' combos. Ids are video0..video<N-1> across all
+XX
     splits (test first, so test ids do not depend on the train/val sizes); within a split a pair's
     ids are not adjacent.
     """
@@ -491,7 +491,13 @@ def _plan_retrieval(spec: SampleDataSpec, seed: int) -> list[tuple[str, str, str
         # read frame order, the thing the test pairs measure (MSR-VTT-like: test concepts are seen
         # in training, the test videos are not).
         vocab = chosen if len(chosen) else np.arange(len(combos))
-        picks = vocab[split_rng.integers(0, len(vocab), count // 2)]
+        if split == "val":
+            # Like test: pairs take distinct combos (cycling once they run out), so validation
+            # captions are unique and val R@1 ranks what test R@1 ranks (with repeated captions
+            # it could not tell an order-aware model from an order-blind one).
+            picks = np.resize(split_rng.permutation(vocab), count // 2)
+        else:
+            picks = vocab[split_rng.integers(0, len(vocab), count // 2)]
         slots = (first + split_rng.permutation(count)).tolist()
         plan += [(split, *combos[c], [f"video{slots[2 * p]}", f"video{slots[2 * p + 1]}"],
                   np.random.default_rng([seed, stream, p])) for p, c in enumerate(picks)]

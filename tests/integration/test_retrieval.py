@@ -39,7 +39,8 @@ def split(sample_data, tmp_path_factory):
     test_rows = [json.loads(line) for line in open(sample_data.retrieval_jsonl, encoding="utf-8")]
     (videos / f"{test_rows[0]['clip_id']}.mp4").write_bytes(b"\x00\x00\x00 this is not an mp4")
     return {"videos": str(videos), "test": sample_data.retrieval_jsonl, "train": sample_data.retrieval_train_jsonl,
-            "val": sample_data.retrieval_val_jsonl, "bad": test_rows[0]["clip_id"], "n_test": len(test_rows)}
+            "val": sample_data.retrieval_val_jsonl, "pairs": sample_data.retrieval_train_pairs,
+            "bad": test_rows[0]["clip_id"], "n_test": len(test_rows)}
 
 
 def test_evaluate_two_models_side_by_side(ray_local, split, tmp_path):
@@ -92,7 +93,8 @@ def finetune_args(split, storage, db, run_name, *extra):
         "train.image_size_px=32", "train.precision=fp32", "train.lr=1e-3", "train.grad_clip=1.0",
         f"data.train.annotations={split['train']}", f"data.train.video_root={split['videos']}",
         f"data.val.annotations={split['val']}", f"data.val.video_root={split['videos']}",
-        "data.val_every_steps=3", "data.max_text_len=16", "data.cache_decoded_mb=64", "ray.num_cpus=4", *extra)]
+        "data.val_every_steps=3", "data.max_text_len=16", "data.cache_decoded_mb=64", f"data.batch_groups={split['pairs']}",
+        "ray.num_cpus=4", *extra)]
 
 
 def test_finetune_killed_and_resubmitted_resumes(split, tmp_path):
@@ -129,3 +131,12 @@ def test_finetune_killed_and_resubmitted_resumes(split, tmp_path):
     assert run.data.params["data.select_metric"] == "t2v/R1"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "best_model"} <= artifacts, artifacts
+
+
+def test_finetune_refuses_unreadable_batch_groups(split, tmp_path):
+    bad = tmp_path / "groups.json"
+    bad.write_text('{"not": "a list"}')
+    for path, why in ((tmp_path / "absent.json", "cannot read"), (bad, "must hold a JSON list")):
+        proc = clipvip(*finetune_args(split, tmp_path / "runs", tmp_path / "db", "g", f"data.batch_groups={path}"))
+        assert proc.returncode == 2 and "data.batch_groups" in proc.stderr and why in proc.stderr, proc.stderr
+        assert not (tmp_path / "runs").exists()
