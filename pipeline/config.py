@@ -492,19 +492,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+def read_yaml_mapping(path: str, what: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; errors start with `what` (e.g. "--config x.yaml")."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(cls: type, path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Load a YAML recipe (or nothing), apply `a.b=c` overrides, build and validate `cls`."""
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"--config {path}: file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"--config {path}: top level must be a mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, f"--config {path}") if path else {}
     return build_dataclass(cls, apply_overrides(raw, list(overrides)))
 
 

@@ -25,9 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.config import ConfigError, apply_overrides, load_config
+from pipeline.config import ConfigError, apply_overrides, load_config, read_yaml_mapping
 
 KINDS = ("prepare", "recaption", "pretrain", "finetune", "evaluate")
 
@@ -129,15 +127,9 @@ def check_no_credentials(raw: Mapping[str, Any], what: str) -> None:
 
 def read_recipe(path: str) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise SubmitError(f"recipe {path}: file not found") from None
-    except yaml.YAMLError as e:
-        raise SubmitError(f"recipe {path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise SubmitError(f"recipe {path}: top level must be a mapping, got {type(raw).__name__}")
-    return raw
+        return read_yaml_mapping(path, f"recipe {path}")
+    except ConfigError as e:
+        raise SubmitError(str(e)) from None
 
 
 def infer_kind(raw: Mapping[str, Any]) -> str:
