@@ -86,15 +86,21 @@ def mlflow_run(cfg: FinetuneJobConfig) -> str | None:
     return run_id or create_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.run_name, tags)
 
 
-def run(cfg: FinetuneJobConfig):
-    """Fit (or resume) the run; returns (Ray Train result, MLflow run id). Ray must be up."""
-    from pipeline.train.finetune_worker import finetune_loop_per_worker  # noqa: PLC0415
-    from pipeline.train.launch import make_trainer  # noqa: PLC0415
-
+def prepare_data(cfg: FinetuneJobConfig):
+    """(train, val, batch groups), read once; skipped annotation rows are printed."""
     train, val, skipped = splits(cfg)
     for where, why in skipped[:20]:
         print(f"[finetune] skipped annotation {where}: {why}", flush=True)
-    groups = batch_groups(cfg, train)
+    return train, val, batch_groups(cfg, train)
+
+
+def run(cfg: FinetuneJobConfig, data=None):
+    """Fit (or resume) the run; returns (Ray Train result, MLflow run id). Ray must be up.
+    `data`: what `prepare_data(cfg)` returned, when the caller already read it."""
+    from pipeline.train.finetune_worker import finetune_loop_per_worker  # noqa: PLC0415
+    from pipeline.train.launch import make_trainer  # noqa: PLC0415
+
+    train, val, groups = data or prepare_data(cfg)
     run_id = mlflow_run(cfg)
     trainer = make_trainer(cfg, run_id, loop=finetune_loop_per_worker, extra_loop_config={
         "train_items": [asdict(it) for it in train], "val_items": [asdict(it) for it in val],
@@ -106,11 +112,11 @@ def main(argv: list[str]) -> int:
     args = config_parser("clipvip finetune", __doc__.splitlines()[0]).parse_args(argv)
     cfg = absolutize(load_or_exit(FinetuneJobConfig, args))
     try:  # missing/empty splits fail before Ray starts
-        train, val, _ = splits(cfg)
-        groups = batch_groups(cfg, train)
+        data = prepare_data(cfg)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    train, val, groups = data
     print(f"[finetune] {len(train)} train / {len(val)} val videos"
           + (f" ({sum(map(len, groups))} of them in {len(groups)} batch groups)" if groups else "")
           + f"; run {cfg.run_name!r} under "
@@ -118,7 +124,7 @@ def main(argv: list[str]) -> int:
     init_ray(cfg.ray)
     from pipeline.train.launch import best_dir, export_dir  # noqa: PLC0415
 
-    result, run_id = run(cfg)
+    result, run_id = run(cfg, data)
     if result.error:
         print(f"finetune failed: {result.error}", file=sys.stderr)
         return 1
