@@ -30,6 +30,7 @@ from pipeline.train.worker import (
     ds_config,
     export_weights,
     global_mean,
+    quiet_report_lines,
     save_and_report,
     skip_cpu_shm_build,
 )
@@ -43,6 +44,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = build_dataclass(FinetuneJobConfig, loop_config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    quiet_report_lines()
     if not cfg.train.use_gpu:
         skip_cpu_shm_build()
     import deepspeed  # noqa: PLC0415
@@ -93,7 +95,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         print(f"[{TAG}] {'resumed at step ' + str(state.step) if state.step else 'starting'}; {total} steps, "
               f"{spe} per epoch, global batch {t.micro_batch_size * world}, {len(train_items)} train / "
-              f"{len(val_items)} val videos", flush=True)
+              f"{len(val_items)} val videos ({cfg.run_name})", flush=True)
 
     t_start, samples_at_start = time.perf_counter(), state.samples_seen
     while state.step < total:
@@ -112,7 +114,8 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.skipped_rows += int(batch["skipped"].sum()) * world
             if state.step % t.log_every_steps == 0 or state.step == total:
                 metrics = dict(metrics, loss=loss.detach(), data_wait_s=torch.tensor(wait_s))
-                _log_train(engine, metrics, state, world, lr, t_start, samples_at_start, total, tracker, rank)
+                _log_train(engine, metrics, state, world, lr, t_start, samples_at_start, total, tracker, rank,
+                           cfg.run_name)
             if state.step % cfg.data.val_every_steps == 0 or state.step == total:
                 _validate_and_keep_best(engine, cfg, loop_config, val_items, state, rank, world, tracker)
             if state.step % t.checkpoint_every_steps == 0 or state.step == total:
@@ -130,7 +133,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker.close("FINISHED")
 
 
-def _log_train(engine, metrics, state, world, lr, t_start, samples_at_start, total, tracker, rank) -> None:
+def _log_train(engine, metrics, state, world, lr, t_start, samples_at_start, total, tracker, rank, run_name) -> None:
     logged = global_mean(metrics, world)
     elapsed = time.perf_counter() - t_start
     rate = (state.samples_seen - samples_at_start) / elapsed if elapsed > 0 else 0.0
@@ -142,8 +145,9 @@ def _log_train(engine, metrics, state, world, lr, t_start, samples_at_start, tot
         out["train/grad_norm"] = float(grad_norm)
     tracker.log_metrics(out, step=state.step)
     if rank == 0:
+        # The run name ends the line: the demo fine-tunes two models side by side.
         print(f"[{TAG}] step {state.step}/{total} loss {logged['loss']:.4f} | {rate:.1f} samples/s | "
-              f"lr {lr:.2e}", flush=True)
+              f"lr {lr:.2e} | {run_name}", flush=True)
 
 
 def validate(model, items: list[RetrievalItem], cfg: FinetuneJobConfig, rank: int, world: int
@@ -207,7 +211,7 @@ def _validate_and_keep_best(engine, cfg, loop_config, val_items, state, rank, wo
             improved[0] = 1
         print(f"[{TAG}] val @ step {state.step}: {cfg.data.select_metric} {score:.1f} "
               f"(best {state.best_metric:.1f} @ {state.best_step}) | t2v R@5 {result['t2v/R5']:.1f} "
-              f"| {time.perf_counter() - t0:.1f} s", flush=True)
+              f"| {time.perf_counter() - t0:.1f} s | {cfg.run_name}", flush=True)
     if world > 1:
         dist.broadcast(improved, src=0)
         best = [state.best_metric, state.best_step]

@@ -59,6 +59,10 @@ def make_trainer(cfg: Any, mlflow_run_id: str | None, loop: Callable[[dict], Non
         storage = storage[len("s3://"):]
     env = {k: v for k, v in os.environ.items() if k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TORCH_EXTENSIONS_DIR",
                                                          "HF_HUB_OFFLINE", "CLIPVIP_CACHE_DIR")}
+    # Ray Train V2 reroutes worker print() into the root logger *and* tees it to the redirected
+    # stdout, so every progress line reached the driver twice; plain prints arrive once, with
+    # Ray's "(RayTrainWorker pid=...)" prefix.
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     return TorchTrainer(
         loop or train_loop_per_worker,
         train_loop_config={"job": to_dict(cfg), "mlflow_run_id": mlflow_run_id, "export_dir": export_dir(cfg),
@@ -73,5 +77,8 @@ def make_trainer(cfg: Any, mlflow_run_id: str | None, loop: Callable[[dict], Non
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
+            # Ray Train's own INFO lines (each checkpoint, each report) drown our progress lines;
+            # they stay in the run's log files under the Ray session directory.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )

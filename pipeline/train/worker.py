@@ -48,6 +48,16 @@ def skip_cpu_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+def quiet_report_lines() -> None:
+    """Ray Train 2.60 logs every `ray.train.report` at INFO, one long line per rank, from a logger
+    named after its source file: neither RunConfig's log level nor the `ray.train` logger covers it."""
+    import logging  # noqa: PLC0415
+
+    from ray.train.v2._internal.execution import context  # noqa: PLC0415
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def build_model(cfg: Any):
     """The model a run starts from: warm start > model.pretrained > random init (same on every rank)."""
     from pipeline.model.checkpoints import load_clip_vip  # noqa: PLC0415
@@ -89,6 +99,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = build_dataclass(PretrainJobConfig, loop_config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    quiet_report_lines()
     if not cfg.train.use_gpu:
         skip_cpu_shm_build()
     import deepspeed  # noqa: PLC0415
@@ -137,7 +148,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracker.log_dict(ds_config(cfg), "config/deepspeed.json")
     if rank == 0:
         print(f"[pretrain] {'resumed at step ' + str(state.step) if state.step else 'starting'}; "
-              f"{total} steps, {spe} per epoch, global batch {cfg.train.micro_batch_size * world}", flush=True)
+              f"{total} steps, {spe} per epoch, global batch {cfg.train.micro_batch_size * world} ({cfg.run_name})",
+              flush=True)
 
     _run_steps(engine, cfg, loop_config, index, loader_cfg, state, spe, total, rank, world, tracker,
                iter_rank_batches)
@@ -172,7 +184,8 @@ def _run_steps(engine, cfg, loop_config, index, loader_cfg, state, spe, total, r
                            step_time_s=torch.tensor(time.perf_counter() - t_wait0),
                            data_wait_s=torch.tensor(step_wait_s))
             if state.step % cfg.train.log_every_steps == 0 or state.step == total:
-                _log_step(engine, metrics, state, world, lr, wait_s, t_start, samples_at_start, total, tracker, rank)
+                _log_step(engine, metrics, state, world, lr, wait_s, t_start, samples_at_start, total, tracker, rank,
+                          cfg.run_name)
             if state.step % cfg.train.checkpoint_every_steps == 0 or state.step == total:
                 save_and_report(engine, cfg, loop_config, state, rank)
             t_wait0 = time.perf_counter()
@@ -180,7 +193,8 @@ def _run_steps(engine, cfg, loop_config, index, loader_cfg, state, spe, total, r
                 break
 
 
-def _log_step(engine, metrics, state, world, lr, wait_s, t_start, samples_at_start, total, tracker, rank) -> None:
+def _log_step(engine, metrics, state, world, lr, wait_s, t_start, samples_at_start, total, tracker, rank,
+              run_name) -> None:
     logged = global_mean(metrics, world)
     logged["skipped_rows"] *= world  # a sum over ranks, not a mean
     elapsed = time.perf_counter() - t_start
@@ -195,7 +209,8 @@ def _log_step(engine, metrics, state, world, lr, wait_s, t_start, samples_at_sta
     if rank == 0:
         eta = (total - state.step) * world * engine.train_micro_batch_size_per_gpu() / rate if rate > 0 else 0.0
         print(f"[pretrain] step {state.step}/{total} loss {logged['loss']:.4f} | {rate:.1f} samples/s | "
-              f"data wait {out['train/data_wait_frac']:.0%} | lr {lr:.2e} | ETA {eta:.0f} s", flush=True)
+              f"data wait {out['train/data_wait_frac']:.0%} | lr {lr:.2e} | ETA {eta:.0f} s | {run_name}",
+              flush=True)
 
 
 def save_and_report(engine, cfg, loop_config, state, rank) -> None:
