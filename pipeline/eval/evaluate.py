@@ -1,8 +1,9 @@
 """`run_evaluate`: one retrieval split, one or more models, metrics side by side (spec 5.1).
 
-Driver side: read and check the split, encode it per model on the Ray cluster
-(`ray_encode.encode_split`), rank, write `results.json` + per-model similarity matrices under
-`eval.out/<run_name>/`, log everything to one MLflow run, and return a printable summary.
+Driver side: read and check the split, encode it with every model on the Ray cluster
+(`ray_encode.encode_split`: one decode, one actor pool), rank, write `results.json` + per-model
+similarity matrices under `eval.out/<run_name>/`, log everything to one MLflow run, and return
+a printable summary.
 Exactly the N usable videos are ranked; videos that fail to decode are reported and left out
 of both axes (their texts too), never padded or duplicated.
 """
@@ -70,12 +71,13 @@ def run_evaluate(cfg: EvaluateJobConfig, log: Any = print) -> EvalSummary:
     num_frames = e.data.resolved_num_frames()
     log(f"[evaluate] {len(items)} videos x {num_frames} frames at {e.image_size_px}px, "
         f"{len(e.models)} model(s): {', '.join(m.name for m in e.models)}")
-    for spec in e.models:
-        t_model = time.perf_counter()
-        enc = encode_split(items, texts, weights=spec.weights, model_cfg=spec.model, video_format=e.data.video_format,
-                           num_frames=num_frames, size_px=e.image_size_px, max_text_len=e.max_text_len,
-                           batch_size=e.batch_size, num_encoders=e.num_encoders, encoder_gpus=e.encoder_gpus,
-                           decode_cpus=e.decode_cpus, progress_bars=cfg.ray.progress_bars)
+    encoded = encode_split(items, texts, models=[(m.weights, m.model) for m in e.models],
+                           video_format=e.data.video_format, num_frames=num_frames, size_px=e.image_size_px,
+                           max_text_len=e.max_text_len, batch_size=e.batch_size, num_encoders=e.num_encoders,
+                           encoder_gpus=e.encoder_gpus, decode_cpus=e.decode_cpus,
+                           progress_bars=cfg.ray.progress_bars)
+    log(f"[evaluate] encoded with {len(e.models)} model(s) in {time.perf_counter() - t0:.0f} s")
+    for spec, enc in zip(e.models, encoded, strict=True):
         keep = np.array([i not in enc.failed for i in range(len(items))], dtype=bool)
         if enc.failed:
             summary.failed[spec.name] = {items[i].clip_id: why for i, why in enc.failed.items()}
@@ -87,8 +89,7 @@ def run_evaluate(cfg: EvaluateJobConfig, log: Any = print) -> EvalSummary:
         if e.dsl:
             summary.results[spec.name + "+dsl"] = t2v_v2t(sim_TV, use_dsl=True)
         _save_matrix(summary.out_dir, spec.name, sim_TV, [it.clip_id for it, k in zip(items, keep) if k], opts)
-        log(f"[evaluate] {spec.name}: t2v R@1 {summary.results[spec.name]['t2v/R1']:.1f} "
-            f"({time.perf_counter() - t_model:.0f} s)")
+        log(f"[evaluate] {spec.name}: t2v R@1 {summary.results[spec.name]['t2v/R1']:.1f}")
     summary.wall_s = time.perf_counter() - t0
     _write_results(summary, cfg, opts)
     summary.mlflow_run_id = _log_mlflow(summary, cfg)

@@ -1,8 +1,10 @@
 """Thin Ray Data wrapper: decode retrieval videos in CPU tasks, encode them in model actors.
 
-Decode (PyAV, one CPU task per block of videos) and encode (one model replica per actor,
-`num_gpus` each on GPU clusters) are separate stages with different resources, so decoding
-scales with the cluster's CPUs while the actor pool stays the size of `num_encoders`.
+Decode (PyAV, one CPU task per block of videos) and encode (one replica of every model per
+actor, `num_gpus` each on GPU clusters) are separate stages with different resources, so
+decoding scales with the cluster's CPUs while the actor pool stays the size of `num_encoders`.
+Every model sees the same decoded frames, and a split is decoded once however many models are
+compared (on a small split the actor start-up, paid once, is most of the time).
 Rows carry their index, so the driver reassembles exactly N features in input order whatever
 order Ray finishes them in (no padded duplicates, spec 5.1). A video that cannot be decoded
 comes back flagged, never silently replaced.
@@ -32,16 +34,17 @@ class EncodedSplit:
 
 
 class ClipEncoder:
-    """Ray Data actor: one model replica; encodes each row's decoded clip and its text."""
+    """Ray Data actor: one replica of each model; encodes each row's decoded clip and its text
+    with every model (columns `video_<k>` / `text_<k>` for models[k])."""
 
-    def __init__(self, weights: str | None, model_cfg: dict[str, Any], max_text_len: int, use_gpu: bool) -> None:
+    def __init__(self, models: list[tuple[str | None, dict[str, Any]]], max_text_len: int, use_gpu: bool) -> None:
         import torch  # noqa: PLC0415
 
         from pipeline.eval.encode import load_eval_model  # noqa: PLC0415
 
-        self.model = load_eval_model(weights, build_dataclass(ModelConfig, model_cfg))
+        self.models = [load_eval_model(weights, build_dataclass(ModelConfig, cfg)) for weights, cfg in models]
         if use_gpu and torch.cuda.is_available():
-            self.model = self.model.cuda()
+            self.models = [m.cuda() for m in self.models]
         self.max_text_len = max_text_len
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -49,11 +52,16 @@ class ClipEncoder:
         from pipeline.eval.encode import encode_clips, encode_texts  # noqa: PLC0415
 
         ok = batch["error"] == ""
-        video = np.zeros((len(ok), self.model.config.projection_dim), np.float32)
-        if ok.any():
-            video[ok] = encode_clips(self.model, np.stack([f for f, good in zip(batch["frames"], ok) if good]))
-        text = encode_texts(self.model, [str(t) for t in batch["text"]], self.max_text_len)
-        return {"index": batch["index"], "video": video, "text": text, "error": batch["error"]}
+        clips = np.stack([f for f, good in zip(batch["frames"], ok) if good]) if ok.any() else None
+        texts = [str(t) for t in batch["text"]]
+        out = {"index": batch["index"], "error": batch["error"]}
+        for k, model in enumerate(self.models):
+            video = np.zeros((len(ok), model.config.projection_dim), np.float32)
+            if clips is not None:
+                video[ok] = encode_clips(model, clips)
+            out[f"video_{k}"] = video
+            out[f"text_{k}"] = encode_texts(model, texts, self.max_text_len)
+        return out
 
 
 def _decode_row(row: dict[str, Any], video_format: str, num_frames: int, size_px: int) -> dict[str, Any]:
@@ -69,17 +77,20 @@ def _decode_row(row: dict[str, Any], video_format: str, num_frames: int, size_px
     return {"index": row["index"], "text": row["text"], "frames": frames, "error": error}
 
 
-def encode_split(items: list[RetrievalItem], texts: list[str], *, weights: str | None, model_cfg: ModelConfig,
+def encode_split(items: list[RetrievalItem], texts: list[str], *, models: list[tuple[str | None, ModelConfig]],
                  video_format: str, num_frames: int, size_px: int, max_text_len: int, batch_size: int,
                  num_encoders: int, encoder_gpus: float, decode_cpus: float, progress_bars: bool = True
-                 ) -> EncodedSplit:
-    """Text and video features of one split for one model, computed on the Ray cluster."""
+                 ) -> list[EncodedSplit]:
+    """Text and video features of one split for each (weights, model config) of `models`, in
+    that order, computed on the Ray cluster from one decode of the split."""
     import ray.data  # noqa: PLC0415
 
     ray.data.DataContext.get_current().enable_progress_bars = progress_bars
+    if not models:
+        raise ValueError("encode_split: no models to encode with")
 
     encoder = dict(
-        fn_constructor_kwargs={"weights": weights, "model_cfg": to_dict(model_cfg), "max_text_len": max_text_len,
+        fn_constructor_kwargs={"models": [(w, to_dict(m)) for w, m in models], "max_text_len": max_text_len,
                                "use_gpu": encoder_gpus > 0},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_encoders),
         num_gpus=encoder_gpus or None,
@@ -99,11 +110,15 @@ def encode_split(items: list[RetrievalItem], texts: list[str], *, weights: str |
     order = sorted(out_rows, key=lambda r: int(r["index"]))
     if [int(r["index"]) for r in order] != list(range(len(items))):
         raise RuntimeError(f"expected features for items 0..{len(items) - 1}, got {len(order)} rows")
-    dim = len(order[0]["video"]) if order else 0
     failed = {int(r["index"]): str(r["error"]) for r in order if str(r["error"])}
-    return EncodedSplit(text_NP=np.stack([np.asarray(r["text"], np.float32) for r in order]).reshape(-1, dim),
-                        video_NP=np.stack([np.asarray(r["video"], np.float32) for r in order]).reshape(-1, dim),
-                        failed=failed)
+    out = []
+    for k in range(len(models)):
+        dim = len(order[0][f"video_{k}"]) if order else 0
+        out.append(EncodedSplit(
+            text_NP=np.stack([np.asarray(r[f"text_{k}"], np.float32) for r in order]).reshape(-1, dim),
+            video_NP=np.stack([np.asarray(r[f"video_{k}"], np.float32) for r in order]).reshape(-1, dim),
+            failed=failed))
+    return out
 
 
 __all__ = ["ClipEncoder", "EncodedSplit", "encode_split"]
