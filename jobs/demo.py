@@ -16,11 +16,13 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from jobs.common import init_ray
 from pipeline.config import ConfigError, PrepareJobConfig, PretrainJobConfig, RecaptionJobConfig, load_config
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+MODELS = ("clip-vip", "meanpool-baseline")
 BASELINE = ["model.add_cls_num=0", "model.use_temporal_embed=false", "model.video_pooling=mean"]
 
 
@@ -29,6 +31,13 @@ def _recipe(cls: type, name: str, overrides: list[str]):
 
 
 QUICK_SAMPLE = dict(num_videos=4, max_duration_s=12.0, num_retrieval=8, num_retrieval_train=16, num_retrieval_val=8)
+# The two fine-tunes (the demo's longest stage) run side by side, one worker each: on 2 cores two
+# single-core workers keep both cores busy without a gradient all-reduce per step, where two
+# 2-worker runs in a row spend a third of each step synchronising (measured: 216 s against ~340 s
+# for both). Same global batch (32) as the recipe's 2 x 16. The 4-step pretrains stay in turn
+# with the recipe's 2 workers each: side by side they took as long (141 s against 139 s), their
+# time being CPU-bound start-up.
+FINETUNE_SIDE_BY_SIDE = ["train.num_workers=1", "train.micro_batch_size=32"]
 QUICK = {"pretrain": ["train.max_steps=2", "train.checkpoint_every_steps=2"],
          "finetune": ["train.max_steps=4", "train.checkpoint_every_steps=4", "data.val_every_steps=2",
                       "train.micro_batch_size=4"]}
@@ -49,13 +58,13 @@ def build_configs(out: str, sample, quick: bool = False) -> dict:
     for name, extra in (("clip-vip", []), ("meanpool-baseline", BASELINE)):
         cfgs[f"pretrain/{name}"] = _recipe(PretrainJobConfig, "tiny_pretrain.yaml", [
             f"run_name=demo-pretrain-{name}", f"train.dataset_root={root}",
-            f"train.caption_set={recap.caption.set_name}", f"train.storage_path={runs}", mlflow, *extra,
-            *(QUICK["pretrain"] if quick else [])])
+            f"train.caption_set={recap.caption.set_name}", f"train.storage_path={runs}", mlflow, *extra, *(QUICK["pretrain"] if quick else [])])
         cfgs[f"finetune/{name}"] = _recipe(FinetuneJobConfig, "tiny_finetune.yaml", [
             f"run_name=demo-finetune-{name}", f"model.pretrained={runs}/demo-pretrain-{name}-export",
             f"train.storage_path={runs}", mlflow, f"data.train.annotations={ret}/train.jsonl",
             f"data.train.video_root={ret}/videos", f"data.val.annotations={ret}/val.jsonl",
-            f"data.val.video_root={ret}/videos", f"data.batch_groups={ret}/train_pairs.json", *extra, *(QUICK["finetune"] if quick else [])])
+            f"data.val.video_root={ret}/videos", f"data.batch_groups={ret}/train_pairs.json", *FINETUNE_SIDE_BY_SIDE,
+            *extra, *(QUICK["finetune"] if quick else [])])
     cfgs["evaluate"] = _recipe(EvaluateJobConfig, "tiny_evaluate.yaml", [
         "run_name=demo-evaluate", f"eval.data.annotations={ret}/test.jsonl", f"eval.data.video_root={ret}/videos",
         f"eval.models.0.weights={runs}/demo-finetune-clip-vip-best",
@@ -82,6 +91,7 @@ def main(argv: list[str]) -> int:
 
     spec = SampleDataSpec(**QUICK_SAMPLE) if args.quick else SampleDataSpec()
     sample = make_sample_dataset(sample_dir, seed=args.seed, spec=spec)
+    sample_s = time.perf_counter() - t0
     print(f"[demo]     {sample.num_videos} videos, {sample.num_clips} clips; retrieval test {sample.num_retrieval} "
           "clips (pairs differing only in frame order)", flush=True)
     try:
@@ -90,6 +100,7 @@ def main(argv: list[str]) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     report = run_stages(cfgs)
+    report["stage_s"] = {"sample-data": sample_s, **report["stage_s"]}
     report["took_s"] = time.perf_counter() - t0
     print(render(report, cfgs), flush=True)
     with open(os.path.join(out, "demo_report.json"), "w", encoding="utf-8") as f:
@@ -106,37 +117,59 @@ def run_stages(cfgs: dict) -> dict:
     from pipeline.eval.evaluate import run_evaluate  # noqa: PLC0415
     from pipeline.train.launch import make_trainer  # noqa: PLC0415
 
+    report: dict = {"ok": True, "pretrain": {}, "finetune": {}, "stage_s": {}}
+    clock = [time.perf_counter()]
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        report["stage_s"][stage] = report["stage_s"].get(stage, 0.0) + now - clock[0]
+        clock[0] = now
+
     init_ray(cfgs["pretrain/clip-vip"].ray)
-    report: dict = {"ok": True, "pretrain": {}, "finetune": {}}
+    lap("ray-start")
     print(f"[demo] 2/6 prepare -> {cfgs['prepare'].data.root}", flush=True)
     prep = run_prepare(cfgs["prepare"])
     print(prep.render(), flush=True)
+    lap("prepare")
     report["prepare"] = {"clips": prep.clips_ok, "quarantined": prep.clips_quarantined, "captions": prep.captions_ok,
                          "caption_set": cfgs["prepare"].caption.set_name, "root": cfgs["prepare"].data.root}
     print(f"[demo] 3/6 recaption -> caption set {cfgs['recaption'].caption.set_name!r}", flush=True)
     recap = run_recaption(cfgs["recaption"])
     print(recap.render(), flush=True)
+    lap("recaption")
     report["recaption"] = {"caption_set": recap.caption_set, "captioned": recap.captioned, "failed": recap.failed}
-    for name in ("clip-vip", "meanpool-baseline"):
+    for name in MODELS:
         cfg = pretrain_job.absolutize(cfgs[f"pretrain/{name}"])
         print(f"[demo] 4/6 pretrain {name} (tiny, 2 workers, DeepSpeed ZeRO-{cfg.train.zero_stage}, MLflow)", flush=True)
         run_id = pretrain_job.mlflow_run(cfg)
         result = make_trainer(cfg, run_id).fit()
         report["pretrain"][name] = {"steps": (result.metrics or {}).get("step"), "mlflow_run": run_id,
                                     "final_loss": _last_metric(cfg.tracking.tracking_uri, run_id, "train/loss")}
-    for name in ("clip-vip", "meanpool-baseline"):
-        cfg = finetune_job.absolutize(cfgs[f"finetune/{name}"])
-        print(f"[demo] 5/6 finetune {name} on the retrieval train split (best on val)", flush=True)
-        result, run_id = finetune_job.run(cfg)
+    lap("pretrain")
+    ft_cfgs = {name: finetune_job.absolutize(cfgs[f"finetune/{name}"]) for name in MODELS}
+    print(f"[demo] 5/6 finetune {' and '.join(MODELS)} side by side on the retrieval train split (best on val; "
+          f"runs {', '.join(c.run_name for c in ft_cfgs.values())})", flush=True)
+    for name, (result, run_id) in _side_by_side(lambda name: finetune_job.run(ft_cfgs[name]), MODELS).items():
+        uri = ft_cfgs[name].tracking.tracking_uri
         report["finetune"][name] = {"steps": (result.metrics or {}).get("step"), "mlflow_run": run_id,
-                                    "final_loss": _last_metric(cfg.tracking.tracking_uri, run_id, "train/loss"),
-                                    "best_val_t2v_R1": _best_metric(cfg.tracking.tracking_uri, run_id, "val/t2v/R1")}
+                                    "final_loss": _last_metric(uri, run_id, "train/loss"),
+                                    "best_val_t2v_R1": _best_metric(uri, run_id, "val/t2v/R1")}
+    lap("finetune")
     print("[demo] 6/6 evaluate on the test split: CLIP-ViP vs mean pooling", flush=True)
     summary = run_evaluate(abs_eval(cfgs["evaluate"]))
     print(summary.render(), flush=True)
     report["evaluate"] = {"results": summary.results, "chance": summary.chance(), "num": summary.num_evaluated,
                           "out": summary.out_dir, "mlflow_run": summary.mlflow_run_id}
+    lap("evaluate")
     return report
+
+
+def _side_by_side(fn, names: tuple[str, ...]) -> dict:
+    """{name: fn(name)}, all at once, one driver thread each (Ray Train's fit() blocks its caller).
+    The first failure is raised once every run has ended."""
+    with ThreadPoolExecutor(len(names), thread_name_prefix="demo-run") as pool:
+        futures = {name: pool.submit(fn, name) for name in names}
+    return {name: future.result() for name, future in futures.items()}
 
 
 def _last_metric(uri: str, run_id: str | None, key: str) -> float | None:
@@ -176,7 +209,8 @@ def render(report: dict, cfgs: dict) -> str:
         f"  results         {ev['out']}/results.json",
         f"  MLflow          mlflow ui --backend-store-uri {uri}   (experiment "
         f"{cfgs['pretrain/clip-vip'].tracking.experiment!r})",
-        f"  took            {report['took_s']:.0f} s",
+        f"  took            {report['took_s']:.0f} s ("
+        + ", ".join(f"{k} {v:.0f}" for k, v in report.get("stage_s", {}).items()) + ")",
     ]
     return "\n".join(lines)
 

@@ -68,6 +68,7 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 def create_run(tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None) -> str:
     """Create an MLflow run (driver side) and return its id."""
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
     from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
     client = MlflowClient(tracking_uri)
@@ -75,7 +76,13 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, tags: Mapping[
     if exp is not None:
         exp_id = exp.experiment_id
     else:
-        exp_id = client.create_experiment(experiment, artifact_location=default_artifact_location(tracking_uri))
+        try:
+            exp_id = client.create_experiment(experiment, artifact_location=default_artifact_location(tracking_uri))
+        except MlflowException:  # another job created it since the lookup
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
     run = client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
     return run.info.run_id
 

@@ -18,6 +18,7 @@ select the inline backend themselves, so figures still come back as image/png ou
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -42,7 +43,13 @@ def demo_out(tmp_path_factory):
     assert proc.returncode == 0, log
     assert "demo report" in proc.stdout, log
     assert "test t2v R@1" in proc.stdout, log
-    assert (out / "demo_report.json").exists()
+    report = json.loads((out / "demo_report.json").read_text(encoding="utf-8"))
+    # Both models went through both side-by-side stages, to the quick step counts.
+    assert {n: r["steps"] for n, r in report["pretrain"].items()} == {"clip-vip": 2, "meanpool-baseline": 2}, log
+    assert {n: r["steps"] for n, r in report["finetune"].items()} == {"clip-vip": 4, "meanpool-baseline": 4}, log
+    assert set(report["stage_s"]) == {"sample-data", "ray-start", "prepare", "recaption", "pretrain", "finetune",
+                                      "evaluate"}
+    assert "took " in proc.stdout and "finetune " in proc.stdout.split("took ")[-1]
     return str(out)
 
 
