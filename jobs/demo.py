@@ -209,6 +209,9 @@ def render(report: dict, cfgs: dict) -> str:
         f"  results         {ev['out']}/results.json",
         f"  MLflow          mlflow ui --backend-store-uri {uri}   (experiment "
         f"{cfgs['pretrain/clip-vip'].tracking.experiment!r})",
+        "  MLflow runs     " + "; ".join(
+            f"{stage} " + ", ".join(f"{n} {r['mlflow_run']}" for n, r in report[stage].items())
+            for stage in ("pretrain", "finetune")) + f"; evaluate {ev['mlflow_run']}",
         f"  took            {report['took_s']:.0f} s ("
         + ", ".join(f"{k} {v:.0f}" for k, v in report.get("stage_s", {}).items()) + ")",
     ]

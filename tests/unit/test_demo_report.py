@@ -1,0 +1,34 @@
+"""The demo's closing report: every figure the issue asks for, read from the report dict."""
+
+from __future__ import annotations
+
+import os
+
+from jobs.demo import CONFIGS, render
+from pipeline.config import PretrainJobConfig, load_config
+
+
+def test_report_names_numbers_places_runs_and_times():
+    cfg = load_config(PretrainJobConfig, os.path.join(CONFIGS, "tiny_pretrain.yaml"),
+                      ["tracking.tracking_uri=sqlite:////tmp/x/mlflow.db", "train.storage_path=/tmp/x/runs"])
+    report = {
+        "prepare": {"clips": 23, "quarantined": 1, "captions": 22, "caption_set": "tiny_blip", "root": "/tmp/x/dataset"},
+        "recaption": {"caption_set": "tiny_git", "captioned": 22},
+        "pretrain": {"clip-vip": {"steps": 4, "final_loss": 53.5, "mlflow_run": "p1"},
+                     "meanpool-baseline": {"steps": 4, "final_loss": 54.6, "mlflow_run": "p2"}},
+        "finetune": {"clip-vip": {"steps": 1200, "final_loss": 0.988, "best_val_t2v_R1": 62.5, "mlflow_run": "f1"},
+                     "meanpool-baseline": {"steps": 1200, "final_loss": 2.1, "best_val_t2v_R1": 37.5,
+                                           "mlflow_run": "f2"}},
+        "evaluate": {"results": {"clip-vip": {"t2v/R1": 56.25}, "meanpool-baseline": {"t2v/R1": 43.75}},
+                     "chance": {"t2v/R1": 6.25}, "num": 16, "out": "/tmp/x/eval/demo-evaluate", "mlflow_run": "e1"},
+        "took_s": 413.2, "stage_s": {"sample-data": 17.0, "pretrain": 117.4, "finetune": 207.0},
+    }
+    text = render(report, {"pretrain/clip-vip": cfg})
+    for expected in ("23 clips prepared (1 quarantined), 22 captions in 'tiny_blip', 22 in 'tiny_git'",
+                     "clip-vip: 4 steps, final loss 53.5", "meanpool-baseline: 1200 steps, final loss 2.100",
+                     "CLIP-ViP 56.2 | mean-pooling baseline 43.8 | chance 6.2 (16 clips",
+                     "dataset root    /tmp/x/dataset", "checkpoints     /tmp/x/runs",
+                     "mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db",
+                     "pretrain clip-vip p1, meanpool-baseline p2; finetune clip-vip f1, meanpool-baseline f2; "
+                     "evaluate e1", "took            413 s (sample-data 17, pretrain 117, finetune 207)"):
+        assert expected in text, f"{expected!r} not in\n{text}"
