@@ -58,7 +58,8 @@ def build_configs(out: str, sample, quick: bool = False) -> dict:
     for name, extra in (("clip-vip", []), ("meanpool-baseline", BASELINE)):
         cfgs[f"pretrain/{name}"] = _recipe(PretrainJobConfig, "tiny_pretrain.yaml", [
             f"run_name=demo-pretrain-{name}", f"train.dataset_root={root}",
-            f"train.caption_set={recap.caption.set_name}", f"train.storage_path={runs}", mlflow, *extra, *(QUICK["pretrain"] if quick else [])])
+            f"train.caption_set={recap.caption.set_name}", f"train.storage_path={runs}", mlflow, *extra,
+            *(QUICK["pretrain"] if quick else [])])
         cfgs[f"finetune/{name}"] = _recipe(FinetuneJobConfig, "tiny_finetune.yaml", [
             f"run_name=demo-finetune-{name}", f"model.pretrained={runs}/demo-pretrain-{name}-export",
             f"train.storage_path={runs}", mlflow, f"data.train.annotations={ret}/train.jsonl",
