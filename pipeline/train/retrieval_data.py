@@ -10,9 +10,9 @@ generator keyed by (seed, epoch, position), so they do not depend on threads or 
 Videos are decoded on the fly with PyAV (as the official code reads with decord each step), a
 few at a time in threads (the decoder releases the GIL); the next batch is decoded while the
 current one trains. With a FrameCache (`data.cache_decoded_mb`) a worker keeps every resized
-frame of the clips it has decoded, until the budget is spent, and samples later visits from memory: small splits
-(the synthetic one, or low-resolution frames) then decode once per run instead of once per
-epoch; large ones fall back to decoding only the sampled frames. A video that fails to decode
+frame of the clips it has decoded, until the budget is spent, and samples later visits from
+memory: small splits (the synthetic one, or low-resolution frames) then decode once per run
+instead of once per epoch; large ones fall back to decoding only the sampled frames. A video that fails to decode
 is replaced by the next good one in the epoch's order, and counted.
 
 Shape legend: B micro batch, T frames, H = W = size, N text length.
