@@ -205,6 +205,10 @@ class ModelConfig:
     pretrained: str | None = None
     """Initial weights: an HF CLIP id/dir (openai/clip-vit-base-patch32), an official CLIP-ViP
     release (.pt, `clipmodel.` keys), or a directory saved by this project (HF format)."""
+    pretrained_clip_only: bool = False
+    """Take only the CLIP weights of `pretrained`; the proxy tokens and temporal embedding keep their
+    init. How the mean-pooling baseline starts from a CLIP-ViP checkpoint (or a model changes its
+    number of proxies); an HF CLIP gives only these anyway."""
     temporal_size: int = 12
     """Length of the learned temporal embedding (interpolated to other frame counts)."""
     add_cls_num: int = 3
@@ -223,6 +227,8 @@ class ModelConfig:
     use_temporal_embed=false so the tower is exactly CLIP."""
 
     def __post_init__(self) -> None:
+        if self.pretrained_clip_only and not self.pretrained:
+            raise ConfigError("model.pretrained_clip_only: set model.pretrained to the checkpoint to take CLIP from")
         if self.video_pooling == "mean" and (self.add_cls_num != 0 or self.use_temporal_embed):
             raise ConfigError("model.video_pooling: 'mean' (the CLIP4Clip baseline) runs plain CLIP per frame; "
                               "set model.add_cls_num=0 and model.use_temporal_embed=false")

@@ -9,6 +9,10 @@
    `position_ids` buffers, possibly fp16): the architecture is inferred from the tensor shapes;
 3. a directory written by `CLIPViPModel.save_pretrained` (`model_type: clip_vip`).
 
+With `clip_only`, any layout gives only its CLIP weights (towers, projections, temperature) to a
+model of `model_cfg`'s ViP architecture, whose ViP-only tensors keep their init: how a mean-pooling
+baseline starts from a CLIP-ViP checkpoint.
+
 Every path is strict: a missing, unexpected (other than `position_ids`) or mis-shaped key raises
 `ValueError` naming the keys and shapes. The official code loads non-strictly, which hid a broken
 released checkpoint (microsoft/XPretrain issue 43).
@@ -30,7 +34,7 @@ VIP_ONLY_KEYS = ("vision_model.embeddings.added_cls", "vision_model.embeddings.t
 _MAX_LISTED = 20
 
 
-def load_clip_vip(source: str, model_cfg: ModelConfig | None = None) -> CLIPViPModel:
+def load_clip_vip(source: str, model_cfg: ModelConfig | None = None, clip_only: bool = False) -> CLIPViPModel:
     """Build a `CLIPViPModel` from `source` (HF CLIP, official `.pt`, or our export), strictly.
 
     Args:
@@ -41,20 +45,28 @@ def load_clip_vip(source: str, model_cfg: ModelConfig | None = None) -> CLIPViPM
             For checkpoints that carry the ViP tensors, `add_cls_num` / `temporal_size` /
             `use_temporal_embed` must agree with them; when `model_cfg` is None they are read
             from the checkpoint.
+        clip_only: Take only the CLIP weights of `source` (read in its own ViP architecture) into
+            a model of `model_cfg`'s; `added_cls` / `temporal_embedding` keep their init, and
+            `logit_scale` is the source's (unlike an HF CLIP, whose is reset as VidCLIP does).
 
     Returns:
         The model in fp32, train mode off (`eval()`).
 
     Raises:
-        ValueError: Missing, unexpected or mis-shaped keys, or an unknown layout.
+        ValueError: Missing, unexpected or mis-shaped keys, or an unknown layout; `clip_only`
+            without a `model_cfg`.
     """
     path = os.path.expanduser(source)
+    if clip_only:
+        if model_cfg is None:
+            raise ValueError(f"{source}: clip_only needs the model config of the architecture to load into")
+        if os.path.isfile(path) or _model_type(path) == CLIPViPConfig.model_type:
+            saved = load_clip_vip(source)  # its own ViP architecture, strictly
+            return _clip_weights_into(saved, model_cfg, source).eval()
     if os.path.isfile(path):
         model = _load_official(path, model_cfg)
     else:
-        from transformers import AutoConfig
-
-        model_type = AutoConfig.from_pretrained(path).model_type
+        model_type = _model_type(path)
         if model_type == CLIPViPConfig.model_type:
             model = _load_export(path, model_cfg)
         elif model_type == "clip":
@@ -62,6 +74,27 @@ def load_clip_vip(source: str, model_cfg: ModelConfig | None = None) -> CLIPViPM
         else:
             raise ValueError(f"{source}: model_type {model_type!r} is neither 'clip' nor 'clip_vip'")
     return model.eval()
+
+
+def _model_type(path: str) -> str:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).model_type
+
+
+def _clip_weights_into(saved: CLIPViPModel, cfg: ModelConfig, source: str) -> CLIPViPModel:
+    """A model with `saved`'s shapes and `cfg`'s ViP settings, holding every weight of `saved`
+    but the ViP-only ones, which keep their init (seeded by the caller, as a fresh model)."""
+    config = CLIPViPConfig(
+        text_config=saved.config.text_config.to_dict(),
+        vision_config=saved.config.vision_config.to_dict(),
+        projection_dim=saved.config.projection_dim,
+        **vip_extras(cfg),
+    )
+    model = CLIPViPModel(config)
+    clip_state = {k: v for k, v in saved.state_dict().items() if k not in VIP_ONLY_KEYS}
+    load_state_dict_strict(model, clip_state, source, allowed_missing=VIP_ONLY_KEYS)
+    return model
 
 
 def save_official(model: CLIPViPModel, path: str) -> None:

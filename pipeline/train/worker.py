@@ -70,7 +70,7 @@ def build_model(cfg: Any):
     if warm and not os.path.isdir(os.path.join(warm, "ds")):
         model = load_clip_vip(warm, cfg.model)
     elif cfg.model.pretrained:
-        model = load_clip_vip(cfg.model.pretrained, cfg.model)
+        model = load_clip_vip(cfg.model.pretrained, cfg.model, clip_only=cfg.model.pretrained_clip_only)
     else:
         model = CLIPViPModel(config_from_model_cfg(cfg.model))
     model.set_attention(cfg.model.attention)

@@ -79,3 +79,11 @@ def test_credentials_in_uris_are_refused(override):
     assert key in str(err.value) and "s3cr3t" not in str(err.value) and "topsecret" not in str(err.value)
     load_config(PretrainJobConfig, None, ["run_name=r", "train.dataset_root=/d",
                                          f"{key}=https://mlflow.example:5000"])
+
+
+def test_clip_only_needs_pretrained_weights():
+    from pipeline.config import ModelConfig  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match="model.pretrained_clip_only: set model.pretrained"):
+        ModelConfig(pretrained_clip_only=True)
+    assert ModelConfig(pretrained="out/runs/x-export", pretrained_clip_only=True).pretrained_clip_only

@@ -175,6 +175,43 @@ def test_save_pretrained_strict_errors(tmp_path):
         load_clip_vip(str(tmp_path / "export"))
 
 
+MEANPOOL = dataclasses.replace(TINY, add_cls_num=0, use_temporal_embed=False, video_pooling="mean")
+
+
+@pytest.mark.parametrize("layout", ["export", "official"])
+def test_clip_only_gives_the_clip_weights_to_another_vip_architecture(tmp_path, layout):
+    vip = tiny()
+    if layout == "export":
+        vip.save_pretrained(tmp_path / "w")
+        source = str(tmp_path / "w")
+    else:
+        save_official(vip, str(tmp_path / "w.pt"))
+        source = str(tmp_path / "w.pt")
+    with pytest.raises(ValueError, match="add_cls_num|added_cls"):  # without clip_only they must agree
+        load_clip_vip(source, MEANPOOL)
+    base = load_clip_vip(source, MEANPOOL, clip_only=True)
+    assert base.config.video_pooling == "mean" and base.config.add_cls_num == 0
+    assert base.vision_model.embeddings.temporal_embedding is None
+    vip_state, base_state = vip.state_dict(), base.state_dict()
+    assert set(base_state) == set(vip_state) - VIP_KEYS | {"vision_model.embeddings.added_cls"}
+    for key in set(base_state) - VIP_KEYS:  # every CLIP weight, the temperature included
+        assert torch.equal(base_state[key], vip_state[key]), key
+    assert base_state["vision_model.embeddings.added_cls"].shape == (0, vip.config.vision_config.hidden_size)
+    # Other proxy counts: the new proxies keep their init instead of taking the checkpoint's.
+    torch.manual_seed(7)
+    two = load_clip_vip(source, dataclasses.replace(TINY, add_cls_num=2), clip_only=True)
+    assert two.vision_model.embeddings.added_cls.shape[0] == 2
+    temporal = two.vision_model.embeddings.temporal_embedding
+    assert not torch.equal(temporal, vip.vision_model.embeddings.temporal_embedding)  # zero init, not copied
+    assert torch.equal(two.logit_scale, vip.logit_scale)
+
+
+def test_clip_only_needs_a_model_config(tmp_path):
+    tiny().save_pretrained(tmp_path / "w")
+    with pytest.raises(ValueError, match="clip_only needs the model config"):
+        load_clip_vip(str(tmp_path / "w"), clip_only=True)
+
+
 def test_hf_clip_directory_copies_every_weight(tmp_path):
     config = config_from_model_cfg(TINY)
     clip = hf_clip(config)
