@@ -1,12 +1,12 @@
 """`clipvip demo --out DIR`: the embedded default end to end (what `make run` runs).
 
 Synthetic HD-VILA-format data -> `prepare` (decode tasks + tiny captioner actor) -> `recaption`
-(a second caption set) -> `pretrain` CLIP-ViP and the CLIP4Clip mean-pooling baseline with the
-same recipe (2 Ray Train workers, DeepSpeed ZeRO-1 on gloo, MLflow on sqlite) -> `finetune` both
-on the synthetic retrieval train split (best weights chosen on its val split) -> `evaluate`
-both on the test split, whose clip pairs differ only in frame order. Every stage runs through the
-same library calls as its `clipvip` command, with the tiny recipes in jobs/configs/; everything
-stays under DIR.
+(a second caption set) -> `pretrain` CLIP-ViP (2 Ray Train workers, DeepSpeed ZeRO-1 on gloo,
+MLflow on sqlite) -> `finetune` from its weights both CLIP-ViP and the CLIP4Clip mean-pooling
+baseline on the synthetic retrieval train split (best weights chosen on its val split) ->
+`evaluate` both on the test split, whose clip pairs differ only in frame order. Every stage runs
+through the same library calls as its `clipvip` command, with the tiny recipes in
+jobs/configs/; everything stays under DIR.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ from pipeline.config import ConfigError, PrepareJobConfig, PretrainJobConfig, Re
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 MODELS = ("clip-vip", "meanpool-baseline")
 BASELINE = ["model.add_cls_num=0", "model.use_temporal_embed=false", "model.video_pooling=mean"]
+# Both fine-tunes start from the one CLIP-ViP pretrain: the baseline takes its CLIP weights (towers,
+# projections, temperature) and leaves the proxy tokens and temporal embedding behind, so the two
+# differ only in the video path. A second pretrain of the baseline cost a minute of Ray Train
+# start-up for 4 steps of a barely-trained tiny model.
+BASELINE_START = ["model.pretrained_clip_only=true"]
 
 
 def _recipe(cls: type, name: str, overrides: list[str]):
@@ -34,9 +39,8 @@ QUICK_SAMPLE = dict(num_videos=4, max_duration_s=12.0, num_retrieval=8, num_retr
 # The two fine-tunes (the demo's longest stage) run side by side, one worker each: on 2 cores two
 # single-core workers keep both cores busy without a gradient all-reduce per step, where two
 # 2-worker runs in a row spend a third of each step synchronising (measured: 216 s against ~340 s
-# for both). Same global batch (32) as the recipe's 2 x 16. The 4-step pretrains stay in turn
-# with the recipe's 2 workers each: side by side they took as long (141 s against 139 s), their
-# time being CPU-bound start-up.
+# for both). Same global batch (32) as the recipe's 2 x 16. Runs side by side save nothing when
+# their time is CPU-bound start-up (two 4-step pretrains: 141 s against 139 s in turn).
 FINETUNE_SIDE_BY_SIDE = ["train.num_workers=1", "train.micro_batch_size=32"]
 QUICK = {"pretrain": ["train.max_steps=2", "train.checkpoint_every_steps=2"],
          "finetune": ["train.max_steps=4", "train.checkpoint_every_steps=4", "data.val_every_steps=2",
@@ -55,13 +59,12 @@ def build_configs(out: str, sample, quick: bool = False) -> dict:
         f"data.subtitles={sample.subtitles_table}"])
     recap = _recipe(RecaptionJobConfig, "tiny_recaption.yaml", [f"root={root}"])
     cfgs = {"prepare": prep, "recaption": recap}
-    for name, extra in (("clip-vip", []), ("meanpool-baseline", BASELINE)):
-        cfgs[f"pretrain/{name}"] = _recipe(PretrainJobConfig, "tiny_pretrain.yaml", [
-            f"run_name=demo-pretrain-{name}", f"train.dataset_root={root}",
-            f"train.caption_set={recap.caption.set_name}", f"train.storage_path={runs}", mlflow, *extra,
-            *(QUICK["pretrain"] if quick else [])])
+    cfgs["pretrain/clip-vip"] = _recipe(PretrainJobConfig, "tiny_pretrain.yaml", [
+        "run_name=demo-pretrain-clip-vip", f"train.dataset_root={root}", f"train.caption_set={recap.caption.set_name}",
+        f"train.storage_path={runs}", mlflow, *(QUICK["pretrain"] if quick else [])])
+    for name, extra in (("clip-vip", []), ("meanpool-baseline", BASELINE + BASELINE_START)):
         cfgs[f"finetune/{name}"] = _recipe(FinetuneJobConfig, "tiny_finetune.yaml", [
-            f"run_name=demo-finetune-{name}", f"model.pretrained={runs}/demo-pretrain-{name}-export",
+            f"run_name=demo-finetune-{name}", f"model.pretrained={runs}/demo-pretrain-clip-vip-export",
             f"train.storage_path={runs}", mlflow, f"data.train.annotations={ret}/train.jsonl",
             f"data.train.video_root={ret}/videos", f"data.val.annotations={ret}/val.jsonl",
             f"data.val.video_root={ret}/videos", f"data.batch_groups={ret}/train_pairs.json", *FINETUNE_SIDE_BY_SIDE,
@@ -139,17 +142,16 @@ def run_stages(cfgs: dict) -> dict:
     print(recap.render(), flush=True)
     lap("recaption")
     report["recaption"] = {"caption_set": recap.caption_set, "captioned": recap.captioned, "failed": recap.failed}
-    for name in MODELS:
-        cfg = pretrain_job.absolutize(cfgs[f"pretrain/{name}"])
-        print(f"[demo] 4/6 pretrain {name} (tiny, 2 workers, DeepSpeed ZeRO-{cfg.train.zero_stage}, MLflow)", flush=True)
-        run_id = pretrain_job.mlflow_run(cfg)
-        result = make_trainer(cfg, run_id).fit()
-        report["pretrain"][name] = {"steps": (result.metrics or {}).get("step"), "mlflow_run": run_id,
-                                    "final_loss": _last_metric(cfg.tracking.tracking_uri, run_id, "train/loss")}
+    cfg = pretrain_job.absolutize(cfgs["pretrain/clip-vip"])
+    print(f"[demo] 4/6 pretrain clip-vip (tiny, 2 workers, DeepSpeed ZeRO-{cfg.train.zero_stage}, MLflow)", flush=True)
+    run_id = pretrain_job.mlflow_run(cfg)
+    result = make_trainer(cfg, run_id).fit()
+    report["pretrain"]["clip-vip"] = {"steps": (result.metrics or {}).get("step"), "mlflow_run": run_id,
+                                      "final_loss": _last_metric(cfg.tracking.tracking_uri, run_id, "train/loss")}
     lap("pretrain")
     ft_cfgs = {name: finetune_job.absolutize(cfgs[f"finetune/{name}"]) for name in MODELS}
-    print(f"[demo] 5/6 finetune {' and '.join(MODELS)} side by side on the retrieval train split (best on val; "
-          f"runs {', '.join(c.run_name for c in ft_cfgs.values())})", flush=True)
+    print(f"[demo] 5/6 finetune {' and '.join(MODELS)} from the CLIP-ViP pretrain, side by side, on the retrieval "
+          f"train split (best on val; runs {', '.join(c.run_name for c in ft_cfgs.values())})", flush=True)
     for name, (result, run_id) in _side_by_side(lambda name: finetune_job.run(ft_cfgs[name]), MODELS).items():
         uri = ft_cfgs[name].tracking.tracking_uri
         report["finetune"][name] = {"steps": (result.metrics or {}).get("step"), "mlflow_run": run_id,

@@ -14,8 +14,7 @@ def test_report_names_numbers_places_runs_and_times():
     report = {
         "prepare": {"clips": 23, "quarantined": 1, "captions": 22, "caption_set": "tiny_blip", "root": "/tmp/x/dataset"},
         "recaption": {"caption_set": "tiny_git", "captioned": 22},
-        "pretrain": {"clip-vip": {"steps": 4, "final_loss": 53.5, "mlflow_run": "p1"},
-                     "meanpool-baseline": {"steps": 4, "final_loss": 54.6, "mlflow_run": "p2"}},
+        "pretrain": {"clip-vip": {"steps": 4, "final_loss": 53.5, "mlflow_run": "p1"}},
         "finetune": {"clip-vip": {"steps": 1200, "final_loss": 0.988, "best_val_t2v_R1": 62.5, "mlflow_run": "f1"},
                      "meanpool-baseline": {"steps": 1200, "final_loss": 2.1, "best_val_t2v_R1": 37.5,
                                            "mlflow_run": "f2"}},
@@ -29,6 +28,6 @@ def test_report_names_numbers_places_runs_and_times():
                      "CLIP-ViP 56.2 | mean-pooling baseline 43.8 | chance 6.2 (16 clips",
                      "dataset root    /tmp/x/dataset", "checkpoints     /tmp/x/runs",
                      "mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db",
-                     "pretrain clip-vip p1, meanpool-baseline p2; finetune clip-vip f1, meanpool-baseline f2; "
+                     "pretrain clip-vip p1; finetune clip-vip f1, meanpool-baseline f2; "
                      "evaluate e1", "took            413 s (sample-data 17, pretrain 117, finetune 207)"):
         assert expected in text, f"{expected!r} not in\n{text}"
