@@ -208,7 +208,8 @@ class ModelConfig:
     pretrained_clip_only: bool = False
     """Take only the CLIP weights of `pretrained`; the proxy tokens and temporal embedding keep their
     init. How the mean-pooling baseline starts from a CLIP-ViP checkpoint (or a model changes its
-    number of proxies); an HF CLIP gives only these anyway."""
+    number of proxies); an HF CLIP gives only these anyway. A resumed run or `train.warm_start`
+    loads its own weights whole."""
     temporal_size: int = 12
     """Length of the learned temporal embedding (interpolated to other frame counts)."""
     add_cls_num: int = 3

@@ -9,9 +9,10 @@
    `position_ids` buffers, possibly fp16): the architecture is inferred from the tensor shapes;
 3. a directory written by `CLIPViPModel.save_pretrained` (`model_type: clip_vip`).
 
-With `clip_only`, any layout gives only its CLIP weights (towers, projections, temperature) to a
-model of `model_cfg`'s ViP architecture, whose ViP-only tensors keep their init: how a mean-pooling
-baseline starts from a CLIP-ViP checkpoint.
+With `clip_only`, an official `.pt` or an export gives only its CLIP weights (towers, projections,
+temperature) to a model of `model_cfg`'s ViP architecture, whose ViP-only tensors keep their init:
+how a mean-pooling baseline starts from a CLIP-ViP checkpoint. (An HF CLIP gives no more than that
+anyway; its temperature is reset as in layout 1.)
 
 Every path is strict: a missing, unexpected (other than `position_ids`) or mis-shaped key raises
 `ValueError` naming the keys and shapes. The official code loads non-strictly, which hid a broken
@@ -84,7 +85,9 @@ def _model_type(path: str) -> str:
 
 def _clip_weights_into(saved: CLIPViPModel, cfg: ModelConfig, source: str) -> CLIPViPModel:
     """A model with `saved`'s shapes and `cfg`'s ViP settings, holding every weight of `saved`
-    but the ViP-only ones, which keep their init (seeded by the caller, as a fresh model)."""
+    but the ViP-only ones, which keep their random init: deterministic for the caller's seed, so
+    the same on every rank (though not the values a fresh model would draw, as reading an
+    official `.pt` consumes random numbers first)."""
     config = CLIPViPConfig(
         text_config=saved.config.text_config.to_dict(),
         vision_config=saved.config.vision_config.to_dict(),

@@ -31,3 +31,37 @@ def test_report_names_numbers_places_runs_and_times():
                      "pretrain clip-vip p1; finetune clip-vip f1, meanpool-baseline f2; "
                      "evaluate e1", "took            413 s (sample-data 17, pretrain 117, finetune 207)"):
         assert expected in text, f"{expected!r} not in\n{text}"
+
+
+def test_both_fine_tunes_start_from_the_one_clip_vip_pretrain(tmp_path):
+    """The baseline takes the CLIP-ViP pretrain's CLIP weights through the worker's `build_model`."""
+    import dataclasses  # noqa: PLC0415
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from jobs.demo import build_configs  # noqa: PLC0415
+    from pipeline.model.clip_vip import CLIPViPModel, config_from_model_cfg  # noqa: PLC0415
+    from pipeline.train.worker import build_model  # noqa: PLC0415
+
+    ret = tmp_path / "sample" / "retrieval"
+    sample = SimpleNamespace(metadata_path=str(tmp_path / "m.jsonl"), video_root=str(tmp_path / "v"),
+                             subtitles_table=str(tmp_path / "s"), retrieval_jsonl=str(ret / "test.jsonl"))
+    cfgs = build_configs(str(tmp_path), sample)
+    assert [k for k in cfgs if k.startswith("pretrain/")] == ["pretrain/clip-vip"]
+    vip, base = cfgs["finetune/clip-vip"], cfgs["finetune/meanpool-baseline"]
+    export = str(tmp_path / "runs" / "demo-pretrain-clip-vip-export")
+    assert vip.model.pretrained == base.model.pretrained == export
+    assert (vip.model.pretrained_clip_only, base.model.pretrained_clip_only) == (False, True)
+    assert base.model.video_pooling == "mean"
+
+    torch.manual_seed(0)
+    CLIPViPModel(config_from_model_cfg(vip.model)).save_pretrained(export)
+    saved = CLIPViPModel.from_pretrained(export).state_dict()
+    for cfg in (vip, base):
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warm_start=None))
+        state = build_model(cfg).state_dict()
+        for key, value in state.items():
+            if "added_cls" not in key and "temporal_embedding" not in key:
+                assert torch.equal(value, saved[key]), key
+    assert build_model(base).config.add_cls_num == 0 and build_model(vip).config.add_cls_num == 3
