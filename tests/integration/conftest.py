@@ -3,6 +3,7 @@ and a small synthetic HD-VILA dataset made by the project's own generator."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -72,3 +73,19 @@ def clipvip(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
 def copy_tree(src: str, dst: str) -> str:
     shutil.copytree(src, dst)
     return dst
+
+
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
+
+
+def checkpoint_committed(snapshot_text: str | None) -> bool:
+    """Ray Train has recorded a checkpoint of the run, so a resubmitted job resumes from it. Files
+    under `step_*/` in storage are not enough: the controller records them after the workers'
+    upload, seconds later on a busy machine, and a job killed in between starts over."""
+    if not snapshot_text:
+        return False
+    try:
+        snapshot = json.loads(snapshot_text)
+    except ValueError:
+        return False  # being written
+    return bool(snapshot.get("checkpoint_results"))

@@ -22,7 +22,7 @@ from pipeline.config import PrepareJobConfig, RecaptionJobConfig, load_config
 from pipeline.data.build import run_prepare
 from pipeline.data.recaption import run_recaption
 from tests.conftest import ROOT
-from tests.integration.conftest import clipvip
+from tests.integration.conftest import CHECKPOINT_SNAPSHOT, checkpoint_committed, clipvip
 
 ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
@@ -188,11 +188,15 @@ def test_job_killed_and_resubmitted_zero2_on_s3(root, reference_zero1, s3_server
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=dict(os.environ, **ENV),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     s3 = boto3.client("s3", endpoint_url=s3_server)
+
+    def snapshot() -> str | None:
+        try:
+            return s3.get_object(Bucket="runs", Key=f"kill/kill-job/{CHECKPOINT_SNAPSHOT}")["Body"].read().decode()
+        except s3.exceptions.NoSuchKey:
+            return None
+
     deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        listed = s3.list_objects_v2(Bucket="runs", Prefix="kill/kill-job/step_000000002/")
-        if listed.get("KeyCount", 0) > 0:
-            break
+    while time.time() < deadline and proc.poll() is None and not checkpoint_committed(snapshot()):
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
-from tests.integration.conftest import clipvip
+from tests.integration.conftest import CHECKPOINT_SNAPSHOT, checkpoint_committed, clipvip
 
 ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 TINY = ["model.preset=tiny", "model.max_text_len=16"]
@@ -103,12 +103,15 @@ def test_finetune_killed_and_resubmitted_resumes(split, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=dict(os.environ, **ENV),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    first = storage / "ft" / "step_000000002"
-    while time.time() < deadline and proc.poll() is None and not first.exists():
+    snapshot = storage / "ft" / CHECKPOINT_SNAPSHOT
+
+    def committed() -> bool:
+        return snapshot.exists() and checkpoint_committed(snapshot.read_text())
+
+    while time.time() < deadline and proc.poll() is None and not committed():
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
-    assert first.exists(), "no checkpoint within 300 s"
-    time.sleep(1.0)  # let Ray Train finish registering the checkpoint
+    assert committed(), "no checkpoint recorded within 300 s"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
 
