@@ -88,14 +88,21 @@ def _clip_weights_into(saved: CLIPViPModel, cfg: ModelConfig, source: str) -> CL
     but the ViP-only ones, which keep their random init: deterministic for the caller's seed, so
     the same on every rank (though not the values a fresh model would draw, as reading an
     official `.pt` consumes random numbers first)."""
+    clip_state = {k: v for k, v in saved.state_dict().items() if k not in VIP_ONLY_KEYS}
+    return _clip_into_vip(saved.config, clip_state, cfg, source)
+
+
+def _clip_into_vip(clip_config, clip_state: Mapping[str, torch.Tensor], cfg: ModelConfig, source: str
+                   ) -> CLIPViPModel:
+    """A CLIP-ViP with the towers and projection of `clip_config` (a CLIP or CLIP-ViP config) and
+    `cfg`'s ViP settings, holding `clip_state` strictly; only the ViP-only tensors may be absent."""
     config = CLIPViPConfig(
-        text_config=saved.config.text_config.to_dict(),
-        vision_config=saved.config.vision_config.to_dict(),
-        projection_dim=saved.config.projection_dim,
+        text_config=clip_config.text_config.to_dict(),
+        vision_config=clip_config.vision_config.to_dict(),
+        projection_dim=clip_config.projection_dim,
         **vip_extras(cfg),
     )
     model = CLIPViPModel(config)
-    clip_state = {k: v for k, v in saved.state_dict().items() if k not in VIP_ONLY_KEYS}
     load_state_dict_strict(model, clip_state, source, allowed_missing=VIP_ONLY_KEYS)
     return model
 
@@ -127,14 +134,7 @@ def _load_hf_clip(source: str, cfg: ModelConfig) -> CLIPViPModel:
 
     clip, info = CLIPModel.from_pretrained(source, output_loading_info=True, dtype=torch.float32)
     _raise_on_loading_info(source, info)
-    config = CLIPViPConfig(
-        text_config=clip.config.text_config.to_dict(),
-        vision_config=clip.config.vision_config.to_dict(),
-        projection_dim=clip.config.projection_dim,
-        **vip_extras(cfg),
-    )
-    model = CLIPViPModel(config)
-    load_state_dict_strict(model, clip.state_dict(), source, allowed_missing=VIP_ONLY_KEYS)
+    model = _clip_into_vip(clip.config, clip.state_dict(), cfg, source)
     with torch.no_grad():
         # VidCLIP: logit_scale.data.fill_(logit_scale_init_value) after loading CLIP (CLIP's own is ln 100 too).
         model.logit_scale.fill_(cfg.logit_scale_init)
