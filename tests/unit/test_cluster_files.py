@@ -163,6 +163,7 @@ def test_ray_cluster_installs_the_project_with_our_pins(launcher):
     torch_at = setup.index("torch==")
     assert torch_at < setup.index("-r ~/clipvip/requirements.txt"), "torch first (deepspeed would pull another)"
     assert "--no-deps -e ~/clipvip" in setup and "vocab" in setup
+    assert_dependencies_compiled(launcher["setup_commands"])
     for name, version in re.findall(r"\b(ray|deepspeed|mlflow|torch)(?:\[[^\]]*\])?==([\w.]+)", setup):
         assert version == p[name], f"{name}=={version} but requirements.txt pins {p[name]}"
     assert launcher["file_mounts"]["~/clipvip"] == "."
@@ -177,6 +178,25 @@ def test_ray_cluster_dashboard_binds_loopback(launcher):
     head = " ".join(launcher["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head
     assert "0.0.0.0" not in read(os.path.join(ROOT, "ray_cluster.yaml"))
+
+
+def assert_dependencies_compiled(commands: list[str]) -> None:
+    """Every uv install of torch or requirements.txt writes bytecode: uv writes none by default,
+    and where the venv is read-only to the Ray user or PYTHONDONTWRITEBYTECODE is set, each worker
+    would compile the libraries from source on every import."""
+    installs = [c for c in commands if "uv pip install" in c and ("torch==" in c or "requirements.txt" in c)]
+    assert len(installs) >= 2, f"torch and requirements.txt installs not found in {commands}"
+    for cmd in installs:
+        assert "--compile-bytecode" in cmd, f"no --compile-bytecode: {cmd.strip()}"
+
+
+def test_make_install_compiles_dependencies():
+    lines = read(os.path.join(ROOT, "Makefile")).splitlines()
+    requirements = [line for line in lines if "uv pip install" in line and "requirements.txt" in line]
+    assert requirements and all("--compile-bytecode" in line for line in requirements), requirements
+    torch = [line for line in lines if "torch==" in line and "install" in line]
+    # pip compiles by default; uv only when told.
+    assert torch and all("uv pip" not in line or "--compile-bytecode" in line for line in torch), torch
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +217,7 @@ def test_dockerfile_builds_the_pinned_cuda_stack():
     assert text.index("torch==") < text.index("-r requirements.txt"), "torch installed first"
     assert "eva-decord" in p, "decord comes with requirements.txt (eva-decord: same `import decord`)"
     assert "--no-deps -e ." in text and "make vocab" in text
+    assert_dependencies_compiled(re.findall(r"uv pip install[^&]*", text.replace("\\\n", " ")))
     assert re.search(rf"WORKDIR {IMAGE_DIR.rstrip('/')}\b", text)
     assert f"-t {image()} ." in text, "the documented build tag is the image the manifests use"
     assert "USER ray" in text
