@@ -11,7 +11,6 @@ kept `model_best.pt` by test R@1).
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -26,10 +25,10 @@ from pipeline.train import checkpoint as ckpt_io
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.optim import lr_at, make_adamw, param_groups, set_lr
 from pipeline.train.worker import (
+    RunLog,
     build_model,
     ds_config,
     export_weights,
-    global_mean,
     quiet_report_lines,
     save_and_report,
     skip_cpu_shm_build,
@@ -97,7 +96,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
               f"{spe} per epoch, global batch {t.micro_batch_size * world}, {len(train_items)} train / "
               f"{len(val_items)} val videos ({cfg.run_name})", flush=True)
 
-    t_start, samples_at_start = time.perf_counter(), state.samples_seen
+    log = RunLog(engine, tracker, rank, world, total, cfg.run_name, samples_at_start=state.samples_seen)
     while state.step < total:
         epoch, start = divmod(state.step, spe)
         t_wait0 = time.perf_counter()
@@ -114,8 +113,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.skipped_rows += int(batch["skipped"].sum()) * world
             if state.step % t.log_every_steps == 0 or state.step == total:
                 metrics = dict(metrics, loss=loss.detach(), data_wait_s=torch.tensor(wait_s))
-                _log_train(engine, metrics, state, world, lr, t_start, samples_at_start, total, tracker, rank,
-                           cfg.run_name)
+                _log_train(log, metrics, state, lr)
             if state.step % cfg.data.val_every_steps == 0 or state.step == total:
                 _validate_and_keep_best(engine, cfg, loop_config, val_items, state, rank, world, tracker)
             if state.step % t.checkpoint_every_steps == 0 or state.step == total:
@@ -133,21 +131,14 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker.close("FINISHED")
 
 
-def _log_train(engine, metrics, state, world, lr, t_start, samples_at_start, total, tracker, rank, run_name) -> None:
-    logged = global_mean(metrics, world)
-    elapsed = time.perf_counter() - t_start
-    rate = (state.samples_seen - samples_at_start) / elapsed if elapsed > 0 else 0.0
-    out = {f"train/{k}": v for k, v in logged.items()}
-    out.update({"train/lr": lr, "train/samples_per_s": rate, "train/epoch": float(state.epoch),
-                "train/skipped_videos": float(state.skipped_rows)})
-    grad_norm = engine.get_global_grad_norm()
-    if grad_norm is not None and math.isfinite(float(grad_norm)):
-        out["train/grad_norm"] = float(grad_norm)
-    tracker.log_metrics(out, step=state.step)
-    if rank == 0:
+def _log_train(log: RunLog, metrics, state, lr: float) -> None:
+    out, _, rate = log.train_metrics(metrics, state, lr)
+    out["train/skipped_videos"] = float(state.skipped_rows)
+    log.tracker.log_metrics(out, step=state.step)
+    if log.rank == 0:
         # The run name ends the line: the demo fine-tunes two models side by side.
-        print(f"[{TAG}] step {state.step}/{total} loss {logged['loss']:.4f} | {rate:.1f} samples/s | "
-              f"lr {lr:.2e} | {run_name}", flush=True)
+        print(f"[{TAG}] step {state.step}/{log.total} loss {out['train/loss']:.4f} | {rate:.1f} samples/s | "
+              f"lr {lr:.2e} | {log.run_name}", flush=True)
 
 
 def validate(model, items: list[RetrievalItem], cfg: FinetuneJobConfig, rank: int, world: int

@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -95,6 +96,37 @@ def global_mean(metrics: dict[str, torch.Tensor], world: int) -> dict[str, float
     return {k: float(v) for k, v in zip(keys, vec.tolist(), strict=True)}
 
 
+@dataclass
+class RunLog:
+    """What the training loops' progress logging needs besides each step's own values: rank 0
+    prints the line, `tracker` is a NullTracker on the other ranks."""
+
+    engine: Any
+    tracker: Any
+    rank: int
+    world: int
+    total: int
+    run_name: str
+    samples_at_start: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
+
+    def train_metrics(self, metrics: dict[str, torch.Tensor], state: TrainState, lr: float,
+                      sums: tuple[str, ...] = ()) -> tuple[dict[str, float], float, float]:
+        """(MLflow `train/` metrics, seconds since start, samples/s): the step's metrics averaged
+        over ranks (those in `sums` summed), lr, throughput, epoch and the global grad norm."""
+        logged = global_mean(metrics, self.world)
+        for key in sums:
+            logged[key] *= self.world
+        elapsed = time.perf_counter() - self.t_start
+        rate = (state.samples_seen - self.samples_at_start) / elapsed if elapsed > 0 else 0.0
+        out = {f"train/{k}": v for k, v in logged.items()}
+        out.update({"train/lr": lr, "train/samples_per_s": rate, "train/epoch": float(state.epoch)})
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            out["train/grad_norm"] = float(grad_norm)
+        return out, elapsed, rate
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train  # noqa: PLC0415
 
@@ -153,15 +185,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
               f"{total} steps, {spe} per epoch, global batch {cfg.train.micro_batch_size * world} ({cfg.run_name})",
               flush=True)
 
-    _run_steps(engine, cfg, loop_config, index, loader_cfg, state, spe, total, rank, world, tracker,
-               iter_rank_batches)
+    log = RunLog(engine, tracker, rank, world, total, cfg.run_name, samples_at_start=state.samples_seen)
+    _run_steps(log, cfg, loop_config, index, loader_cfg, state, spe, iter_rank_batches)
     _export_final(engine, cfg, loop_config, rank, tracker, log_to_mlflow=not already_done)
     tracker.close("FINISHED")
 
 
-def _run_steps(engine, cfg, loop_config, index, loader_cfg, state, spe, total, rank, world, tracker,
-               iter_rank_batches) -> None:
-    t_start, samples_at_start = time.perf_counter(), state.samples_seen
+def _run_steps(log: RunLog, cfg, loop_config, index, loader_cfg, state, spe, iter_rank_batches) -> None:
+    engine, rank, world, total = log.engine, log.rank, log.world, log.total
     while state.step < total:
         epoch, start = divmod(state.step, spe)
         t_wait0 = time.perf_counter()
@@ -186,8 +217,7 @@ def _run_steps(engine, cfg, loop_config, index, loader_cfg, state, spe, total, r
                            step_time_s=torch.tensor(time.perf_counter() - t_wait0),
                            data_wait_s=torch.tensor(step_wait_s))
             if state.step % cfg.train.log_every_steps == 0 or state.step == total:
-                _log_step(engine, metrics, state, world, lr, wait_s, t_start, samples_at_start, total, tracker, rank,
-                          cfg.run_name)
+                _log_step(log, metrics, state, lr, wait_s)
             if state.step % cfg.train.checkpoint_every_steps == 0 or state.step == total:
                 save_and_report(engine, cfg, loop_config, state, rank)
             t_wait0 = time.perf_counter()
@@ -195,23 +225,15 @@ def _run_steps(engine, cfg, loop_config, index, loader_cfg, state, spe, total, r
                 break
 
 
-def _log_step(engine, metrics, state, world, lr, wait_s, t_start, samples_at_start, total, tracker, rank,
-              run_name) -> None:
-    logged = global_mean(metrics, world)
-    logged["skipped_rows"] *= world  # a sum over ranks, not a mean
-    elapsed = time.perf_counter() - t_start
-    rate = (state.samples_seen - samples_at_start) / elapsed if elapsed > 0 else 0.0
-    grad_norm = engine.get_global_grad_norm()
-    out = {f"train/{k}": v for k, v in logged.items()}
-    out.update({"train/lr": lr, "train/samples_per_s": rate, "train/data_wait_frac": wait_s / max(elapsed, 1e-9),
-                "train/epoch": float(state.epoch)})
-    if grad_norm is not None and math.isfinite(float(grad_norm)):
-        out["train/grad_norm"] = float(grad_norm)
-    tracker.log_metrics(out, step=state.step)
-    if rank == 0:
-        eta = (total - state.step) * world * engine.train_micro_batch_size_per_gpu() / rate if rate > 0 else 0.0
-        print(f"[pretrain] step {state.step}/{total} loss {logged['loss']:.4f} | {rate:.1f} samples/s | "
-              f"data wait {out['train/data_wait_frac']:.0%} | lr {lr:.2e} | ETA {eta:.0f} s | {run_name}",
+def _log_step(log: RunLog, metrics, state, lr: float, wait_s: float) -> None:
+    out, elapsed, rate = log.train_metrics(metrics, state, lr, sums=("skipped_rows",))
+    out["train/data_wait_frac"] = wait_s / max(elapsed, 1e-9)
+    log.tracker.log_metrics(out, step=state.step)
+    if log.rank == 0:
+        batch = log.world * log.engine.train_micro_batch_size_per_gpu()
+        eta = (log.total - state.step) * batch / rate if rate > 0 else 0.0
+        print(f"[pretrain] step {state.step}/{log.total} loss {out['train/loss']:.4f} | {rate:.1f} samples/s | "
+              f"data wait {out['train/data_wait_frac']:.0%} | lr {lr:.2e} | ETA {eta:.0f} s | {log.run_name}",
               flush=True)
 
 

@@ -129,6 +129,10 @@ def test_finetune_killed_and_resubmitted_resumes(split, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("clipvip").experiment_id])
     loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == 6, loss_steps
+    for key in ("train/lr", "train/samples_per_s", "train/epoch", "train/grad_norm", "train/data_wait_s",
+                "train/skipped_videos", "train/logit_scale"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == loss_steps, (key, steps)
     val_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/t2v/R1")]
     assert val_steps == [3, 6], val_steps
     assert run.data.params["data.select_metric"] == "t2v/R1"
