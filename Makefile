@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: install run test test-unit bench clean vocab
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml Makefile  # the install recipe is part of what is installed
 	$(PY) -m venv $(VENV)
 	# torch first and pinned: anything unpinned (deepspeed included) pulls a CUDA build.
 	$(BIN)/pip install -q --upgrade pip

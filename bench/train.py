@@ -300,7 +300,7 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
     from pipeline.config import to_dict  # noqa: PLC0415
     from pipeline.train.checkpoint import TrainState  # noqa: PLC0415
     from pipeline.train.optim import make_adamw, param_groups  # noqa: PLC0415
-    from pipeline.train.worker import _run_steps, skip_cpu_shm_build, build_task, ds_config  # noqa: PLC0415
+    from pipeline.train.worker import RunLog, _run_steps, build_task, ds_config, skip_cpu_shm_build  # noqa: PLC0415
 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -340,8 +340,8 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
         spe = 10**6
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                _run_steps(engine, cfg, {"job": to_dict(cfg)}, None, None, TrainState(world_size=1), spe, n + 1,
-                           0, 1, tracker, from_memory)
+                log = RunLog(engine, tracker, rank=0, world=1, total=n + 1, run_name=cfg.run_name)
+                _run_steps(log, cfg, {"job": to_dict(cfg)}, None, None, TrainState(world_size=1), spe, from_memory)
         except _Stop:
             pass
         finally:

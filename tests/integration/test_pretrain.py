@@ -115,7 +115,8 @@ def test_uninterrupted_run_logs_to_mlflow_server(reference_zero1, mlflow_server)
     run = runs[0]
     assert run.data.params["train.zero_stage"] == "1" and run.data.params["loss.variant"] == "vsc_fc"
     for key in ("train/loss", "train/vsc_loss", "train/fc_loss", "train/logit_scale", "train/lr",
-                "train/grad_norm", "train/samples_per_s", "train/data_wait_frac"):
+                "train/grad_norm", "train/samples_per_s", "train/data_wait_frac", "train/data_wait_s",
+                "train/step_time_s", "train/skipped_rows", "train/epoch"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert steps == [1, 2, 3, 4, 5], (key, steps)
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
