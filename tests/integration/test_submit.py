@@ -23,7 +23,6 @@ import ipaddress
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import uuid
 import psutil
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 TOKEN = uuid.uuid4().hex[:12]
 PLANTED = {
@@ -52,12 +51,6 @@ TIMEOUT_S = 300
 # The first job is stopped once step CKPT_EVERY + 1 is logged (report() is a barrier, so the step
 # CKPT_EVERY checkpoint is committed): the ~40 quick steps left keep it from finishing first.
 STEPS, CKPT_EVERY = 50, 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.1):
@@ -78,7 +71,7 @@ class LocalCluster:
     def __init__(self) -> None:
         self.marker = uuid.uuid4().hex
         self.temp_dir = tempfile.mkdtemp(prefix="cvray")  # short: Ray's unix socket paths are length-capped
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = dict(os.environ, **PLANTED, CLIPVIP_TEST_CLUSTER=self.marker, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                         PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
@@ -117,14 +110,14 @@ class LocalCluster:
         agent_ports = []
 
         def node_ports() -> list[str]:
-            agent_ports.append(_free_port())
-            return [f"--dashboard-agent-listen-port={agent_ports[-1]}", f"--dashboard-agent-grpc-port={_free_port()}",
-                    f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+            agent_ports.append(free_port())
+            return [f"--dashboard-agent-listen-port={agent_ports[-1]}", f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                     "--num-cpus=2", "--disable-usage-stats"]
 
         self._ray_start("head", [*RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
                                  "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                                 f"--ray-client-server-port={_free_port()}", f"--temp-dir={self.temp_dir}",
+                                 f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
                                  *node_ports()])
         # Both nodes share one session directory here, so the head's log monitor already streams the
         # worker node's logs; a second monitor would only print every line twice.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import socket
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ from pipeline.model.clip_vip import (
     interpolate_temporal_embedding,
     sequence_length,
 )
+from tests.conftest import free_port
 
 IMAGE = 32  # tiny preset: 32 px, patch 8 -> L = 16
 L = 16
@@ -401,12 +401,6 @@ def test_gradient_checkpointing_gives_same_gradients():
 # DeepSpeed ZeRO-2 on the real module (CPU, gloo, world size 1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_deepspeed_zero2_step(monkeypatch):
     import sys
 
@@ -416,7 +410,7 @@ def test_deepspeed_zero2_step(monkeypatch):
 
     # Skip the JIT shm-allreduce build (environment.md section 3); gloo does the allreduce.
     monkeypatch.setattr(sys.modules["deepspeed.comm.torch"], "build_shm_op", lambda: None)
-    port = _free_port()
+    port = free_port()
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     for key, value in env.items():
         monkeypatch.setenv(key, value)

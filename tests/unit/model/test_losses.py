@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -25,6 +24,7 @@ from pipeline.model.losses import (
     build_loss,
     hash_clip_ids,
 )
+from tests.conftest import free_port
 from tests.unit.model import _gather_worker
 
 LOG2 = torch.tensor(math.log(2.0))  # logit multiplier g = 2
@@ -284,15 +284,9 @@ def test_gathers_are_identity_without_process_group():
 # Two gloo processes vs one process on the concatenated batch (spec 7 item 10)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_rank_gradients_equal_single_process_gradient(tmp_path):
     out_path = tmp_path / "grads.pt"
-    port, world_size = _free_port(), 2
+    port, world_size = free_port(), 2
     script = os.path.abspath(_gather_worker.__file__)
     procs = [
         subprocess.Popen(
