@@ -246,6 +246,10 @@ def _open_indexed(source: typing.Any) -> tuple[typing.Any, typing.Any, _PacketIn
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
+        if stream.codec_context.width <= 0 or stream.codec_context.height <= 0:
+            # Garbage can probe as a raw H.263/H.261 stream (~1 random file in 600) with no frame
+            # size; it is not a video we can sample, and the resize would divide by zero.
+            raise ValueError("video stream without a frame size (corrupt or not a video)")
         index = _PacketIndex.build(container, stream)
     except Exception:
         container.close()
