@@ -81,26 +81,30 @@ class PeakTensorBytes(TorchDispatchMode):
         return out
 
 
-def make_pass(layer: CLIPViPEncoderLayer, x_BSD: torch.Tensor, what: str, path: str) -> Callable[[], None]:
-    """One forward+backward of `what` ("core", "attention", "layer") on `path`."""
+def make_pass(layer: CLIPViPEncoderLayer, x_BSD: torch.Tensor, what: str, path: str,
+              num_proxies: int = M, num_frames: int = T) -> Callable[[], None]:
+    """One forward+backward of `what` ("core", "attention", "layer") on `path`, on x's device and dtype."""
     attn = layer.self_attn
     A, E = attn.num_heads, attn.head_dim
     B, S, _ = x_BSD.shape
-    qkv = [torch.randn(B, S, A, E, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    num_patches = (S - num_proxies) // num_frames
+    qkv = [torch.randn(B, S, A, E, generator=torch.Generator().manual_seed(i)).to(x_BSD) for i in range(3)]
 
     def run() -> None:
         attn.attention_mode = "sparse" if path == "sparse" else "dense"
         backend = SDPBackend.MATH if path == "dense-math" else None
         mask = None
         if path != "sparse":  # as CLIPViPEncoder does: built once per forward
-            mask = additive_mask(build_vip_attention_mask(M, T, L, x_BSD.device), x_BSD.dtype)
+            allowed = build_vip_attention_mask(num_proxies, num_frames, num_patches, x_BSD.device)
+            mask = additive_mask(allowed, x_BSD.dtype)
         with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
             if what == "core":
                 inputs = [t.detach().requires_grad_(True) for t in qkv]
-                y = attn.attend(*inputs, M, T, mask)
+                y = attn.attend(*inputs, num_proxies, num_frames, mask)
             else:
                 x = x_BSD.detach().requires_grad_(True)
-                y = attn(x, M, T, mask) if what == "attention" else layer(x, M, T, mask)
+                block = attn if what == "attention" else layer
+                y = block(x, num_proxies, num_frames, mask)
             y.backward(torch.ones_like(y))
         layer.zero_grad(set_to_none=True)
 

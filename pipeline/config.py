@@ -113,7 +113,8 @@ class CaptionConfig:
     set_name: str = "default"
     """Caption set directory name under <root>/captions/."""
     model: str = "Salesforce/blip-image-captioning-large"
-    """HF hub id, local directory, or `builtin:tiny-blip` (tiny random-init, for CPU demos)."""
+    """HF hub id, local directory, or `builtin:<name>` (random-init: tiny-blip, tiny-git for CPU demos;
+    random-blip-large, random-git-large with the real shapes, for benchmarks)."""
     revision: str | None = None
     """Hub revision (commit/tag) to pin; recorded in caption_set.json."""
     prompt: str | None = None

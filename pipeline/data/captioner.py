@@ -2,7 +2,7 @@
 
 `FrameCaptioner` loads a model and its processor once (in `__init__`, so a Ray actor pays for it
 once) and turns JPEG bytes into captions in batches. `CaptionConfig.model` may be a hub id, a
-local directory, or `builtin:<name>` (a tiny random-init model materialized on disk by
+local directory, or `builtin:<name>` (a random-init model materialized on disk by
 `captioner_builtin`, then loaded through the same local-directory path as any other model).
 
 Loading goes through the generic Auto classes (no per-model code, no `trust_remote_code` unless

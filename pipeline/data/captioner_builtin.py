@@ -1,9 +1,13 @@
-"""Tiny random-init captioners (`builtin:tiny-blip`, `builtin:tiny-git`) for CPU demos and tests.
+"""Random-init captioners built offline: `builtin:tiny-blip` / `builtin:tiny-git` for CPU demos
+and tests, `builtin:random-blip-large` / `builtin:random-git-large` for benchmarks.
 
 Nothing here is downloaded. Each builtin is a real transformers architecture (BLIP conditional
-captioning, GIT) shrunk to a few hundred thousand parameters, initialised from a fixed seed,
-with a processor built offline: a pil image processor from parameters and a WordPiece (BERT)
-tokenizer over a small fixed English vocabulary, so its (random) captions are real words.
+captioning, GIT), initialised from a fixed seed, with a processor built offline: a pil image
+processor from parameters and a WordPiece (BERT) tokenizer over a small fixed English vocabulary,
+so its (random) captions are real words. The tiny ones are shrunk to a few hundred thousand
+parameters; the `random-*-large` ones have the published shapes of BLIP-large (446M parameters)
+and GIT-large (394M), their vocabulary padded to the real size, so they cost what the real
+captioners cost per image (bench/gpu.py) while captioning nonsense.
 
 `builtin_model_dir(name)` writes model + processor with `save_pretrained` into the cache dir and
 returns that directory; `FrameCaptioner` then loads it like any other local directory, so the
@@ -17,6 +21,7 @@ import math
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 _BUILTIN_VERSION = "v1"
@@ -61,23 +66,59 @@ def vocabulary() -> list[str]:
     return list(seen)
 
 
-def _token_ids() -> dict[str, int]:
-    return {tok: i for i, tok in enumerate(vocabulary())}
-
-
 # --------------------------------------------------------------------------------------------
 # Model definitions
 
 
-def _tokenizer(bos_token: str | None) -> Any:
+def _token_ids(vocab_size: int | None = None) -> dict[str, int]:
+    """Token -> id; with `vocab_size`, padded with `[unusedN]` tokens up to that many ids (a
+    real-size model's LM head), the words keeping their ids."""
+    ids = {tok: i for i, tok in enumerate(vocabulary())}
+    for i in range(len(ids), vocab_size or 0):
+        ids[f"[unused{i}]"] = i
+    return ids
+
+
+def _tokenizer(bos_token: str | None, vocab_size: int | None = None) -> Any:
     from transformers import BertTokenizer  # noqa: PLC0415
 
     kwargs = {"bos_token": bos_token} if bos_token else {}
     # v5 tokenizers silently ignore vocab_file=; the vocab dict must be passed as `vocab`.
-    return BertTokenizer(vocab=_token_ids(), do_lower_case=True, **kwargs)
+    return BertTokenizer(vocab=_token_ids(vocab_size), do_lower_case=True, **kwargs)
 
 
-def _tiny_blip() -> tuple[Any, Any]:
+@dataclass(frozen=True, slots=True)
+class _Size:
+    """Shapes of one builtin: the vision tower, the text model, the input size, the vocabulary."""
+
+    vision: dict[str, int]
+    text: dict[str, int]
+    image_px: int
+    vocab_size: int | None = None
+    """None: the small word vocabulary; else padded to this size (see `_token_ids`)."""
+
+
+_TINY_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+_VIT_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16}
+_BERT_BASE = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12}
+# The published shapes (config.json) of Salesforce/blip-image-captioning-large (ViT-L/16 at
+# 384 px, BERT-base decoder) and microsoft/git-large (CLIP ViT-L/14 at 224 px, 6-layer
+# decoder), for benchmarks that need real cost without downloading weights.
+_SIZES = {
+    "tiny-blip": _Size(vision=dict(_TINY_TOWER, image_size=64, patch_size=16),
+                       text=dict(_TINY_TOWER, max_position_embeddings=128), image_px=64),
+    "tiny-git": _Size(vision=dict(_TINY_TOWER, image_size=64, patch_size=16),
+                      text=dict(_TINY_TOWER, max_position_embeddings=128), image_px=64),
+    "random-blip-large": _Size(vision=dict(_VIT_L, image_size=384, patch_size=16),
+                               text=dict(_BERT_BASE, num_hidden_layers=12, max_position_embeddings=512),
+                               image_px=384, vocab_size=30524),
+    "random-git-large": _Size(vision=dict(_VIT_L, image_size=224, patch_size=14),
+                              text=dict(_BERT_BASE, num_hidden_layers=6, max_position_embeddings=1024),
+                              image_px=224, vocab_size=30522),
+}
+
+
+def _blip(size: _Size) -> tuple[Any, Any]:
     from transformers import (  # noqa: PLC0415
         BlipConfig,
         BlipForConditionalGeneration,
@@ -85,75 +126,54 @@ def _tiny_blip() -> tuple[Any, Any]:
         BlipProcessor,
     )
 
-    ids = _token_ids()
+    ids = _token_ids(size.vocab_size)
     config = BlipConfig(
-        text_config={
-            "vocab_size": len(ids),
-            "hidden_size": 32,
-            "encoder_hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 128,
-            "bos_token_id": ids["[DEC]"],
-            "eos_token_id": ids["[SEP]"],
-            "sep_token_id": ids["[SEP]"],
-            "pad_token_id": ids["[PAD]"],
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 64,
-            "patch_size": 16,
-        },
-        projection_dim=32,
-        image_text_hidden_size=32,
+        text_config=dict(
+            size.text,
+            vocab_size=len(ids),
+            encoder_hidden_size=size.vision["hidden_size"],
+            bos_token_id=ids["[DEC]"],
+            eos_token_id=ids["[SEP]"],
+            sep_token_id=ids["[SEP]"],
+            pad_token_id=ids["[PAD]"],
+        ),
+        vision_config=dict(size.vision),
+        projection_dim=32 if size.vocab_size is None else 512,
+        image_text_hidden_size=32 if size.vocab_size is None else 256,
     )
     model = BlipForConditionalGeneration(config)
-    image_processor = BlipImageProcessorPil(size={"height": 64, "width": 64})
-    processor = BlipProcessor(image_processor=image_processor, tokenizer=_tokenizer("[DEC]"))
+    image_processor = BlipImageProcessorPil(size={"height": size.image_px, "width": size.image_px})
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=_tokenizer("[DEC]", size.vocab_size))
     return model, processor
 
 
-def _tiny_git() -> tuple[Any, Any]:
+def _git(size: _Size) -> tuple[Any, Any]:
     from transformers import CLIPImageProcessorPil, GitConfig, GitForCausalLM, GitProcessor  # noqa: PLC0415
 
-    ids = _token_ids()
+    ids = _token_ids(size.vocab_size)
     config = GitConfig(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 64,
-            "patch_size": 16,
-        },
+        vision_config=dict(size.vision),
         vocab_size=len(ids),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=128,
+        **size.text,
         bos_token_id=ids["[CLS]"],
         eos_token_id=ids["[SEP]"],
         pad_token_id=ids["[PAD]"],
     )
     model = GitForCausalLM(config)
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}
+        size={"shortest_edge": size.image_px}, crop_size={"height": size.image_px, "width": size.image_px}
     )
-    processor = GitProcessor(image_processor=image_processor, tokenizer=_tokenizer(None))
+    processor = GitProcessor(image_processor=image_processor, tokenizer=_tokenizer(None, size.vocab_size))
     return model, processor
 
 
-_BUILDERS = {"tiny-blip": _tiny_blip, "tiny-git": _tiny_git}
+_BUILDERS = {"tiny-blip": _blip, "tiny-git": _git, "random-blip-large": _blip, "random-git-large": _git}
 # [SEP] logit bias. Measured on 200 synthetic scenes (tests' make_jpeg), greedy, 30 new tokens:
 # tiny-git at 1.25 never gives an empty caption, median 17 words; tiny-blip gives empty captions
 # (stops at step one) for 3/200 images at 0.25 and 11/200 at 0.5, so it keeps 0 and mostly
-# runs to max_new_tokens (0/200 empty).
-_STOP_BOOST = {"tiny-blip": 0.0, "tiny-git": 1.25}
+# runs to max_new_tokens (0/200 empty). The real-size random ones never stop early, so every
+# caption costs exactly max_new_tokens decoder steps (a fixed, worst-case unit for benchmarks).
+_STOP_BOOST = {"tiny-blip": 0.0, "tiny-git": 1.25, "random-blip-large": -30.0, "random-git-large": -30.0}
 BUILTIN_NAMES: tuple[str, ...] = tuple(sorted(_BUILDERS))
 
 
@@ -229,7 +249,7 @@ def build_builtin(name: str) -> tuple[Any, Any]:
     # Construction draws from the global RNG; fork it so callers' random state is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)
-        model, processor = _BUILDERS[name]()
+        model, processor = _BUILDERS[name](_SIZES[name])
     _reinit(model, _SEED)
     _shape_output_bias(model, stop_boost=_STOP_BOOST[name])
     _set_generation_ids(model)
@@ -246,7 +266,7 @@ def cache_root() -> str:
 
 
 def builtin_model_dir(name: str) -> str:
-    """Materialize a builtin tiny captioner on disk (once) and return its directory.
+    """Materialize a builtin captioner on disk (once) and return its directory.
 
     The directory is `<cache_root()>/builtin/<name>-v1/`, holding what `save_pretrained` writes
     for the model and the processor. It is written to a temp dir and renamed into place, so

@@ -5,6 +5,7 @@ on loopback; checkpoints go to a local S3 server."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -209,3 +210,18 @@ def test_job_killed_and_resubmitted_zero2_on_s3(root, reference_zero1, s3_server
         return load_file(path)
 
     assert_same_weights(s3_weights("kill/kill-job-export"), final_weights(ref_storage, "ref-z1"))
+
+
+def test_bf16_pretrain_through_the_gpu_check(root, tmp_path):
+    """bench/gpu.py's pretrain part, the one a GPU runs on NCCL, here on gloo: `clipvip pretrain`
+    with train.precision=bf16 (the recipes' precision) through Ray Train + DeepSpeed, loss finite
+    at every step (read back from MLflow)."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--parts", "pretrain", "--root", root,
+                           "--caption-set", "git", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    part = json.loads(out.read_text())["parts"]["pretrain"]
+    assert proc.returncode == 0 and part["status"] == "ok", part
+    res = part["result"]
+    assert res["precision"] == "bf16" and res["backend"] == "gloo" and res["steps"] == 3
+    assert res["final_loss"] == res["final_loss"] and res["samples_per_s"] > 0

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from pipeline.config import CaptionConfig
 from pipeline.data.captioner import (
@@ -260,3 +261,21 @@ def test_gpu_auto_dtype_is_bfloat16() -> None:
     assert captioner.identity()["device_type"] == "cuda" and captioner.identity()["dtype"] == "bfloat16"
     assert next(captioner._model.parameters()).dtype == torch.bfloat16
     assert all(r.caption for r in captioner.caption(IMAGES))
+
+
+def test_real_size_builtins_have_the_published_shapes():
+    """random-blip-large / random-git-large cost what BLIP-large / GIT-large cost (bench/gpu.py):
+    their shapes, built on the meta device (no memory, no init), and a vocabulary padded to the
+    real size that keeps the words' ids."""
+    from pipeline.data import captioner_builtin as cb
+
+    small, big = cb._token_ids(), cb._token_ids(30524)
+    assert len(big) == 30524 and all(big[tok] == i for tok, i in small.items())
+    sizes_m = {}
+    for name, build in (("random-blip-large", cb._blip), ("random-git-large", cb._git)):
+        with torch.device("meta"):
+            model, processor = build(cb._SIZES[name])
+        sizes_m[name] = round(sum(p.numel() for p in model.parameters()) / 1e6)
+        assert processor.tokenizer.vocab_size == model.config.get_text_config().vocab_size
+    assert sizes_m == {"random-blip-large": 446, "random-git-large": 394}
+    assert {"random-blip-large", "random-git-large"} <= set(cb.BUILTIN_NAMES)
