@@ -70,8 +70,8 @@ def part_env(peak_override: float | None) -> dict[str, Any]:
     out["libraries"] = versions
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        out.update(gpu=props.name, capability=f"{props.major}.{props.minor}", gpu_mem_gib=round(props.total_memory / 2**30, 1),
-                   sms=props.multi_processor_count, nccl=".".join(map(str, torch.cuda.nccl.version())),
+        out.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
+                   gpu_mem_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count, nccl=".".join(map(str, torch.cuda.nccl.version())),
                    bf16=torch.cuda.is_bf16_supported(), peak_bf16_tflops=peak_tflops(props.name, peak_override))
     return out
 
@@ -89,7 +89,7 @@ def run_part(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if not torch.cuda.is_available():
             raise gpu_parts.Unavailable("no CUDA GPU visible (use --smoke on a CPU)")
     if name in sz.train_presets:
-        return gpu_parts.part_train(sz, sz.train_presets[name], args.peak_tflops)
+        return gpu_parts.part_train(sz, sz.train_presets[name], args.peak_tflops, args.engine)
     if name == "attention":
         return gpu_parts.part_attention(sz)
     if name == "captioner":
@@ -125,7 +125,7 @@ def isolated(name: str, args: argparse.Namespace, limit_s: float) -> dict[str, A
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [sys.executable, os.path.abspath(__file__), "--run-part", name, "--part-out", out]
-    for flag, value in (("--peak-tflops", args.peak_tflops), ("--root", args.root),
+    for flag, value in (("--peak-tflops", args.peak_tflops), ("--root", args.root), ("--engine", args.engine),
                         ("--caption-set", args.caption_set)):
         if value is not None:
             cmd += [flag, str(value)]
@@ -156,8 +156,8 @@ def summary_line(name: str, res: dict[str, Any]) -> str:
         return f"{res.get('gpu', 'no GPU')} ({res.get('gpu_mem_gib', '-')} GiB), torch {res['torch']}; {libs}"
     if name.startswith("train"):
         mfu = "-" if res["mfu"] is None else f"{100 * res['mfu']:.1f}%"
-        return (f"{res['preset']} micro batch {res['micro_batch']}: {res['clips_per_s']} clips/s, step {res['step_s']} s, "
-                f"peak {res['peak_mem_gib']} GiB, {res['gflops_per_clip']} GFLOP/clip, MFU {mfu} ({res['engine']})")
+        return (f"{res['preset']} micro batch {res['micro_batch']}: {res['clips_per_s']} clips/s, "
+                f"step {res['step_s']} s, peak {res['peak_mem_gib']} GiB, {res['gflops_per_clip']} GFLOP/clip, MFU {mfu} ({res['engine']})")
     if name == "attention":
         parts = [f"{r['scope']} {r['path']} {r.get('ms', 'OOM')} ms {r.get('kernels', '')}" for r in res["rows"]]
         return "; ".join(parts)
@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="JSON to write (default bench/results/gpu-<date>-<gpu>.json)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting parts after this many seconds")
     ap.add_argument("--peak-tflops", type=float, help="bf16 peak for MFU when the GPU is not in the table")
+    ap.add_argument("--engine", choices=("auto", "deepspeed", "torch"), default="auto",
+                    help="train parts: DeepSpeed (auto: when installed) or a plain torch loop, for the ratio")
     ap.add_argument("--root", help="pretrain part: an existing prepared root instead of making one")
     ap.add_argument("--caption-set", default="tiny_blip", help="pretrain part: the caption set of --root")
     ap.add_argument("--run-part", help=argparse.SUPPRESS)

@@ -95,7 +95,8 @@ def part_captioner(sz: Sizes) -> dict[str, Any]:
                 failed = sum(r.caption is None for r in out)
                 if failed:
                     raise RuntimeError(f"{name} {dtype} batch {bs}: {failed} images failed: {out[0].error}")
-                rows.append(dict(row, images_per_s=round(len(batch) / secs, 2), peak_mem_gib=round(peak_gib(device), 2)))
+                rows.append(dict(row, images_per_s=round(len(batch) / secs, 2),
+                                 peak_mem_gib=round(peak_gib(device), 2)))
             del cap
             reset_peak(device)
     best = {}

@@ -137,18 +137,25 @@ def init_single_rank(device: str) -> str:
     return backend
 
 
-def make_engine(cfg: Any, device: str) -> tuple[Callable[[dict[str, torch.Tensor]], float], Any, str]:
+StepFn = Callable[[dict[str, torch.Tensor]], float]
+
+
+def make_engine(cfg: Any, device: str, engine: str = "auto") -> tuple[StepFn, Any, str]:
     """(step function, task module, engine name): the pretrain worker's DeepSpeed engine (same
-    task, AdamW groups and `ds_config`); plain torch with bf16 autocast when DeepSpeed is missing."""
+    task, AdamW groups and `ds_config`), or plain torch (fp32 weights, bf16 autocast, the same
+    AdamW and clipping) when asked for or when DeepSpeed is missing ("auto")."""
     from pipeline.train.optim import make_adamw, param_groups  # noqa: PLC0415
     from pipeline.train.worker import build_task, ds_config, skip_cpu_shm_build  # noqa: PLC0415
 
     task = build_task(cfg)
     optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
-    try:
-        import deepspeed  # noqa: PLC0415
-    except ImportError:
-        deepspeed = None
+    deepspeed = None
+    if engine != "torch":
+        try:
+            import deepspeed  # noqa: PLC0415
+        except ImportError:
+            if engine == "deepspeed":
+                raise Unavailable("deepspeed is not installed") from None
     if deepspeed is not None:
         if not device.startswith("cuda"):
             skip_cpu_shm_build()
@@ -174,7 +181,8 @@ def make_engine(cfg: Any, device: str) -> tuple[Callable[[dict[str, torch.Tensor
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    return torch_step, task, "torch AdamW + bf16 autocast (deepspeed not installed)"
+    why = "asked for" if engine == "torch" else "deepspeed not installed"
+    return torch_step, task, f"torch AdamW + bf16 autocast ({why})"
 
 
 def train_config(preset: str, sz: Sizes, micro_batch: int, device: str) -> Any:
@@ -187,13 +195,13 @@ def train_config(preset: str, sz: Sizes, micro_batch: int, device: str) -> Any:
         f"train.use_gpu={str(device.startswith('cuda')).lower()}"])
 
 
-def part_train(sz: Sizes, preset: str, peak_override: float | None) -> dict[str, Any]:
+def part_train(sz: Sizes, preset: str, peak_override: float | None, engine: str = "auto") -> dict[str, Any]:
     """Largest micro batch that fits (doubling), then clips/s, step time, peak memory and MFU there."""
     from pipeline.model.flops import mfu, peak_tflops, train_flops_per_clip  # noqa: PLC0415
 
     device = sz.device
     backend = init_single_rank(device)
-    step, task, engine_name = make_engine(train_config(preset, sz, sz.micro_batches[0], device), device)
+    step, task, engine_name = make_engine(train_config(preset, sz, sz.micro_batches[0], device), device, engine)
     probe: list[dict[str, Any]] = []
     best, oom = None, False
     for m in sz.micro_batches:
@@ -219,7 +227,7 @@ def part_train(sz: Sizes, preset: str, peak_override: float | None) -> dict[str,
     if oom:  # an engine that ran out of memory mid-step is rebuilt before timing
         del step, task
         reset_peak(device)
-        step, task, engine_name = make_engine(train_config(preset, sz, best, device), device)
+        step, task, engine_name = make_engine(train_config(preset, sz, best, device), device, engine)
     batch = synthetic_batch(best, sz, device)
     for _ in range(sz.warmup_steps):
         step(batch)

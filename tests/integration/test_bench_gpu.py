@@ -46,6 +46,14 @@ def test_smoke_runs_every_part_through_the_project_code(tmp_path):
     assert "train_b32" in proc.stdout and "MFU" in proc.stdout  # the printed table
 
 
+def test_train_part_on_the_plain_torch_engine(tmp_path):
+    """The engine a bare GPU box without DeepSpeed falls back to, and the baseline of the ratio."""
+    proc, report = gpu_check(tmp_path, "--parts", "train_b32", "--engine", "torch")
+    res = report["parts"]["train_b32"]["result"]
+    assert proc.returncode == 0 and res["engine"].startswith("torch AdamW"), report
+    assert res["clips_per_s"] > 0 and res["losses_finite"]
+
+
 def test_a_failed_part_is_reported_and_the_others_still_run(tmp_path):
     proc, report = gpu_check(tmp_path, "--isolate", "--parts", "pretrain,env", "--root", str(tmp_path / "missing"))
     assert proc.returncode == 1, proc.stdout[-3000:]
