@@ -71,7 +71,8 @@ def part_env(peak_override: float | None) -> dict[str, Any]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         out.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
-                   gpu_mem_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count, nccl=".".join(map(str, torch.cuda.nccl.version())),
+                   gpu_mem_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count,
+                   nccl=".".join(map(str, torch.cuda.nccl.version())),
                    bf16=torch.cuda.is_bf16_supported(), peak_bf16_tflops=peak_tflops(props.name, peak_override))
     return out
 
@@ -157,7 +158,8 @@ def summary_line(name: str, res: dict[str, Any]) -> str:
     if name.startswith("train"):
         mfu = "-" if res["mfu"] is None else f"{100 * res['mfu']:.1f}%"
         return (f"{res['preset']} micro batch {res['micro_batch']}: {res['clips_per_s']} clips/s, "
-                f"step {res['step_s']} s, peak {res['peak_mem_gib']} GiB, {res['gflops_per_clip']} GFLOP/clip, MFU {mfu} ({res['engine']})")
+                f"step {res['step_s']} s, peak {res['peak_mem_gib']} GiB, {res['gflops_per_clip']} GFLOP/clip, "
+                f"MFU {mfu} ({res['engine']})")
     if name == "attention":
         parts = [f"{r['scope']} {r['path']} {r.get('ms', 'OOM')} ms {r.get('kernels', '')}" for r in res["rows"]]
         return "; ".join(parts)
