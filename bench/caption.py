@@ -40,7 +40,8 @@ def make_root() -> str:
     """Synthetic sample + prepared root at default frame settings (reused when complete)."""
     sample_dir, root = os.path.join(CACHE_DIR, "sample"), os.path.join(CACHE_DIR, "root")
     manifest = os.path.join(root, "manifest.json")
-    if os.path.exists(manifest) and fs.read_json(manifest).get("status") == "complete":
+    if os.path.exists(manifest) and fs.read_json(manifest).get("status") == "complete" and \
+            fs.read_json(manifest).get("schema_version") == 2:
         return root
     from pipeline.data.synthetic import make_sample_dataset  # noqa: PLC0415
 
@@ -63,7 +64,11 @@ def make_root() -> str:
 
 
 def frame_parts(root: str) -> list[str]:
-    return [p for p in fs.list_files(os.path.join(root, "frames"), suffix=".parquet")]
+    """The root's frame shards, found through its index (as every reader does)."""
+    from pipeline import viz  # noqa: PLC0415
+    from pipeline.data.root import DatasetRoot  # noqa: PLC0415
+
+    return [DatasetRoot(root).frames_uri(s) for s in viz.shards(root)]
 
 
 def bench_captions(images: list[bytes], repeats: int) -> list[tuple[str, float, float, int]]:
@@ -115,12 +120,12 @@ def bench_reads(root: str) -> None:
     rows = []
     for uri in frame_parts(root):
         size = fs.file_size(uri)
-        print(f"{os.path.basename(uri)}: middle_frame column alone is {column_bytes(uri, 'middle_frame') / size:.1%} "
+        print(f"{'/'.join(uri.split('/')[-2:])}: middle_frame column alone is {column_bytes(uri, 'middle_frame') / size:.1%} "
               f"of the file (the floor for any reader of it)")
         table, mid = capsets.read_columns(uri, None, ["clip_id", "middle_frame"])
         _, k_path = capsets.read_columns(uri, None, ["clip_id", "middle_frame", "frames"])
         plain = plain_read_bytes(uri, ["clip_id", "middle_frame"])
-        rows.append((os.path.basename(uri), table.num_rows, size, mid, plain, k_path))
+        rows.append(('/'.join(uri.split('/')[-2:]), table.num_rows, size, mid, plain, k_path))
     print(f"\nbytes read per clip by the recaption read path, root {root}")
     print(f"{'shard':20s} {'clips':>5s} {'shard B':>9s} {'B/clip':>8s} {'read B/clip':>11s} {'ratio':>7s} "
           f"{'plain read_table':>16s} {'k>1 path':>9s}")

@@ -63,7 +63,7 @@ import torch  # noqa: E402
 
 from pipeline.config import ModelConfig, PrepareJobConfig, PretrainJobConfig, load_config  # noqa: E402
 
-DATA_VERSION = "v1"
+DATA_VERSION = "v2"  # v2: the one-root-per-corpus layout (schema 2)
 MICRO_BATCH = 8
 NUM_FRAMES = 12
 IMAGE_PX = 64

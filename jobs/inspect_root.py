@@ -2,14 +2,14 @@
 
     clipvip inspect out/tiny/dataset
     clipvip inspect s3://bucket/hdvila/v1 --set storage.s3_endpoint_url=http://127.0.0.1:9000
-Reads only JSON (manifest, sidecars, caption_set.json files); never a Parquet shard.
+Reads the manifest, the shard indexes and the caption_set.json files: a constant number of reads
+whatever the number of shards; never a shard or a sidecar.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,33 +38,51 @@ def _short(text: Any, width: int = 24) -> str:
 
 
 def render(root: str, opts: fs.S3Options) -> str:
-    from pipeline.data.captions import describe_caption_sets  # noqa: PLC0415
-    from pipeline.data.shards import frames_sidecar_uri  # noqa: PLC0415
+    """The root's manifest, parts, shards and caption sets, from the manifest and the shard
+    indexes only (a constant number of reads, whatever the number of shards)."""
+    import json  # noqa: PLC0415
 
-    manifest = fs.read_json(fs.join(root, "manifest.json"), opts)
+    from pipeline.data.captions import describe_caption_sets  # noqa: PLC0415
+    from pipeline.data.index import FRAMES, read_index  # noqa: PLC0415
+    from pipeline.data.root import DatasetRoot  # noqa: PLC0415
+
+    droot = DatasetRoot(root, opts)
+    manifest = droot.open(require_complete=False)
+    order = droot.parts(manifest)
+    index = read_index(droot, FRAMES, order, pending=manifest.get("status") != "complete")
+    rows = index.to_pylist()
+    planned = sum(p["units"] for p in manifest.get("parts", []))
+    stages: dict[str, int] = {}
+    for r in rows:
+        for k, v in json.loads(r["quarantined_by_stage"]).items():
+            stages[k] = stages.get(k, 0) + v
     counts = manifest.get("counts", {})
-    units = int(manifest.get("num_units", 0))
-    with ThreadPoolExecutor(max_workers=16) as pool:  # sidecar reads are latency-bound on S3
-        sides = list(pool.map(lambda u: fs.read_json(frames_sidecar_uri(root, u), opts)
-                              if fs.exists(frames_sidecar_uri(root, u), opts) else None, range(units)))
-    stages = ", ".join(f"{k}={v}" for k, v in sorted(counts.get("quarantined_by_stage", {}).items())) or "none"
+    by_stage = ", ".join(f"{k}={v}" for k, v in sorted(stages.items())) or "none"
     out = [
         f"dataset root {root}",
         f"  status        {manifest.get('status')} (schema {manifest.get('schema_version')}, "
         f"fingerprint {manifest.get('fingerprint')})",
-        f"  clips         {counts.get('clips_ok', '?')} ok, {counts.get('clips_quarantined', '?')} quarantined "
-        f"by stage: {stages}; {counts.get('metadata_issues', 0)} malformed input lines",
-        f"  frames        {counts.get('frames', '?')} in {units} shards, "
-        f"{counts.get('frame_bytes', 0) / 1e6:.2f} MB",
+        f"  clips         {sum(r['rows'] for r in rows)} ok, {sum(r['quarantined'] for r in rows)} quarantined "
+        f"by stage: {by_stage}; {counts.get('metadata_issues', sum(p['issues'] for p in manifest.get('parts', [])))} "
+        "malformed input lines",
+        f"  frames        {sum(r['frames'] for r in rows)} in {len(rows)} shards, "
+        f"{sum(r['bytes'] for r in rows) / 1e6:.2f} MB",
         "",
-        f"shards ({sum(s is not None for s in sides)}/{units} done)",
+        f"metadata parts ({len(order)})",
     ]
-    rows = [[f"part-{u:05d}", s["rows"], s["quarantined"], s["frames"], f"{s['bytes'] / 1e6:.2f}", "done"]
-            if s else [f"part-{u:05d}", "-", "-", "-", "-", "missing"] for u, s in enumerate(sides)]
-    out.append(table(["shard", "clips", "quarantined", "frames", "MB", "status"], rows[:MAX_SHARD_LINES]))
-    if len(rows) > MAX_SHARD_LINES:
-        out.append(f"  ... {len(rows) - MAX_SHARD_LINES} more shards")
-    sets = describe_caption_sets(root, opts)
+    done_by_part: dict[str, int] = {}
+    for r in rows:
+        done_by_part[r["part"]] = done_by_part.get(r["part"], 0) + 1
+    out.append(table(["part", "videos", "clips", "units done", "malformed", "source"],
+                     [[p["name"], p["videos"], p["clips"], f"{done_by_part.get(p['name'], 0)}/{p['units']}",
+                       p["issues"], _short(p["uri"], 48)] for p in manifest.get("parts", [])]))
+    out += ["", f"shards ({len(rows)}/{planned} done)"]
+    shard_rows = [[f"{r['part']}/part-{r['unit']:05d}", r["rows"], r["quarantined"], r["frames"],
+                   f"{r['bytes'] / 1e6:.2f}"] for r in rows]
+    out.append(table(["shard", "clips", "quarantined", "frames", "MB"], shard_rows[:MAX_SHARD_LINES]))
+    if len(shard_rows) > MAX_SHARD_LINES:
+        out.append(f"  ... {len(shard_rows) - MAX_SHARD_LINES} more shards")
+    sets = describe_caption_sets(droot, order)
     listed = set(manifest.get("caption_sets", []))
     out += ["", f"caption sets ({len(sets)})"]
     set_rows = []
@@ -73,7 +91,7 @@ def render(root: str, opts: fs.S3Options) -> str:
         revs = {i.get("revision") for i in m.get("captioner", [])} or {cfg.get("revision")}
         set_rows.append([m["name"], _short(cfg.get("model"), 40), _short(",".join(sorted(map(str, revs))), 20),
                          _short(cfg.get("prompt"), 16), m.get("frames_per_clip", 1),
-                         c.get("captioned", "-"), c.get("failed", "-"), f"{m['parts_done']}/{units}",
+                         c.get("captioned", "-"), c.get("failed", "-"), f"{m['parts_done']}/{len(rows)}",
                          m.get("status"), "yes" if m["name"] in listed else "no"])
     out.append(table(["name", "model", "revision", "prompt", "k", "captioned", "failed", "parts", "status",
                       "in manifest"], set_rows))
@@ -88,8 +106,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = load_or_exit(InspectConfig, argparse.Namespace(config=None, overrides=args.overrides))
     opts = fs.S3Options.of(cfg.storage)
-    if not fs.exists(fs.join(args.root, "manifest.json"), opts):
-        print(f"inspect: {args.root} has no manifest.json (not a dataset root written by prepare)", file=sys.stderr)
+    from pipeline.data.root import RootNotReady  # noqa: PLC0415
+
+    try:
+        print(render(args.root, opts))
+    except RootNotReady as e:
+        print(f"inspect: {e}", file=sys.stderr)
         return 2
-    print(render(args.root, opts))
     return 0

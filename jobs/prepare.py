@@ -5,7 +5,8 @@ Run locally (starts a private Ray instance):
 On a cluster (see cluster/ and ray_cluster.yaml):
     ray job submit --working-dir . -- clipvip prepare --config jobs/configs/hdvila_prepare.yaml \
         --set data.root=s3://bucket/hdvila/v1
-Re-running the same command resumes: finished shards are skipped, none is written twice.
+Re-running the same command resumes: finished shards are skipped, none is written twice. Listing
+more metadata parts grows the root: only the new parts are planned and processed.
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ def main(argv: list[str]) -> int:
     args = config_parser("clipvip prepare", __doc__.splitlines()[0]).parse_args(argv)
     cfg = load_or_exit(PrepareJobConfig, args)
 
-    from pipeline.data.build import RootConflict, check_inputs, run_prepare  # noqa: PLC0415
+    from pipeline.data.build import EmptyInput, RootConflict, open_root, run_prepare  # noqa: PLC0415
     from pipeline.data.captions import CaptionSetConflict  # noqa: PLC0415
 
     try:
-        check_inputs(cfg)  # before Ray starts: a wrong path costs milliseconds, not a cluster
-        init_ray(cfg.ray)
-        summary = run_prepare(cfg)
-    except (RootConflict, CaptionSetConflict, FileNotFoundError) as e:
+        # Before Ray starts: a wrong path, a changed setting or part costs milliseconds, not a cluster.
+        inputs = open_root(cfg)
+    except (ValueError, FileNotFoundError) as e:  # RootConflict, CaptionSetConflict, a bad part name
+        print(f"prepare refused: {e}", file=sys.stderr)
+        return 2
+    init_ray(cfg.ray)
+    try:
+        summary = run_prepare(cfg, inputs=inputs)
+    except (EmptyInput, RootConflict, CaptionSetConflict) as e:
         print(f"prepare refused: {e}", file=sys.stderr)
         return 2
     print(summary.render())

@@ -23,15 +23,16 @@ def main(argv: list[str]) -> int:
     cfg = load_or_exit(RecaptionJobConfig, args)
 
     from pipeline.data.captions import CaptionSetConflict  # noqa: PLC0415
+    from pipeline.data.captions import covers  # noqa: PLC0415
     from pipeline.data.recaption import RootNotReady, open_recaption, run_recaption  # noqa: PLC0415
 
     try:
         # Before Ray starts: a wrong root or a conflicting set costs milliseconds, not a cluster,
-        # and a complete set needs no cluster at all.
-        _, capset = open_recaption(cfg)
-        if capset.get("status") != "complete":
+        # and a set that covers the root needs no cluster at all.
+        opened = open_recaption(cfg)
+        if not covers(opened.capset, opened.frames.num_rows):
             init_ray(cfg.ray)
-        summary = run_recaption(cfg)
+        summary = run_recaption(cfg, opened=opened)
     except (RootNotReady, CaptionSetConflict, FileNotFoundError) as e:
         print(f"recaption refused: {e}", file=sys.stderr)
         return 2

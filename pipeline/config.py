@@ -55,18 +55,20 @@ class DataConfig:
     root: str
     """Dataset root to write (local path or s3://bucket/prefix)."""
     metadata: tuple[str, ...]
-    """HD-VILA-100M metadata jsonl file(s): {"video_id", "url", "clip": [{"clip_id", "span"}]}."""
+    """HD-VILA-100M metadata parts, jsonl ({"video_id", "url", "clip": [{"clip_id", "span"}]}): files,
+    directories of *.jsonl, or glob patterns (s3://bucket/meta/hdvila_part*.jsonl). Each part is
+    named by its file name; listing more parts on a later run grows the root."""
     video_root: str
     """Directory (or s3:// prefix) holding <video_id>.<ext> source videos."""
-    subtitles: str | None = None
+    subtitles: str
     """clip_id->text table (.jsonl/.parquet), or a directory of per-video <video_id>.vtt/.srt."""
     video_extensions: tuple[str, ...] = ("mp4", "mkv", "webm", "mov", "avi")
     """Extensions tried, in order, when looking for <video_root>/<video_id>.<ext>."""
     clips_per_shard: int = 256
     """Target clips per work unit / shard; a video's clips never straddle two units."""
     force: bool = False
-    """Allow a changed config on an existing root: its frames, captions and quarantine are
-    deleted and rebuilt. Without it a changed config is refused."""
+    """Allow changed settings or a changed part on an existing root: its frames, captions,
+    quarantine, plans and index are deleted and rebuilt. Without it such a run is refused."""
 
     def __post_init__(self) -> None:
         if not self.metadata:
@@ -75,6 +77,8 @@ class DataConfig:
             raise ConfigError(f"data.clips_per_shard: must be >= 1, got {self.clips_per_shard}")
         if not self.root:
             raise ConfigError("data.root: must not be empty")
+        if not self.subtitles:
+            raise ConfigError("data.subtitles: must not be empty (a clip_id->text table or a directory of .vtt/.srt)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -157,6 +161,30 @@ class CaptionConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ClusterShape:
+    """The machines a recipe expects, for `clipvip plan`'s fit checks when it cannot ask the
+    cluster itself (no `ray.address`). Mirror cluster/kuberay/raycluster.yaml or ray_cluster.yaml."""
+
+    head_memory_gb: float
+    """Memory of the node the driver runs on."""
+    cpu_node_cpus: int = 0
+    """CPUs of a decode (CPU) worker node; 0 = no such node group."""
+    cpu_node_memory_gb: float = 0.0
+    gpu_node_cpus: int = 0
+    """CPUs of a GPU worker node (training workers and their loader tasks share them)."""
+    gpu_node_gpus: int = 0
+    gpu_node_memory_gb: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("head_memory_gb", "cpu_node_cpus", "cpu_node_memory_gb", "gpu_node_cpus", "gpu_node_gpus",
+                     "gpu_node_memory_gb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ray.cluster.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.gpu_node_gpus and not self.gpu_node_cpus:
+            raise ConfigError("ray.cluster.gpu_node_cpus: required when gpu_node_gpus is set")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RayConfig:
     address: str | None = None
     """Ray address to connect to; None starts a local Ray instance."""
@@ -167,6 +195,8 @@ class RayConfig:
     decode_memory_gb: float = 1.0
     """Memory reserved per decode task: one unit's frames are held until its shard is written."""
     progress_bars: bool = True
+    cluster: ClusterShape | None = None
+    """The cluster's node shapes, for `clipvip plan` (None: ask the connected cluster, or this machine)."""
 
     def __post_init__(self) -> None:
         if self.decode_cpus_per_task <= 0:

@@ -1,23 +1,29 @@
 """The Parquet contract of a dataset root: column names, Arrow schemas, file naming.
 
-Layout (see DESIGN.md):
-    <root>/manifest.json
-    <root>/frames/part-00000.parquet          one row per clip
-    <root>/frames/part-00000.json             shard sidecar, written last (the unit's done marker)
+Layout (see DESIGN.md; `data/root.py` computes every path). <part> is a metadata part's name
+(its file name without .jsonl), so a root grows part by part without renaming anything:
+    <root>/manifest.json                              schema version, settings, registered parts, counts
+    <root>/index/frames.parquet                       one row per frame shard (data/index.py)
+    <root>/index/captions-<set>.parquet               one row per caption part of a set
+    <root>/frames/<part>/part-00000.parquet           one row per clip
+    <root>/frames/<part>/part-00000.json              shard sidecar, written last (the unit's done marker)
     <root>/captions/<set>/caption_set.json
-    <root>/captions/<set>/part-00000.parquet  clip_id + caption, same rows/order as frames/part-00000
-    <root>/captions/<set>/part-00000.json     caption shard sidecar (done marker)
+    <root>/captions/<set>/<part>/part-00000.parquet   clip_id + caption, same rows/order as the frame shard
+    <root>/captions/<set>/<part>/part-00000.json      caption part sidecar (done marker)
     (a recaption with frames_per_clip > 1 adds frame_captions / frame_caption_indices columns)
-    <root>/quarantine/part-00000.parquet      clips that failed in prepare (decode/span/subtitle)
-    <root>/quarantine/metadata.parquet        malformed metadata lines (file:line in `error`)
-    <root>/quarantine/captions/<set>/part-00000.parquet   clips whose caption failed
+    <root>/quarantine/<part>/part-00000.parquet       clips that failed in prepare (decode/span/subtitle)
+    <root>/quarantine/<part>/metadata.parquet         malformed metadata lines (file:line in `error`)
+    <root>/quarantine/subtitles/*.parquet             unusable or duplicate rows of a subtitle table
+    <root>/quarantine/captions/<set>/<part>/part-00000.parquet   clips whose caption failed
+    <root>/plan/<part>/{part.json,units.parquet}      the part's units (byte ranges of its lines)
+    <root>/plan/<part>/subtitles/part-00000.parquet   a unit's subtitle-table rows (table subtitles)
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one root per corpus (parts, shard index); 1 had one flat frames/
 
 FRAME_SCHEMA = pa.schema(
     [

@@ -25,8 +25,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.data.captions import caption_part_uri, caption_quarantine_uri, complete_caption_sets
-from pipeline.data.shards import frames_part_uri, quarantine_part_uri, read_table
+from pipeline.data.captions import complete_caption_sets
+from pipeline.data.index import FRAMES, captions_kind, read_index
+from pipeline.data.root import DatasetRoot, Shard
 from pipeline.utils import fs
 
 ImageLike = bytes | np.ndarray
@@ -94,9 +95,17 @@ def frame_grid(rows: Sequence[Sequence[ImageLike]], height_px: int = 64, gap_px:
 # Dataset root
 
 
-def num_shards(root: str, opts: fs.S3Options | None = None) -> int:
-    """Frame shards of a prepared root (`num_units` of manifest.json)."""
-    return int(fs.read_json(fs.join(root, "manifest.json"), opts)["num_units"])
+def shards(root: str, opts: fs.S3Options | None = None) -> list[Shard]:
+    """Frame shards of a prepared root, in index order (manifest + frames index: two reads)."""
+    droot = DatasetRoot(root, opts)
+    index = read_index(droot, FRAMES, droot.parts(droot.open(require_complete=False)))
+    return [Shard(p, u) for p, u in zip(index.column("part").to_pylist(), index.column("unit").to_pylist())]
+
+
+def _read(uri: str, opts: fs.S3Options, columns: Sequence[str]) -> pa.Table:
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    return pq.read_table(pa.BufferReader(fs.read_bytes(uri, opts)), columns=list(columns))
 
 
 def read_frame_rows(root: str, columns: Sequence[str] = ("clip_id", "subtitle", "frames"),
@@ -105,12 +114,12 @@ def read_frame_rows(root: str, columns: Sequence[str] = ("clip_id", "subtitle", 
 
     Shards are read one at a time and reading stops once `limit` rows are in hand.
     """
-    opts = opts or fs.S3Options()
+    droot = DatasetRoot(root, opts)
     out: list[dict[str, Any]] = []
-    for unit in range(num_shards(root, opts)):
+    for shard in shards(root, droot.opts):
         if limit is not None and len(out) >= limit:
             break
-        out += read_table(frames_part_uri(root, unit), opts, list(columns)).to_pylist()
+        out += _read(droot.frames_uri(shard), droot.opts, columns).to_pylist()
     return out if limit is None else out[:limit]
 
 
@@ -118,7 +127,7 @@ def caption_table(root: str, sets: Sequence[str] | None = None,
                   opts: fs.S3Options | None = None) -> pa.Table:
     """Every clip with its subtitle and one caption column per caption set.
 
-    Caption parts are aligned row for row with the frame shard of the same index (the dataset
+    Caption parts are aligned row for row with the frame shard of the same name (the dataset
     contract), so the join is by position; the clip ids are checked, never assumed.
 
     Args:
@@ -127,28 +136,28 @@ def caption_table(root: str, sets: Sequence[str] | None = None,
         opts: how to reach S3.
 
     Returns:
-        Columns shard, clip_id, video_id, subtitle, then one string column per set (null where
-        that captioner failed on the clip).
+        Columns shard (`<part>/part-NNNNN`), clip_id, video_id, subtitle, then one string column
+        per set (null where that captioner failed on the clip).
 
     Raises:
         ValueError: a caption part lists other clip ids (or another order) than its frame shard.
     """
-    opts = opts or fs.S3Options()
-    names = list(complete_caption_sets(root, opts) if sets is None else sets)
+    droot = DatasetRoot(root, opts)
+    names = list(complete_caption_sets(droot) if sets is None else sets)
     pieces = []
-    for unit in range(num_shards(root, opts)):
-        frames = read_table(frames_part_uri(root, unit), opts, ["clip_id", "video_id", "subtitle"])
-        cols = {"shard": pa.array([unit] * frames.num_rows, pa.int32()), "clip_id": frames["clip_id"],
+    for shard in shards(root, droot.opts):
+        frames = _read(droot.frames_uri(shard), droot.opts, ["clip_id", "video_id", "subtitle"])
+        cols = {"shard": pa.array([shard.stem] * frames.num_rows, pa.string()), "clip_id": frames["clip_id"],
                 "video_id": frames["video_id"], "subtitle": frames["subtitle"]}
         for name in names:
-            caps = read_table(caption_part_uri(root, name, unit), opts, ["clip_id", "caption"])
+            caps = _read(droot.caption_uri(name, shard), droot.opts, ["clip_id", "caption"])
             if caps["clip_id"].to_pylist() != frames["clip_id"].to_pylist():
-                raise ValueError(f"caption set {name!r} part {unit} is not aligned with frame shard {unit}: "
+                raise ValueError(f"caption set {name!r} part {shard.stem} is not aligned with its frame shard: "
                                  "other clip ids or another order")
             cols[name] = caps["caption"]
         pieces.append(pa.table(cols))
     if not pieces:
-        fields = [("shard", pa.int32()), ("clip_id", pa.string()), ("video_id", pa.string()),
+        fields = [("shard", pa.string()), ("clip_id", pa.string()), ("video_id", pa.string()),
                   ("subtitle", pa.string())] + [(n, pa.string()) for n in names]
         return pa.schema(fields).empty_table()
     return pa.concat_tables(pieces)
@@ -169,23 +178,33 @@ def error_reason(error: str) -> str:
 
 
 def quarantine_table(root: str, opts: fs.S3Options | None = None) -> pa.Table:
-    """Every quarantine row of a root: prepare's (per shard and metadata) and each caption set's.
+    """Every quarantine row of a root: prepare's (per shard, per metadata part, the subtitle
+    table's) and each complete caption set's; only files the indexes say exist are read.
 
     Returns:
         Columns source ("prepare" or "caption/<set>"), clip_id, video_id, stage, reason
         (`error_reason`), error; no rows when nothing was quarantined.
     """
-    opts = opts or fs.S3Options()
-    units = range(num_shards(root, opts))
-    uris = [("prepare", quarantine_part_uri(root, u)) for u in units]
-    uris.append(("prepare", fs.join(root, "quarantine", "metadata.parquet")))
-    for name in complete_caption_sets(root, opts):
-        uris += [(f"caption/{name}", caption_quarantine_uri(root, name, u)) for u in units]
+    droot = DatasetRoot(root, opts)
+    manifest = droot.open(require_complete=False)
+    order = droot.parts(manifest)
+    frames = read_index(droot, FRAMES, order)
+    uris = [("prepare", droot.quarantine_uri(Shard(p, u))) for p, u, q in
+            zip(*(frames.column(c).to_pylist() for c in ("part", "unit", "quarantined"))) if q]
+    uris += [("prepare", droot.metadata_quarantine_uri(p["name"])) for p in manifest.get("parts", []) if p["issues"]]
+    uris += [("prepare", u) for u in fs.list_files(droot.path("quarantine", "subtitles"), droot.opts, ".parquet")]
+    for name in complete_caption_sets(droot):
+        caps = read_index(droot, captions_kind(name), order)
+        uris += [(f"caption/{name}", droot.caption_quarantine_uri(name, Shard(p, u))) for p, u, n in
+                 zip(*(caps.column(c).to_pylist() for c in ("part", "unit", "failed"))) if n]
     cols: dict[str, list[str]] = {k: [] for k in ("source", "clip_id", "video_id", "stage", "reason", "error")}
     for source, uri in uris:
-        if not fs.exists(uri, opts):
+        data = fs.read_bytes_or_none(uri, droot.opts)
+        if data is None:
             continue
-        for row in read_table(uri, opts, ["clip_id", "video_id", "stage", "error"]).to_pylist():
+        import pyarrow.parquet as pq  # noqa: PLC0415
+
+        for row in pq.read_table(pa.BufferReader(data), columns=["clip_id", "video_id", "stage", "error"]).to_pylist():
             cols["source"].append(source)
             for key in ("clip_id", "video_id", "stage", "error"):
                 cols[key].append(row[key])

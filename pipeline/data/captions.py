@@ -1,5 +1,6 @@
-"""Caption sets: `captions/<set>/part-NNNNN.parquet`, aligned row for row with the frame shard of
-the same index, plus a per-part sidecar (done marker) and `caption_set.json`.
+"""Caption sets: `captions/<set>/<part>/part-NNNNN.parquet`, aligned row for row with the frame
+shard of the same name, plus a per-part sidecar (done marker), a row per part in the set's shard
+index (`index/captions-<set>.parquet`) and `caption_set.json`.
 
 Captioning reads only the `clip_id` and `middle_frame` columns of a frame shard (and `frames`
 when more than the middle frame is captioned), so a set can be (re)generated without touching
@@ -10,20 +11,21 @@ refused. No Ray in here: `build.py` runs `caption_shard` in an actor (for prepar
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Sequence
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.config import CaptionConfig, fingerprint
-from pipeline.data.shards import frames_part_uri, write_table_atomic
+from pipeline.data.index import captions_kind, read_index
+from pipeline.data.root import DatasetRoot, Shard
+from pipeline.data.shards import clip_ids_digest, write_table_atomic
 from pipeline.utils import fs
 
 CAPTION_SET_FILE = "caption_set.json"
@@ -39,30 +41,6 @@ class Captioner(Protocol):
 
 class CaptionSetConflict(ValueError):
     """A caption set of this name exists with a different fingerprint."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Paths
-
-
-def set_dir(root: str, name: str) -> str:
-    return fs.join(root, "captions", name)
-
-
-def caption_part_uri(root: str, name: str, index: int) -> str:
-    return fs.join(set_dir(root, name), schema.part_name(index) + ".parquet")
-
-
-def caption_sidecar_uri(root: str, name: str, index: int) -> str:
-    return fs.join(set_dir(root, name), schema.part_name(index) + ".json")
-
-
-def caption_quarantine_uri(root: str, name: str, index: int) -> str:
-    return fs.join(root, "quarantine", "captions", name, schema.part_name(index) + ".parquet")
-
-
-def caption_set_uri(root: str, name: str) -> str:
-    return fs.join(set_dir(root, name), CAPTION_SET_FILE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,33 +84,33 @@ def set_fingerprint(cfg: CaptionConfig, frames_fingerprint: str, frames_per_clip
 # caption_set.json
 
 
-def open_caption_set(root: str, cfg: CaptionConfig, frames_fingerprint: str, opts: fs.S3Options,
-                     force: bool = False, frames_per_clip: int = 1) -> dict[str, Any]:
+def open_caption_set(root: DatasetRoot, cfg: CaptionConfig, frames_fingerprint: str, force: bool = False,
+                     frames_per_clip: int = 1) -> dict[str, Any]:
     """Create `caption_set.json` (status in_progress) or check an existing one matches.
 
     Returns:
-        The set's metadata; `status` is "complete" when an identical set already exists.
+        The set's metadata; `status` is "complete" when an identical set already covers the
+        shards it was finished with (a grown root may hold more: the caller extends it).
 
     Raises:
         CaptionSetConflict: the set exists with another fingerprint and `force` is False.
     """
-    uri = caption_set_uri(root, cfg.set_name)
+    uri = root.caption_set_uri(cfg.set_name)
     want = set_fingerprint(cfg, frames_fingerprint, frames_per_clip)
-    if fs.exists(uri, opts):
-        meta = fs.read_json(uri, opts)
+    meta = fs.read_json_or_none(uri, root.opts)
+    if meta is not None:
         if meta.get("fingerprint") == want:
             return meta
         if not force:
             old = meta.get("config", {})
             raise CaptionSetConflict(
-                f"caption set {cfg.set_name!r} at {set_dir(root, cfg.set_name)} was made with a different "
+                f"caption set {cfg.set_name!r} at {root.caption_set_dir(cfg.set_name)} was made with a different "
                 f"captioner/config (fingerprint {meta.get('fingerprint')} != {want}; existing: model "
                 f"{old.get('model')!r}, prompt {old.get('prompt')!r}, frames_per_clip "
                 f"{meta.get('frames_per_clip', 1)}, status {meta.get('status')!r}). A caption set is never "
                 f"overwritten: choose another caption.set_name (or, for prepare, set data.force=true to "
                 f"delete and rebuild it).")
-        fs.delete_dir(set_dir(root, cfg.set_name), opts)
-        fs.delete_dir(fs.join(root, "quarantine", "captions", cfg.set_name), opts)
+        delete_caption_set(root, cfg.set_name)
     meta = {
         "schema_version": schema.SCHEMA_VERSION,
         "name": cfg.set_name,
@@ -142,89 +120,103 @@ def open_caption_set(root: str, cfg: CaptionConfig, frames_fingerprint: str, opt
         "config": cfg.identity(),
         "status": "in_progress",
     }
-    fs.write_json_atomic(uri, meta, opts)
+    fs.write_json_atomic(uri, meta, root.opts)
     return meta
 
 
-def finish_caption_set(root: str, meta: dict[str, Any], num_units: int, opts: fs.S3Options,
-                       wall_s: float | None = None) -> dict[str, Any]:
-    """Check every part is done, then write `caption_set.json` with status complete (last).
+def delete_caption_set(root: DatasetRoot, name: str) -> None:
+    from pipeline.data.index import delete_index  # noqa: PLC0415
 
-    Aggregates the part sidecars: the captioner identities that made them (resolved revision
-    included), counts, bytes read and summed stage timings.
+    fs.delete_dir(root.caption_set_dir(name), root.opts)
+    fs.delete_dir(root.path("quarantine", "captions", name), root.opts)
+    delete_index(root, captions_kind(name))
+
+
+def covers(meta: dict[str, Any], num_shards: int) -> bool:
+    """A complete set that covers a root of `num_shards` frame shards (nothing to caption)."""
+    return meta.get("status") == "complete" and int(meta.get("counts", {}).get("shards", -1)) == num_shards
+
+
+def finish_caption_set(root: DatasetRoot, meta: dict[str, Any], frames: pa.Table, part_order: list[str],
+                       wall_s: float | None = None) -> dict[str, Any]:
+    """Compact the set's index, check it covers every frame shard, then write `caption_set.json`
+    with status complete (last), aggregated from the index rows (no sidecar is read).
+
+    Args:
+        frames: the root's frames index (one row per frame shard).
 
     Raises:
-        RuntimeError: a part has no sidecar (the job was not finished; rerun it to resume).
+        RuntimeError: a frame shard has no caption part (the job was not finished; rerun it).
     """
-    if meta.get("status") == "complete":
-        return meta  # immutable: a rerun of a finished job leaves it byte for byte as it is
+    from pipeline.data.index import compact_index  # noqa: PLC0415
+
     name = meta["name"]
-    with ThreadPoolExecutor(max_workers=16) as pool:  # sidecar reads are latency-bound on S3
-        sides = list(pool.map(lambda u: _read_json_or_none(caption_sidecar_uri(root, name, u), opts),
-                              range(num_units)))
-    missing = [u for u, s in enumerate(sides) if s is None]
+    if covers(meta, frames.num_rows):
+        return meta  # immutable: a rerun of a finished job leaves it byte for byte as it is
+    index = compact_index(root, captions_kind(name), part_order)
+    have = set(zip(index.column("part").to_pylist(), index.column("unit").to_pylist()))
+    missing = [f"{p}/{schema.part_name(u)}" for p, u in zip(frames.column("part").to_pylist(),
+                                                             frames.column("unit").to_pylist()) if (p, u) not in have]
     if missing:
         raise RuntimeError(f"caption set {name!r}: {len(missing)} parts not done (first: {missing[:5]}); "
                            "run the same command again to resume")
-    done = [s for s in sides if s is not None]
-    identities = sorted({json.dumps(s["captioner"], sort_keys=True) for s in done})
     keys = ("rows", "captioned", "failed", "frame_captions", "frame_captions_failed", "images", "bytes",
             "bytes_read")
-    counts = {k: sum(int(s.get(k, 0)) for s in done) for k in keys}
-    counts["shards"] = num_units
-    timings = {k: round(sum(float(s.get("timings_s", {}).get(k, 0.0)) for s in done), 3)
-               for k in ("read", "caption", "write")}
+    counts = {k: int(pa.compute.sum(index.column(k)).as_py() or 0) for k in keys}
+    counts["shards"] = index.num_rows
+    identities = sorted(set(index.column("captioner").to_pylist()))
+    out = dict(meta, status="complete", captioner=[json.loads(i) for i in identities], counts=counts)
     if wall_s is not None:
-        timings["wall_last_run"] = round(wall_s, 3)
-    # Images through the captioner per second of captioning (reads and writes excluded).
-    timings["images_per_caption_s"] = round(counts["images"] / timings["caption"], 3) if timings["caption"] else 0.0
-    out = dict(meta, status="complete", captioner=[json.loads(i) for i in identities], counts=counts,
-               timings_s=timings)
-    fs.write_json_atomic(caption_set_uri(root, name), out, opts)
+        out["timings_s"] = {"wall_last_run": round(wall_s, 3)}
+    fs.write_json_atomic(root.caption_set_uri(name), out, root.opts)
     return out
 
 
-def describe_caption_sets(root: str, opts: fs.S3Options | None = None) -> list[dict[str, Any]]:
-    """Every `captions/<name>/caption_set.json` under a root, with its parts-done count.
+def caption_set_names(root: DatasetRoot) -> list[str]:
+    """Names of the directories under <root>/captions (one listing)."""
+    filesystem, path = fs.resolve(root.path("captions"), root.opts)
+    infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def describe_caption_sets(root: DatasetRoot, part_order: list[str]) -> list[dict[str, Any]]:
+    """Every caption set of a root with its parts-done count (from its index, pending included).
 
     Returns:
         One dict per set, sorted by name: the set's metadata plus `parts_done`.
     """
-    filesystem, path = fs.resolve(fs.join(root, "captions"), opts)
-    infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
-    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
     out = []
-    for name in names:
-        meta = _read_json_or_none(caption_set_uri(root, name), opts)
+    for name in caption_set_names(root):
+        meta = fs.read_json_or_none(root.caption_set_uri(name), root.opts)
         if meta is None:
             continue
-        parts = fs.list_files(set_dir(root, name), opts, suffix=".json")
-        meta["parts_done"] = sum(1 for p in parts if not p.endswith(CAPTION_SET_FILE))
+        pending = meta.get("status") != "complete"  # a finished set has no fragments left
+        meta["parts_done"] = read_index(root, captions_kind(name), part_order, pending=pending).num_rows
         out.append(meta)
     return out
 
 
-def complete_caption_sets(root: str, opts: fs.S3Options | None = None) -> list[str]:
+def complete_caption_sets(root: DatasetRoot) -> list[str]:
     """Names of the caption sets whose caption_set.json says complete (what manifest.json lists)."""
-    return [m["name"] for m in describe_caption_sets(root, opts) if m.get("status") == "complete"]
+    names = []
+    for name in caption_set_names(root):
+        meta = fs.read_json_or_none(root.caption_set_uri(name), root.opts)
+        if meta is not None and meta.get("status") == "complete":
+            names.append(name)
+    return names
 
 
-def refresh_manifest_caption_sets(root: str, opts: fs.S3Options) -> list[str]:
+def refresh_manifest_caption_sets(root: DatasetRoot) -> list[str]:
     """Rewrite manifest.json's `caption_sets` from the complete sets on disk (atomically).
 
     The list is derived from the caption_set.json files at write time, so whichever job writes
     last records every set finished so far.
     """
-    uri = fs.join(root, "manifest.json")
-    manifest = fs.read_json(uri, opts)
-    sets = complete_caption_sets(root, opts)
+    manifest = root.read_manifest() or {}
+    sets = complete_caption_sets(root)
     if manifest.get("caption_sets") != sets:
-        fs.write_json_atomic(uri, dict(manifest, caption_sets=sets), opts)
+        root.write_manifest(dict(manifest, caption_sets=sets))
     return sets
-
-
-def _read_json_or_none(uri: str, opts: fs.S3Options | None) -> Any:
-    return fs.read_json(uri, opts) if fs.exists(uri, opts) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,9 +286,9 @@ def read_columns(uri: str, opts: fs.S3Options | None, columns: list[str]) -> tup
 # Captioning one shard
 
 
-def caption_shard(root: str, name: str, index: int, captioner: Captioner, set_fp: str,
-                  opts: fs.S3Options, frames_per_clip: int = 1) -> dict[str, Any]:
-    """Caption frame shard `index` into part `index` of set `name`, unless its sidecar exists.
+def caption_shard(root: DatasetRoot, name: str, shard: Shard, captioner: Captioner, set_fp: str,
+                  frames_per_clip: int = 1) -> dict[str, Any]:
+    """Caption frame shard `shard` into the same part of set `name`, unless its sidecar exists.
 
     Reads `clip_id` + `middle_frame` (+ `frames` when frames_per_clip > 1). A middle frame that
     fails becomes a null caption plus a quarantine row (stage caption); a failed extra frame a
@@ -306,14 +298,15 @@ def caption_shard(root: str, name: str, index: int, captioner: Captioner, set_fp
     Returns:
         The part's sidecar, with `skipped` True when it was already done.
     """
-    sidecar_uri = caption_sidecar_uri(root, name, index)
-    if fs.exists(sidecar_uri, opts):
-        sidecar = fs.read_json(sidecar_uri, opts)
+    opts = root.opts
+    sidecar_uri = root.caption_sidecar_uri(name, shard)
+    sidecar = fs.read_json_or_none(sidecar_uri, opts)
+    if sidecar is not None:
         sidecar["skipped"] = True
         return sidecar
 
     t0 = time.perf_counter()
-    frames_uri = frames_part_uri(root, index)
+    frames_uri = root.frames_uri(shard)
     columns = ["clip_id", "middle_frame"] + (["frames"] if frames_per_clip > 1 else [])
     table, bytes_read = read_columns(frames_uri, opts, columns)
     clip_ids = table.column("clip_id").to_pylist()
@@ -343,25 +336,27 @@ def caption_shard(root: str, name: str, index: int, captioner: Captioner, set_fp
         data["frame_caption_indices"] = picks
         extra_failed = sum(c is None for lst in data["frame_captions"] for c in lst)
     out = pa.table(data, schema=schema.caption_schema(frames_per_clip))
-    nbytes, sha = write_table_atomic(caption_part_uri(root, name, index), out, opts)
+    nbytes, sha = write_table_atomic(root.caption_uri(name, shard), out, opts)
     bad_rows = [i for i, c in enumerate(captions) if c is None]
     if bad_rows:
-        _write_caption_quarantine(root, name, index, bad_rows, clip_ids, results, opts)
+        _write_caption_quarantine(root, name, shard, bad_rows, clip_ids, results)
     write_s = time.perf_counter() - t2
 
     sidecar = {
         "schema_version": schema.SCHEMA_VERSION,
-        "unit": index,
+        "part": shard.part,
+        "unit": shard.unit,
         "set": name,
         "fingerprint": set_fp,
         "rows": out.num_rows,
         "captioned": out.num_rows - len(bad_rows),
         "failed": len(bad_rows),
+        "null_rows": bad_rows,
         "bytes": nbytes,
         "sha256": sha,
         "bytes_read": int(bytes_read),
         "images": len(images),
-        "clip_ids_sha256": hashlib.sha256("\n".join(clip_ids).encode("utf-8")).hexdigest(),
+        "clip_ids_sha256": clip_ids_digest(clip_ids),
         "captioner": captioner.identity(),
         "timings_s": {"read": round(read_s, 4), "caption": round(caption_s, 4), "write": round(write_s, 4)},
     }
@@ -373,14 +368,14 @@ def caption_shard(root: str, name: str, index: int, captioner: Captioner, set_fp
     return sidecar
 
 
-def _write_caption_quarantine(root: str, name: str, index: int, bad_rows: list[int], clip_ids: list[str],
-                              results: list[Any], opts: fs.S3Options) -> None:
+def _write_caption_quarantine(root: DatasetRoot, name: str, shard: Shard, bad_rows: list[int], clip_ids: list[str],
+                              results: list[Any]) -> None:
     # video_id/source_uri are only needed for quarantine rows, so they are read only when a
     # shard has one (rare), keeping the common read path to clip_id + middle_frame.
-    meta, _ = read_columns(frames_part_uri(root, index), opts, ["video_id", "source_uri"])
+    meta, _ = read_columns(root.frames_uri(shard), root.opts, ["video_id", "source_uri"])
     video_ids, sources = meta.column("video_id").to_pylist(), meta.column("source_uri").to_pylist()
     rows = [{"clip_id": clip_ids[i], "video_id": video_ids[i], "stage": schema.STAGE_CAPTION,
              "error": results[i].error or "captioner returned nothing", "source_uri": sources[i]}
             for i in bad_rows]
-    write_table_atomic(caption_quarantine_uri(root, name, index),
-                       pa.Table.from_pylist(rows, schema=schema.QUARANTINE_SCHEMA), opts)
+    write_table_atomic(root.caption_quarantine_uri(name, shard),
+                       pa.Table.from_pylist(rows, schema=schema.QUARANTINE_SCHEMA), root.opts)

@@ -1,7 +1,7 @@
 """Training-side data loading: a dataset root + one caption set -> this rank's micro batches.
 
 Plan of one rank's stream (cardinalities in brackets):
-    driver   DatasetIndex.open: manifest, sidecars, caption set checks; null-caption rows excluded
+    driver   DatasetIndex.open: manifest, caption set, shard indexes (4 reads); null-caption rows excluded
     driver   rank_plan (sampling.py): this rank's (shard, row) entries of the epoch    [steps * m]
     stage 1  ray.data.range(num_tasks): one row per task of `steps_per_task` steps      [1 per task]
     stage 2  map_batches task on a Ray worker: read the row groups holding its entries
@@ -28,25 +28,21 @@ Batch layout (B = micro_batch, T = num_frames, H = W = image_size_px, L = max_te
 
 from __future__ import annotations
 
-import hashlib
 import math
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import schema
-from pipeline.data.captions import caption_part_uri, caption_set_uri, caption_sidecar_uri, set_dir
+from pipeline.data.index import FRAMES, captions_kind, read_index
+from pipeline.data.root import DatasetRoot, Shard
 from pipeline.data.sampling import (BadSample, ShardLayout, clip_hash, jitter_rng, plan_positions, rank_plan,
                                     substitute_slots, transform_clip)
-from pipeline.data.shards import frames_part_uri, frames_sidecar_uri
 from pipeline.utils import fs
 
 if TYPE_CHECKING:
@@ -81,8 +77,6 @@ class LoaderConfig:
     prefetch_batches: int = 2
     row_group_cache: int = 32
     """Row groups (32 rows each) a worker process keeps read (LRU); ~ one window."""
-    verify_shards: int | None = 256
-    """Shards whose Arrow schema and clip ids are checked at open; None = all."""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch", "num_frames", "image_size_px", "window_shards", "steps_per_task",
@@ -97,44 +91,20 @@ class LoaderConfig:
 # Index
 
 
-def list_caption_sets(root: str, opts: fs.S3Options | None = None) -> list[str]:
-    """Names of caption sets under <root>/captions that have a caption_set.json."""
-    filesystem, path = fs.resolve(fs.join(root, "captions"), opts)
-    infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
-    names = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
-    return sorted(n for n in names if fs.exists(caption_set_uri(root, n), opts))
-
-
-def _type_ok(t: pa.DataType, kind: str) -> bool:
-    if kind == "string":
-        return pa.types.is_string(t) or pa.types.is_large_string(t)
-    if kind == "binary":
-        return pa.types.is_binary(t) or pa.types.is_large_binary(t)
-    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _type_ok(t.value_type, "binary")
-
-
-_KINDS = {"clip_id": "string", "subtitle": "string", "caption": "string", "frames": "list_binary",
-          "middle_frame": "binary"}
-
-
-def _check_schema(uri: str, columns: tuple[str, ...], opts: fs.S3Options) -> None:
-    filesystem, path = fs.resolve(uri, opts)
-    got = pq.read_schema(path, filesystem=filesystem)
-    bad = [f"{c} (missing)" if c not in got.names else f"{c} ({got.field(c).type})"
-           for c in columns if c not in got.names or not _type_ok(got.field(c).type, _KINDS[c])]
-    if bad:
-        raise ValueError(f"{uri}: schema mismatch, the loader needs {list(columns)}; bad columns: {bad}")
-
-
 @dataclass(frozen=True)
 class DatasetIndex:
     """What the loader knows about a root before reading any frames (plain data, ships to Ray).
+
+    Built from the root's manifest, the caption set's `caption_set.json` and the two shard
+    indexes: four object reads whatever the number of shards, on the driver and on every rank.
 
     Attributes:
         root: dataset root (local path or s3://).
         caption_set: caption set joined to the frames by shard position.
         opts: how to reach S3.
-        layout: shard ids, rows per shard and excluded (null-caption) rows.
+        layout: shard ordinals (index order), rows per shard and excluded (null-caption) rows.
+        part_names: metadata parts in registration order.
+        shard_part / shard_unit: [S] part (position in part_names) and unit of each ordinal.
         num_null_captions: rows excluded because their caption is null.
         fingerprint: the root's frames fingerprint (from manifest.json).
         token: unique per open(); keys worker-side caches so they never outlive this index.
@@ -144,6 +114,9 @@ class DatasetIndex:
     caption_set: str
     opts: fs.S3Options
     layout: ShardLayout
+    part_names: tuple[str, ...]
+    shard_part: np.ndarray
+    shard_unit: np.ndarray
     num_null_captions: int
     fingerprint: str
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -153,70 +126,62 @@ class DatasetIndex:
         """N: rows that take part in the epoch order."""
         return self.layout.total
 
+    def shard(self, ordinal: int) -> Shard:
+        return Shard(self.part_names[int(self.shard_part[ordinal])], int(self.shard_unit[ordinal]))
+
     @classmethod
-    def open(cls, root: str, caption_set: str, opts: fs.S3Options | None = None,
-             verify_shards: int | None = 256) -> DatasetIndex:
-        """Read manifest, sidecars and the caption set; fail fast on anything unusable.
+    def open(cls, root: str, caption_set: str, opts: fs.S3Options | None = None) -> DatasetIndex:
+        """Read manifest, caption set and both shard indexes; fail fast on anything unusable.
 
         Raises:
             ValueError: root not prepared or incomplete; caption set missing (the message lists
                 the sets that exist), incomplete, or made from other frames; a part missing, with
-                another row count or other clip ids than its frame shard; a schema mismatch.
+                another row count or other clip ids than its frame shard.
         """
-        opts = opts or fs.S3Options()
-        man_uri = fs.join(root, "manifest.json")
-        if not fs.exists(man_uri, opts):
-            raise ValueError(f"{root}: no manifest.json; run `clipvip prepare` on this root first")
-        manifest = fs.read_json(man_uri, opts)
-        if manifest.get("status") != "complete":
-            raise ValueError(f"{root}: prepare is incomplete (manifest status {manifest.get('status')!r}); "
-                             "rerun the same prepare command to finish it")
-        if manifest.get("schema_version") != schema.SCHEMA_VERSION:
-            raise ValueError(f"{root}: schema_version {manifest.get('schema_version')} != {schema.SCHEMA_VERSION}")
-        _open_caption_set(root, caption_set, manifest, opts)
-        units = list(range(int(manifest["num_units"])))
-        with ThreadPoolExecutor(max_workers=16) as pool:  # sidecar reads are latency-bound on S3
-            frame_sides = list(pool.map(lambda u: _read_sidecar(frames_sidecar_uri(root, u), opts), units))
-            cap_sides = list(pool.map(lambda u: _read_sidecar(caption_sidecar_uri(root, caption_set, u), opts),
-                                      units))
-        for u, fside, cside in zip(units, frame_sides, cap_sides, strict=True):
-            if fside is None:
-                raise ValueError(f"{root}: frame shard {schema.part_name(u)} has no sidecar (unit not done)")
-            if cside is None:
-                raise ValueError(f"caption set {caption_set!r} is incomplete: no {schema.part_name(u)}.json "
-                                 f"under {set_dir(root, caption_set)}")
-            if fside["rows"] != cside["rows"]:
-                raise ValueError(f"caption set {caption_set!r} part {schema.part_name(u)} has {cside['rows']} "
-                                 f"rows but frame shard has {fside['rows']}")
-        if verify_shards is None or verify_shards >= len(units):
-            check = units
-        else:  # spread evenly so a systematic misalignment anywhere is likely caught
-            check = sorted({int(i) for i in np.linspace(0, len(units) - 1, max(verify_shards, 1))})
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda u: _verify_shard(root, caption_set, u, cap_sides[u], opts), check))
-        failed = [u for u in units if cap_sides[u].get("failed", 0) > 0]
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            nulls = dict(zip(failed, pool.map(lambda u: _null_caption_rows(root, caption_set, u, opts), failed),
-                             strict=True))
-        layout = ShardLayout(shard_ids=np.array(units, dtype=np.int64),
-                             num_rows=np.array([s["rows"] for s in frame_sides], dtype=np.int64),
-                             excluded={u: r for u, r in nulls.items() if len(r)})
-        return cls(root=root, caption_set=caption_set, opts=opts, layout=layout,
-                   num_null_captions=sum(len(r) for r in nulls.values()),
+        droot = DatasetRoot(root, opts)
+        manifest = droot.open()
+        _open_caption_set(droot, caption_set, manifest)
+        order = droot.parts(manifest)
+        frames = read_index(droot, FRAMES, order, pending=False)
+        caps = read_index(droot, captions_kind(caption_set), order, pending=False)
+        f_keys = list(zip(frames.column("part").to_pylist(), frames.column("unit").to_pylist()))
+        c_rows = {k: i for i, k in enumerate(zip(caps.column("part").to_pylist(), caps.column("unit").to_pylist()))}
+        missing = [f"{p}/{schema.part_name(u)}" for p, u in f_keys if (p, u) not in c_rows]
+        if missing:
+            raise ValueError(f"caption set {caption_set!r} is incomplete: no part for {len(missing)} frame shards "
+                             f"(first: {missing[:3]}) under {droot.caption_set_dir(caption_set)}; run recaption")
+        rows = frames.column("rows").to_pylist()
+        f_sha = frames.column("clip_ids_sha256").to_pylist()
+        c_rows_col, c_sha, nulls = (caps.column(c).to_pylist() for c in ("rows", "clip_ids_sha256", "null_rows"))
+        excluded: dict[int, np.ndarray] = {}
+        for ordinal, key in enumerate(f_keys):
+            c = c_rows[key]
+            name = f"{key[0]}/{schema.part_name(key[1])}"
+            if c_rows_col[c] != rows[ordinal]:
+                raise ValueError(f"caption set {caption_set!r} part {name} has {c_rows_col[c]} rows but the frame "
+                                 f"shard has {rows[ordinal]}")
+            if c_sha[c] != f_sha[ordinal]:
+                raise ValueError(f"caption set {caption_set!r} part {name} lists other clip ids (or another order) "
+                                 f"than its frame shard; the set is misaligned, recaption it")
+            if nulls[c]:
+                excluded[ordinal] = np.array(nulls[c], dtype=np.int64)
+        part_pos = {p: i for i, p in enumerate(order)}
+        layout = ShardLayout(shard_ids=np.arange(len(f_keys), dtype=np.int64),
+                             num_rows=np.array(rows, dtype=np.int64), excluded=excluded)
+        return cls(root=root, caption_set=caption_set, opts=droot.opts, layout=layout, part_names=tuple(order),
+                   shard_part=np.array([part_pos[p] for p, _ in f_keys], dtype=np.int32),
+                   shard_unit=np.array([u for _, u in f_keys], dtype=np.int32),
+                   num_null_captions=sum(len(r) for r in excluded.values()),
                    fingerprint=str(manifest.get("fingerprint", "")))
 
 
-def _read_sidecar(uri: str, opts: fs.S3Options) -> dict[str, Any] | None:
-    return fs.read_json(uri, opts) if fs.exists(uri, opts) else None
+def _open_caption_set(root: DatasetRoot, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    meta = fs.read_json_or_none(root.caption_set_uri(name), root.opts)
+    if meta is None:
+        from pipeline.data.captions import caption_set_names  # noqa: PLC0415
 
-
-def _open_caption_set(root: str, name: str, manifest: dict[str, Any], opts: fs.S3Options) -> dict[str, Any]:
-    uri = caption_set_uri(root, name)
-    if not fs.exists(uri, opts):
-        have = list_caption_sets(root, opts)
-        raise ValueError(f"caption set {name!r} not found under {fs.join(root, 'captions')}; "
-                         f"existing sets: {have or 'none'}")
-    meta = fs.read_json(uri, opts)
+        raise ValueError(f"caption set {name!r} not found under {root.path('captions')}; "
+                         f"existing sets: {caption_set_names(root) or 'none'}")
     if meta.get("status") != "complete":
         raise ValueError(f"caption set {name!r} is incomplete (status {meta.get('status')!r}); "
                          "finish it with prepare/recaption before training")
@@ -225,30 +190,6 @@ def _open_caption_set(root: str, name: str, manifest: dict[str, Any], opts: fs.S
         raise ValueError(f"caption set {name!r} was made from other frames "
                          f"({meta.get('frames_fingerprint')} != {want}); recaption this root")
     return meta
-
-
-def _verify_shard(root: str, name: str, unit: int, cap_side: dict[str, Any], opts: fs.S3Options) -> None:
-    """Arrow schemas of both parts, and the caption part's clip ids against the frame shard's."""
-    f_uri, c_uri = frames_part_uri(root, unit), caption_part_uri(root, name, unit)
-    _check_schema(f_uri, FRAME_COLUMNS, opts)
-    _check_schema(c_uri, CAPTION_COLUMNS, opts)
-    filesystem, f_path = fs.resolve(f_uri, opts)
-    frame_ids = pq.read_table(f_path, filesystem=filesystem, columns=["clip_id"]).column(0).to_pylist()
-    want = cap_side.get("clip_ids_sha256")
-    if want is not None:
-        same = hashlib.sha256("\n".join(frame_ids).encode("utf-8")).hexdigest() == want
-    else:
-        c_fs, c_path = fs.resolve(c_uri, opts)
-        same = pq.read_table(c_path, filesystem=c_fs, columns=["clip_id"]).column(0).to_pylist() == frame_ids
-    if not same:
-        raise ValueError(f"caption set {name!r} part {schema.part_name(unit)} lists other clip ids (or another "
-                         f"order) than frame shard {f_uri}; the set is misaligned, recaption it")
-
-
-def _null_caption_rows(root: str, name: str, unit: int, opts: fs.S3Options) -> np.ndarray:
-    filesystem, path = fs.resolve(caption_part_uri(root, name, unit), opts)
-    col = pq.read_table(path, filesystem=filesystem, columns=["caption"]).column(0)
-    return np.flatnonzero(np.asarray(col.is_null().to_numpy(zero_copy_only=False))).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,10 +246,11 @@ class ShardReader:
         """
         idx = self.index
         self.rows_asked += 1
-        out = self._cell(frames_part_uri(idx.root, shard), FRAME_COLUMNS, row)
-        cap = self._cell(caption_part_uri(idx.root, idx.caption_set, shard), CAPTION_COLUMNS, row)
+        droot = DatasetRoot(idx.root, idx.opts)
+        out = self._cell(droot.frames_uri(idx.shard(shard)), FRAME_COLUMNS, row)
+        cap = self._cell(droot.caption_uri(idx.caption_set, idx.shard(shard)), CAPTION_COLUMNS, row)
         if cap["clip_id"] != out["clip_id"]:
-            raise ValueError(f"caption set {idx.caption_set!r} misaligned at {schema.part_name(shard)} row {row}: "
+            raise ValueError(f"caption set {idx.caption_set!r} misaligned at {idx.shard(shard).stem} row {row}: "
                              f"{cap['clip_id']!r} != {out['clip_id']!r}")
         out["caption"] = cap["caption"]
         return out

@@ -1,17 +1,19 @@
 """The `recaption` plan: a new caption set for a prepared dataset root, frames untouched.
 
-    driver   check manifest.json (a complete prepare root), open or check caption_set.json:
-             complete with the same fingerprint -> nothing to do; another fingerprint -> refused
-    Stage 1  caption (actor pool, GPU when present, 1 shard -> 1 row): read clip_id +
-             middle_frame (+ frames when frames_per_clip > 1) of the frame shard, caption,
-             write the caption part, its quarantine rows, then its sidecar (done marker)
-    driver   progress line per shard; aggregate the sidecars into caption_set.json (complete,
-             written last), then list every complete set of the root in manifest.json
+    driver   open the root (manifest.json: a complete prepare root), read the frames index and
+             the set's index; open or check caption_set.json: covering every frame shard with
+             the same fingerprint -> nothing to do; another fingerprint -> refused
+    Stage 1  caption (actor pool, GPU when present, 1 shard -> 1 row) the shards the set lacks:
+             read clip_id + middle_frame (+ frames when frames_per_clip > 1) of the frame shard,
+             caption, write the caption part, its quarantine rows, then its sidecar (done marker)
+    driver   progress line per shard, index rows as fragments; the compacted set index, then
+             caption_set.json (complete, written last) and every complete set in manifest.json
 
 The stage is prepare's own caption actor (`build.ShardCaptionStage` around
 `captions.caption_shard`), so both jobs caption, resume and quarantine the same way. Frames are
 only read, never decoded from video or rewritten. Resume is "run the same command again": parts
-whose sidecars exist are skipped. The caller owns `ray.init`.
+whose sidecars exist are skipped. A root grown by later prepare runs is caught up: only its new
+shards are captioned. The caller owns `ray.init`.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from typing import Any
 from pipeline import schema
 from pipeline.config import RecaptionJobConfig, to_dict
 from pipeline.data import captions as capsets
+from pipeline.data.index import FRAMES, IndexWriter, captions_kind, captions_row, read_index
+from pipeline.data.root import DatasetRoot, RootNotReady
 from pipeline.utils import fs
 
-
-class RootNotReady(ValueError):
-    """The dataset root is missing, not a prepare root, or its prepare is not complete."""
+__all__ = ["RecaptionSummary", "RootNotReady", "open_recaption", "run_recaption"]
 
 
 @dataclass(slots=True)
@@ -45,6 +47,7 @@ class RecaptionSummary:
     frame_captions: int = 0
     frame_captions_failed: int = 0
     bytes_read: int = 0
+    rows_this_run: int = 0
     caption_s: float = 0.0
     wall_s: float = 0.0
     noop: bool = False
@@ -52,11 +55,11 @@ class RecaptionSummary:
     caption_sets: list[str] = field(default_factory=list)
 
     def render(self) -> str:
-        where = capsets.set_dir(self.root, self.caption_set)
+        where = DatasetRoot(self.root).caption_set_dir(self.caption_set)
         if self.noop:
             return (f"recaption: caption set {self.caption_set!r} at {where} is already complete "
                     f"({self.captioned} captioned, {self.failed} failed, model {self.model}); nothing to do")
-        rate = self.rows / self.wall_s if self.wall_s > 0 else 0.0
+        rate = self.rows_this_run / self.wall_s if self.wall_s > 0 else 0.0
         lines = [
             "recaption summary",
             f"  caption set     {self.caption_set!r} at {where}",
@@ -68,51 +71,57 @@ class RecaptionSummary:
             lines.append(f"  frame captions  {self.frame_captions} ok, {self.frame_captions_failed} failed")
         lines += [
             f"  read            {self.bytes_read / 1e6:.2f} MB of frame shards (frames untouched)",
-            f"  throughput      {rate:.2f} clips/s over {self.wall_s:.1f} s",
+            f"  throughput      {rate:.2f} clips/s over {self.wall_s:.1f} s ({self.rows_this_run} clips this run)",
             f"  root sets       {', '.join(self.caption_sets)}",
         ]
         return "\n".join(lines)
 
 
-def s3_options(cfg: RecaptionJobConfig) -> fs.S3Options:
-    return fs.S3Options.of(cfg.storage)
+@dataclass(slots=True)
+class Opened:
+    """A recaption's view of its root, read before Ray starts (a constant number of requests)."""
+
+    root: DatasetRoot
+    manifest: dict[str, Any]
+    frames: Any
+    """The frames index (pyarrow Table), one row per frame shard."""
+    capset: dict[str, Any]
+    done: set[tuple[str, int]]
+    """Shards the set already has (its index, pending fragments included)."""
+
+    @property
+    def todo(self) -> list[tuple[str, int]]:
+        return [k for k in zip(self.frames.column("part").to_pylist(), self.frames.column("unit").to_pylist())
+                if k not in self.done]
+
+    @property
+    def part_order(self) -> list[str]:
+        return self.root.parts(self.manifest)
 
 
-def check_root(root: str, opts: fs.S3Options) -> dict[str, Any]:
-    """The root's manifest, if the root is a complete prepare root.
-
-    Raises:
-        RootNotReady: no manifest.json, prepare unfinished, or another schema version.
-    """
-    uri = fs.join(root, "manifest.json")
-    if not fs.exists(uri, opts):
-        what = "does not exist" if not fs.is_dir(root, opts) else "has no manifest.json"
-        raise RootNotReady(f"root: {root} {what}; recaption needs a dataset root written by `clipvip prepare`")
-    manifest = fs.read_json(uri, opts)
-    if manifest.get("status") != "complete":
-        raise RootNotReady(f"root: {root} is not a complete prepare root (manifest status "
-                           f"{manifest.get('status')!r}); rerun its prepare command to finish it first")
-    if manifest.get("schema_version") != schema.SCHEMA_VERSION:
-        raise RootNotReady(f"root: {root} has schema_version {manifest.get('schema_version')}, "
-                           f"this code reads {schema.SCHEMA_VERSION}")
-    return manifest
-
-
-def open_recaption(cfg: RecaptionJobConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Driver-side checks that need no Ray: (manifest, caption set metadata).
-
-    Creates `caption_set.json` (in_progress) for a new set. A returned set with status
-    "complete" means there is nothing to do.
+def open_recaption(cfg: RecaptionJobConfig) -> Opened:
+    """Driver-side checks that need no Ray; creates `caption_set.json` (in_progress) for a new set.
 
     Raises:
-        RootNotReady: see `check_root`.
+        RootNotReady: no root, not a prepare root, prepare unfinished, another schema version.
         CaptionSetConflict: a set of this name exists with another captioner/config/frames.
     """
-    opts = s3_options(cfg)
-    manifest = check_root(cfg.root, opts)
-    capset = capsets.open_caption_set(cfg.root, cfg.caption, str(manifest["fingerprint"]), opts,
+    root = DatasetRoot(cfg.root, fs.S3Options.of(cfg.storage))
+    try:
+        manifest = root.open()
+    except RootNotReady as e:
+        raise RootNotReady(f"root: {e}") from None
+    order = root.parts(manifest)
+    frames = read_index(root, FRAMES, order, pending=False)
+    capset = capsets.open_caption_set(root, cfg.caption, str(manifest["fingerprint"]),
                                       frames_per_clip=cfg.frames_per_clip)
-    return manifest, capset
+    done: set[tuple[str, int]] = set()
+    if not capsets.covers(capset, frames.num_rows):
+        index = read_index(root, captions_kind(cfg.caption.set_name), order)
+        done = set(zip(index.column("part").to_pylist(), index.column("unit").to_pylist()))
+    else:
+        done = set(zip(frames.column("part").to_pylist(), frames.column("unit").to_pylist()))
+    return Opened(root, manifest, frames, capset, done)
 
 
 def _noop_summary(cfg: RecaptionJobConfig, capset: dict[str, Any], sets: list[str]) -> RecaptionSummary:
@@ -124,64 +133,75 @@ def _noop_summary(cfg: RecaptionJobConfig, capset: dict[str, Any], sets: list[st
                             caption_sets=sets)
 
 
-def run_recaption(cfg: RecaptionJobConfig, log=print) -> RecaptionSummary:
-    """Run (or resume) a recaption on the connected Ray cluster; a no-op on a complete set.
+def run_recaption(cfg: RecaptionJobConfig, log=print, opened: Opened | None = None) -> RecaptionSummary:
+    """Run (or resume, or catch up) a recaption on the connected Ray cluster; a no-op on a set
+    that covers the root.
 
     Raises:
         RootNotReady, CaptionSetConflict: before any work (see `open_recaption`).
         RuntimeError: parts still missing at the end (rerun to resume).
     """
-    import ray  # noqa: PLC0415
+    t0 = time.perf_counter()
+    opened = opened or open_recaption(cfg)
+    root, capset = opened.root, opened.capset
+    if capsets.covers(capset, opened.frames.num_rows):
+        # Also repairs a manifest whose update was cut off after the set completed.
+        return _noop_summary(cfg, capset, capsets.refresh_manifest_caption_sets(root))
+
+    todo = opened.todo
+    summary = RecaptionSummary(root=cfg.root, caption_set=cfg.caption.set_name, model=cfg.caption.model,
+                               frames_per_clip=cfg.frames_per_clip, shards=opened.frames.num_rows,
+                               shards_skipped=opened.frames.num_rows - len(todo))
+    log(f"[recaption] {len(todo)} of {opened.frames.num_rows} shards of {cfg.root} -> caption set "
+        f"{cfg.caption.set_name!r} ({cfg.caption.model}, frames_per_clip={cfg.frames_per_clip})")
+    if todo:
+        writer = IndexWriter(root, captions_kind(cfg.caption.set_name))
+        _caption(cfg, root, capset, todo, writer, summary, t0, log)
+        writer.flush()
+    summary.wall_s = time.perf_counter() - t0
+    final = capsets.finish_caption_set(root, capset, opened.frames, opened.part_order, wall_s=summary.wall_s)
+    _totals(summary, final)
+    summary.caption_sets = capsets.refresh_manifest_caption_sets(root)
+    return summary
+
+
+def _caption(cfg: RecaptionJobConfig, root: DatasetRoot, capset: dict[str, Any], todo: list[tuple[str, int]],
+             writer: IndexWriter, summary: RecaptionSummary, t0: float, log) -> None:
     import ray.data  # noqa: PLC0415
 
     from pipeline.data.build import ShardCaptionStage, caption_resources  # noqa: PLC0415
 
-    t0 = time.perf_counter()
-    opts = s3_options(cfg)
-    manifest, capset = open_recaption(cfg)
-    if capset.get("status") == "complete":
-        # Also repairs a manifest whose update was cut off after the set completed.
-        return _noop_summary(cfg, capset, capsets.refresh_manifest_caption_sets(cfg.root, opts))
-
-    num_units = int(manifest["num_units"])
-    summary = RecaptionSummary(root=cfg.root, caption_set=cfg.caption.set_name, model=cfg.caption.model,
-                               frames_per_clip=cfg.frames_per_clip, shards=num_units)
-    log(f"[recaption] {num_units} shards of {cfg.root} -> caption set {cfg.caption.set_name!r} "
-        f"({cfg.caption.model}, frames_per_clip={cfg.frames_per_clip})")
-    if num_units:
-        ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
-        ds = ray.data.from_items([{"unit": u} for u in range(num_units)], override_num_blocks=num_units)
-        remote_args, max_actors = caption_resources(cfg.caption)
-        ds = ds.map_batches(
-            ShardCaptionStage,
-            fn_constructor_kwargs={"caption_cfg": to_dict(cfg.caption), "root": cfg.root,
-                                   "set_fp": capset["fingerprint"], "s3": asdict(opts),
-                                   "frames_per_clip": cfg.frames_per_clip},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
-            **remote_args,
-        )
-        for done, row in enumerate(ds.iter_rows(), start=1):
-            side = json.loads(row["caption_json"])
-            _accumulate(summary, side)
-            elapsed = time.perf_counter() - t0
-            eta = (num_units - done) * elapsed / done
-            log(f"[recaption] shard {side['unit']:5d} {'(resumed) ' if side.get('skipped') else ''}"
-                f"{done}/{num_units}: {side['captioned']} captioned, {side['failed']} failed "
-                f"| {summary.rows / elapsed:.2f} clips/s, ETA {eta:.0f} s")
-    summary.wall_s = time.perf_counter() - t0
-    capsets.finish_caption_set(cfg.root, capset, num_units, opts, wall_s=summary.wall_s)
-    summary.caption_sets = capsets.refresh_manifest_caption_sets(cfg.root, opts)
-    return summary
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
+    items = [{"unit": json.dumps({"part": p, "unit": u})} for p, u in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    remote_args, max_actors = caption_resources(cfg.caption)
+    ds = ds.map_batches(
+        ShardCaptionStage,
+        fn_constructor_kwargs={"caption_cfg": to_dict(cfg.caption), "root": root.uri,
+                               "set_fp": capset["fingerprint"], "s3": asdict(root.opts),
+                               "frames_per_clip": cfg.frames_per_clip},
+        batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors), **remote_args)
+    rows = 0
+    for done, row in enumerate(ds.iter_rows(), start=1):
+        side = json.loads(row["caption_json"])
+        writer.add(captions_row(side))
+        rows += side["rows"]
+        if side.get("skipped"):  # done by a run killed before its index rows were written
+            summary.shards_skipped += 1
+        else:
+            summary.rows_this_run += side["rows"]
+            summary.bytes_read += side.get("bytes_read", 0)
+            summary.caption_s += side.get("timings_s", {}).get("caption", 0.0)
+        elapsed = time.perf_counter() - t0
+        log(f"[recaption] shard {side['part']}/{schema.part_name(int(side['unit']))} "
+            f"{'(resumed) ' if side.get('skipped') else ''}{done}/{len(todo)}: {side['captioned']} captioned, "
+            f"{side['failed']} failed | {rows / elapsed:.2f} clips/s, ETA {(len(todo) - done) * elapsed / done:.0f} s")
 
 
-def _accumulate(summary: RecaptionSummary, side: dict[str, Any]) -> None:
-    summary.shards_skipped += int(bool(side.get("skipped")))
-    summary.rows += side["rows"]
-    summary.captioned += side["captioned"]
-    summary.failed += side["failed"]
-    summary.frame_captions += side.get("frame_captions", 0)
-    summary.frame_captions_failed += side.get("frame_captions_failed", 0)
-    if not side.get("skipped"):
-        summary.bytes_read += side.get("bytes_read", 0)
-        summary.caption_s += side.get("timings_s", {}).get("caption", 0.0)
+def _totals(summary: RecaptionSummary, capset: dict[str, Any]) -> None:
+    counts = capset.get("counts", {})
+    summary.rows = int(counts.get("rows", 0))
+    summary.captioned = int(counts.get("captioned", 0))
+    summary.failed = int(counts.get("failed", 0))
+    summary.frame_captions = int(counts.get("frame_captions", 0))
+    summary.frame_captions_failed = int(counts.get("frame_captions_failed", 0))

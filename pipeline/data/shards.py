@@ -1,11 +1,13 @@
 """One work unit -> one frame shard: decode every video of the unit once, write
-`frames/part-NNNNN.parquet`, its quarantine rows, then the sidecar (the unit's done marker).
+`frames/<part>/part-NNNNN.parquet`, its quarantine rows, then the sidecar (the unit's done marker).
 
-Exactly-once without a database: shard names are a pure function of the unit index, each file
-is written atomically (temp + rename locally, one PUT on S3) and the sidecar goes last. A unit
+Exactly-once without a database: shard names are a pure function of (part, unit), each file is
+written atomically (temp + rename locally, one PUT on S3) and the sidecar goes last. A unit
 interrupted anywhere before its sidecar is simply redone on the next run and rewrites the same
 bytes (decode, resize and JPEG encode are deterministic); a unit with a sidecar is never
-touched again. No Ray in here: `build.py` wraps these functions in Ray Data stages.
+touched again. The unit's clips are read back from its metadata lines (`metadata.read_unit`),
+its subtitles from the table rows joined to it at planning or from per-video cue files. No Ray
+in here: `build.py` wraps these functions in Ray Data stages.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import pyarrow.parquet as pq
 from pipeline import schema
 from pipeline.config import FramesConfig
 from pipeline.data.frames import ClipFailure, ClipFrames, SpanRequest, extract_clips
-from pipeline.data.manifest import ClipSpec, VideoEntry, WorkUnit
-from pipeline.data.subtitles import SubtitleError, find_cue_file, read_cue_file, subtitle_for_span
+from pipeline.data.metadata import ClipSpec, UnitSpec, VideoEntry, read_unit
+from pipeline.data.root import DatasetRoot, Shard
+from pipeline.data.subtitles import NO_SUBTITLE, SubtitleError, find_cue_file, read_cue_file, subtitle_for_span
 from pipeline.utils import fs
 
 # Small row groups let training readers stream a shard without holding all of it.
@@ -37,26 +40,16 @@ class UnitContext:
     root: str
     video_root: str
     video_extensions: tuple[str, ...]
+    subtitles: str | None
+    """"table" (rows joined to units at planning), "dir" (per-video cue files) or None."""
     subtitles_dir: str | None
     frames: FramesConfig
     s3: fs.S3Options
     fingerprint: str
 
-
-# ---------------------------------------------------------------------------------------------
-# Paths
-
-
-def frames_part_uri(root: str, index: int) -> str:
-    return fs.join(root, "frames", schema.part_name(index) + ".parquet")
-
-
-def frames_sidecar_uri(root: str, index: int) -> str:
-    return fs.join(root, "frames", schema.part_name(index) + ".json")
-
-
-def quarantine_part_uri(root: str, index: int) -> str:
-    return fs.join(root, "quarantine", schema.part_name(index) + ".parquet")
+    @property
+    def dataset(self) -> DatasetRoot:
+        return DatasetRoot(self.root, self.s3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,19 +92,6 @@ def find_video(ctx: UnitContext, video_id: str) -> str | None:
     return None
 
 
-def _subtitles_from_files(ctx: UnitContext, video: VideoEntry) -> tuple[dict[str, str], str | None]:
-    """Per-video cue file -> {clip_id: text}; or (empty, reason) when the file is unusable."""
-    assert ctx.subtitles_dir is not None
-    cue_uri = find_cue_file(ctx.subtitles_dir, video.video_id, ctx.s3)
-    if cue_uri is None:
-        return {}, f"no subtitle file for video {video.video_id} under {ctx.subtitles_dir}"
-    try:
-        cues = read_cue_file(cue_uri, ctx.s3)
-    except SubtitleError as e:
-        return {}, str(e)
-    return {c.clip_id: subtitle_for_span(cues, c.start_s, c.end_s) for c in video.clips}, None
-
-
 def _open_source(uri: str, opts: fs.S3Options) -> Any:
     """Local path as is; S3 objects as a seekable pyarrow file (ranged reads, no full download)."""
     if not fs.is_s3(uri):
@@ -120,21 +100,59 @@ def _open_source(uri: str, opts: fs.S3Options) -> Any:
     return filesystem.open_input_file(path)
 
 
-def decode_video(ctx: UnitContext, video: VideoEntry) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def unit_subtitles(ctx: UnitContext, shard: Shard) -> dict[str, tuple[str | None, str | None]]:
+    """clip_id -> (text, error) of the table rows joined to this unit at planning (one read; no
+    file means the table has no row for any clip of the unit)."""
+    data = fs.read_bytes_or_none(ctx.dataset.subtitles_uri(shard), ctx.s3)
+    if data is None:
+        return {}
+    table = pq.read_table(pa.BufferReader(data))
+    return {c: (t, e) for c, t, e in zip(table.column("clip_id").to_pylist(), table.column("text").to_pylist(),
+                                          table.column("error").to_pylist())}
+
+
+def _clip_texts(ctx: UnitContext, video: VideoEntry,
+                table: dict[str, tuple[str | None, str | None]] | None) -> dict[str, tuple[str | None, str | None]]:
+    """clip_id -> (subtitle, error) for every clip of the video, from the table or the cue file."""
+    if ctx.subtitles is None:
+        return {c.clip_id: ("", None) for c in video.clips}
+    if ctx.subtitles == "table":
+        assert table is not None
+        return {c.clip_id: table.get(c.clip_id, (None, NO_SUBTITLE)) for c in video.clips}
+    assert ctx.subtitles_dir is not None
+    cue_uri = find_cue_file(ctx.subtitles_dir, video.video_id, ctx.s3)
+    if cue_uri is None:
+        error = f"no subtitle file for video {video.video_id} under {ctx.subtitles_dir}"
+        return {c.clip_id: (None, error) for c in video.clips}
+    try:
+        cues = read_cue_file(cue_uri, ctx.s3)
+    except SubtitleError as e:
+        return {c.clip_id: (None, str(e)) for c in video.clips}
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for c in video.clips:
+        text = subtitle_for_span(cues, c.start_s, c.end_s)
+        out[c.clip_id] = (text, None) if text.strip() else (None, "no subtitle cue overlaps the span")
+    return out
+
+
+def decode_video(ctx: UnitContext, video: VideoEntry,
+                 table: dict[str, tuple[str | None, str | None]] | None = None
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Decode all clips of one video. Returns (frame rows, quarantine rows)."""
     rows: list[dict[str, Any]] = []
     bad: list[dict[str, str]] = []
     uri = find_video(ctx, video.video_id)
     source_uri = uri or fs.join(ctx.video_root, f"{video.video_id}.*")
-    texts: dict[str, str] = {}
-    sub_error = None
-    if ctx.subtitles_dir is not None:
-        texts, sub_error = _subtitles_from_files(ctx, video)
+    texts = _clip_texts(ctx, video, table)
 
     todo: list[ClipSpec] = []
     for clip in video.clips:
+        text, sub_error = texts[clip.clip_id]
+        # A table's verdict is known from planning, a cue file's only once the video is found.
         if clip.error_stage is not None:
             bad.append(quarantine_row(clip.clip_id, video.video_id, clip.error_stage, clip.error or "", source_uri))
+        elif sub_error is not None and ctx.subtitles == "table":
+            bad.append(quarantine_row(clip.clip_id, video.video_id, schema.STAGE_SUBTITLE, sub_error, source_uri))
         elif uri is None:
             tried = ", ".join(ctx.video_extensions)
             bad.append(quarantine_row(clip.clip_id, video.video_id, schema.STAGE_OPEN,
@@ -142,9 +160,6 @@ def decode_video(ctx: UnitContext, video: VideoEntry) -> tuple[list[dict[str, An
                                       source_uri))
         elif sub_error is not None:
             bad.append(quarantine_row(clip.clip_id, video.video_id, schema.STAGE_SUBTITLE, sub_error, source_uri))
-        elif ctx.subtitles_dir is not None and not texts.get(clip.clip_id, "").strip():
-            bad.append(quarantine_row(clip.clip_id, video.video_id, schema.STAGE_SUBTITLE,
-                                      "no subtitle cue overlaps the span", source_uri))
         else:
             todo.append(clip)
     if not todo:
@@ -168,7 +183,7 @@ def decode_video(ctx: UnitContext, video: VideoEntry) -> tuple[list[dict[str, An
             "source_uri": uri,
             "start_s": float(clip.start_s),
             "end_s": float(clip.end_s),
-            "subtitle": clip.subtitle if clip.subtitle is not None else texts[clip.clip_id],
+            "subtitle": texts[clip.clip_id][0],
             "frames": out.frames,
             "frame_times_s": [float(t) for t in out.frame_times_s],
             "middle_frame": out.middle_frame,
@@ -184,20 +199,29 @@ def decode_video(ctx: UnitContext, video: VideoEntry) -> tuple[list[dict[str, An
 # One unit
 
 
-def process_unit(unit: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
+def clip_ids_digest(clip_ids: list[str]) -> str:
+    """sha256 of a shard's clip ids in row order (frame and caption parts must agree)."""
+    return hashlib.sha256("\n".join(clip_ids).encode("utf-8")).hexdigest()
+
+
+def process_unit(spec: UnitSpec, part_uri: str, ctx: UnitContext) -> dict[str, Any]:
     """Decode and write one unit unless its sidecar already exists; returns the sidecar dict."""
-    sidecar_uri = frames_sidecar_uri(ctx.root, unit.index)
-    if fs.exists(sidecar_uri, ctx.s3):
-        sidecar = fs.read_json(sidecar_uri, ctx.s3)
+    root = ctx.dataset
+    shard = Shard(spec.part, spec.unit)
+    sidecar_uri = root.frames_sidecar_uri(shard)
+    sidecar = fs.read_json_or_none(sidecar_uri, ctx.s3)
+    if sidecar is not None:
         sidecar["skipped"] = True
         return sidecar
 
     t0 = time.perf_counter()
+    videos = read_unit(part_uri, spec, ctx.s3)
+    table = unit_subtitles(ctx, shard) if ctx.subtitles == "table" else None
     rows: list[dict[str, Any]] = []
     bad: list[dict[str, str]] = []
-    for video in unit.videos:
+    for video in videos:
         try:
-            v_rows, v_bad = decode_video(ctx, video)
+            v_rows, v_bad = decode_video(ctx, video, table)
         except Exception as e:  # noqa: BLE001  a bug or I/O error on one video must not cost the unit
             v_rows = []
             v_bad = [quarantine_row(c.clip_id, video.video_id, schema.STAGE_DECODE,
@@ -208,28 +232,33 @@ def process_unit(unit: WorkUnit, ctx: UnitContext) -> dict[str, Any]:
     decode_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    table = pa.Table.from_pylist(rows, schema=schema.FRAME_SCHEMA)
-    nbytes, sha = write_table_atomic(frames_part_uri(ctx.root, unit.index), table, ctx.s3)
+    table_out = pa.Table.from_pylist(rows, schema=schema.FRAME_SCHEMA)
+    nbytes, sha = write_table_atomic(root.frames_uri(shard), table_out, ctx.s3)
     if bad:
-        write_table_atomic(quarantine_part_uri(ctx.root, unit.index),
-                           pa.Table.from_pylist(bad, schema=schema.QUARANTINE_SCHEMA), ctx.s3)
+        write_table_atomic(root.quarantine_uri(shard), pa.Table.from_pylist(bad, schema=schema.QUARANTINE_SCHEMA),
+                           ctx.s3)
     write_s = time.perf_counter() - t1
 
     stages: dict[str, int] = {}
     for b in bad:
         stages[b["stage"]] = stages.get(b["stage"], 0) + 1
+    clip_ids = [r["clip_id"] for r in rows]
     sidecar = {
         "schema_version": schema.SCHEMA_VERSION,
-        "unit": unit.index,
+        "part": spec.part,
+        "unit": spec.unit,
         "fingerprint": ctx.fingerprint,
-        "videos": len(unit.videos),
-        "clips": unit.num_clips(),
-        "rows": table.num_rows,
+        "videos": spec.videos,
+        "clips": spec.clips,
+        "rows": table_out.num_rows,
         "quarantined": len(bad),
         "quarantined_by_stage": stages,
         "frames": sum(len(r["frames"]) for r in rows),
         "bytes": nbytes,
         "sha256": sha,
+        "clip_ids_sha256": clip_ids_digest(clip_ids),
+        "min_clip_id": min(clip_ids) if clip_ids else None,
+        "max_clip_id": max(clip_ids) if clip_ids else None,
         "timings_s": {"decode": round(decode_s, 4), "write": round(write_s, 4)},
     }
     # Every clip of the unit is accounted for exactly once: as a row or as a quarantine row.

@@ -78,19 +78,6 @@ class SubtitleTable:
             return None, NO_SUBTITLE
         return text, None
 
-    def _add(self, clip_id: str, text: str | None, error: str | None, source: str) -> None:
-        if clip_id in self.texts or clip_id in self.errors:
-            # First row wins, as for duplicate clips in the metadata.
-            self.issues.append((source, f"duplicate clip_id {clip_id!r} in subtitle table, later row ignored"))
-            return
-        if error is not None:
-            self.errors[clip_id] = error
-            return
-        clean = normalize_text(text or "")
-        if clean:
-            self.texts[clip_id] = clean
-        else:
-            self.errors[clip_id] = EMPTY_SUBTITLE
 
 
 def normalize_text(text: str) -> str:
@@ -108,76 +95,166 @@ def utf8_error(text: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# clip_id -> text tables
+# clip_id -> text tables, read in chunks (byte ranges of a jsonl file, row groups of a Parquet file)
 
 
-def load_subtitle_table(uri: str, opts: S3Options | None = None) -> SubtitleTable:
-    """Read a clip_id->text table from a jsonl or Parquet file.
+@dataclass(frozen=True, slots=True)
+class TableChunk:
+    """A piece of a subtitle table that one task parses: the jsonl lines that start in bytes
+    [start, end), or the Parquet row groups [start, end) whose first row is `first_row`."""
 
-    Args:
-        uri: Local path or `s3://` URI ending in `.parquet`, `.jsonl` or `.json` (optionally `.gz`).
-        opts: S3 endpoint/region, for `s3://` URIs.
+    uri: str
+    kind: str  # "jsonl" | "parquet"
+    index: int
+    start: int
+    end: int
+    first_row: int = 0
 
-    Returns:
-        The table; bad rows are recorded in it, never raised.
+    def to_dict(self) -> dict:
+        return {"uri": self.uri, "kind": self.kind, "index": self.index, "start": self.start, "end": self.end,
+                "first_row": self.first_row}
 
-    Raises:
-        SubtitleError: the file is missing, has an unknown extension, or lacks the needed columns.
+
+@dataclass(slots=True)
+class ChunkRows:
+    """What a chunk holds: per usable clip id its text or its error, in file order.
+
+    `order` is the row's position in the file (byte offset of a jsonl line, row number in
+    Parquet), so "first row wins" among duplicates holds across chunks.
     """
+
+    clip_ids: list[str] = field(default_factory=list)
+    texts: list[str | None] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    """jsonl: line number within the chunk; Parquet: row number (what `row_source` names)."""
+    issues: list[tuple[str, str, int]] = field(default_factory=list)
+    """(source, error, order) of rows that name no usable clip id."""
+
+    def add(self, clip_id: str, text: str | None, error: str | None, order: int, line: int) -> None:
+        if error is None:
+            text = normalize_text(text or "")
+            if not text:
+                text, error = None, EMPTY_SUBTITLE
+        self.clip_ids.append(clip_id)
+        self.texts.append(text)
+        self.errors.append(error)
+        self.order.append(order)
+        self.lines.append(line)
+
+
+def _table_kind(uri: str) -> str:
     name = uri.lower().removesuffix(".gz")
-    try:
-        if name.endswith(".parquet"):
-            return _load_parquet_table(uri, opts)
-        if name.endswith((".jsonl", ".json")):
-            return _load_jsonl_table(uri, opts)
-    except FileNotFoundError:
-        raise SubtitleError(f"{uri}: subtitle table not found") from None
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".jsonl", ".json")):
+        return "jsonl"
     raise SubtitleError(f"{uri}: subtitle table must be .jsonl or .parquet")
 
 
-def iter_lines(uri: str, opts: S3Options | None = None) -> Iterator[tuple[int, bytes]]:
-    """Yield (1-based line number, raw line bytes without the line ending), streaming the file."""
-    filesystem, path = fs.resolve(uri, opts)
-    with filesystem.open_input_stream(path) as raw:
-        reader = io.BufferedReader(raw, buffer_size=1 << 20)
-        for number, line in enumerate(reader, start=1):
-            yield number, line.rstrip(b"\r\n")
+def table_chunks(uri: str, opts: S3Options | None = None, chunk_bytes: int = 64 << 20) -> list[TableChunk]:
+    """Cut a subtitle table into chunks of about `chunk_bytes` (one request: a HEAD for jsonl,
+    the footer for Parquet).
+
+    Raises:
+        SubtitleError: missing file, unknown extension, compressed jsonl (chunks are byte
+            ranges), or a Parquet file without clip_id and text columns.
+    """
+    kind = _table_kind(uri)
+    try:
+        if kind == "jsonl":
+            if uri.lower().endswith(".gz"):
+                raise SubtitleError(f"{uri}: a compressed subtitle table cannot be read in chunks; decompress it")
+            size = fs.stat(uri, opts).size
+            return [TableChunk(uri, kind, i, a, min(a + chunk_bytes, size))
+                    for i, a in enumerate(range(0, max(size, 1), chunk_bytes))]
+        filesystem, path = fs.resolve(uri, opts)
+        with filesystem.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+            names = set(meta.schema.to_arrow_schema().names)
+    except FileNotFoundError:
+        raise SubtitleError(f"{uri}: subtitle table not found") from None
+    if "clip_id" not in names or not any(k in names for k in _TEXT_KEYS):
+        raise SubtitleError(f"{uri}: subtitle Parquet needs columns clip_id and text, has {sorted(names)}")
+    chunks, group, row, size = [], 0, 0, 0
+    for g in range(meta.num_row_groups):
+        size += meta.row_group(g).total_byte_size
+        if size >= chunk_bytes or g == meta.num_row_groups - 1:
+            chunks.append(TableChunk(uri, kind, len(chunks), group, g + 1, row))
+            row += sum(meta.row_group(i).num_rows for i in range(group, g + 1))
+            group, size = g + 1, 0
+    return chunks
 
 
-def _load_jsonl_table(uri: str, opts: S3Options | None) -> SubtitleTable:
-    table = SubtitleTable()
-    for number, raw in iter_lines(uri, opts):
-        if not raw.strip():
-            continue
-        source = f"{uri}:{number}"
-        bad_byte: int | None = None
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            # Decode anyway so the clip_id can still be named: the clip then gets a subtitle
-            # error (a quarantine row) instead of a silent "no subtitle".
-            bad_byte = e.start
-            line = raw.decode("utf-8", errors="surrogateescape")
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            table.issues.append((source, _json_reason(e, bad_byte)))
-            continue
-        if not isinstance(row, dict):
-            table.issues.append((source, f"expected a JSON object, got {type(row).__name__}"))
-            continue
-        clip_id = row.get("clip_id")
-        if not isinstance(clip_id, str) or not clip_id or utf8_error(clip_id):
-            reason = f"missing or bad clip_id: {clip_id!r}"
-            if bad_byte is not None:
-                reason = f"line is not valid UTF-8 at byte {bad_byte}"
-            table.issues.append((source, reason))
-            continue
+def read_table_chunk(chunk: TableChunk, opts: S3Options | None = None) -> ChunkRows:
+    """Parse one chunk; bad rows are recorded in it, never raised. jsonl sources are
+    "<uri>:<line>" for the first chunk and "<uri>@<byte offset>" for the others (their line
+    numbers would need every earlier byte); Parquet sources are "<uri>:row <i>"."""
+    out = ChunkRows()
+    if chunk.kind == "parquet":
+        _read_parquet_chunk(chunk, opts, out)
+        return out
+    for number, offset, raw in _chunk_lines(chunk, opts):
+        if raw.strip():
+            _add_jsonl_row(out, raw, row_source(chunk, number, offset), offset, number)
+    return out
+
+
+def row_source(chunk: TableChunk, line: int, order: int) -> str:
+    """Where a row is, for messages: see `read_table_chunk`."""
+    if chunk.kind == "parquet":
+        return f"{chunk.uri}:row {order}"
+    return f"{chunk.uri}:{line}" if chunk.start == 0 else f"{chunk.uri}@{order}"
+
+
+def _chunk_lines(chunk: TableChunk, opts: S3Options | None) -> Iterator[tuple[int, int, bytes]]:
+    """(line number within the chunk, byte offset, raw line) of the lines starting in [start, end)."""
+    filesystem, path = fs.resolve(chunk.uri, opts)
+    with filesystem.open_input_file(path) as f:
+        pos = max(chunk.start - 1, 0)
+        f.seek(pos)
+        reader = io.BufferedReader(f, buffer_size=1 << 20)
+        if chunk.start > 0:
+            pos += len(reader.readline())  # the line holding byte start - 1 belongs to the chunk before
+        number = 0
+        while pos < chunk.end:
+            line = reader.readline()
+            if not line:
+                break
+            number += 1
+            yield number, pos, line.rstrip(b"\r\n")
+            pos += len(line)
+
+
+def _add_jsonl_row(out: ChunkRows, raw: bytes, source: str, order: int, number: int) -> None:
+    bad_byte: int | None = None
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # Decode anyway so the clip_id can still be named: the clip then gets a subtitle
+        # error (a quarantine row) instead of a silent "no subtitle".
+        bad_byte = e.start
+        line = raw.decode("utf-8", errors="surrogateescape")
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        out.issues.append((source, _json_reason(e, bad_byte), order))
+        return
+    if not isinstance(row, dict):
+        out.issues.append((source, f"expected a JSON object, got {type(row).__name__}", order))
+        return
+    clip_id = row.get("clip_id")
+    if not isinstance(clip_id, str) or not clip_id or utf8_error(clip_id):
+        reason = f"missing or bad clip_id: {clip_id!r}"
         if bad_byte is not None:
-            table._add(clip_id, None, f"subtitle is not valid UTF-8 at byte {bad_byte} of {source}", source)
-            continue
-        table._add(clip_id, *_row_text(row, source), source)
-    return table
+            reason = f"line is not valid UTF-8 at byte {bad_byte}"
+        out.issues.append((source, reason, order))
+        return
+    if bad_byte is not None:
+        out.add(clip_id, None, f"subtitle is not valid UTF-8 at byte {bad_byte} of {source}", order, number)
+        return
+    out.add(clip_id, *_row_text(row, source), order, number)
 
 
 def _json_reason(e: json.JSONDecodeError | None, bad_byte: int | None) -> str:
@@ -203,44 +280,76 @@ def _row_text(row: dict, source: str) -> tuple[str | None, str | None]:
     return text, None
 
 
-def _load_parquet_table(uri: str, opts: S3Options | None) -> SubtitleTable:
-    filesystem, path = fs.resolve(uri, opts)
-    table = SubtitleTable()
+def _read_parquet_chunk(chunk: TableChunk, opts: S3Options | None, out: ChunkRows) -> None:
+    filesystem, path = fs.resolve(chunk.uri, opts)
     with filesystem.open_input_file(path) as f:
         pfile = pq.ParquetFile(f)
-        names = set(pfile.schema_arrow.names)
-        text_col = next((k for k in _TEXT_KEYS if k in names), None)
-        if "clip_id" not in names or text_col is None:
-            raise SubtitleError(f"{uri}: subtitle Parquet needs columns clip_id and text, has {sorted(names)}")
-        row = 0
-        for batch in pfile.iter_batches(batch_size=65536, columns=["clip_id", text_col]):
+        text_col = next(k for k in _TEXT_KEYS if k in pfile.schema_arrow.names)
+        row = chunk.first_row
+        for batch in pfile.iter_batches(batch_size=65536, row_groups=list(range(chunk.start, chunk.end)),
+                                        columns=["clip_id", text_col]):
             # Parquet readers do not validate UTF-8, so values are checked here, as bytes.
             ids = batch.column(0).cast(pa.binary()).to_pylist()
             texts = batch.column(1).cast(pa.binary()).to_pylist()
             for raw_id, raw_text in zip(ids, texts):
-                _add_parquet_row(table, raw_id, raw_text, f"{uri}:row {row}")
+                _add_parquet_row(out, raw_id, raw_text, f"{chunk.uri}:row {row}", row)
                 row += 1
-    return table
 
 
-def _add_parquet_row(table: SubtitleTable, raw_id: bytes | None, raw_text: bytes | None, source: str) -> None:
+def _add_parquet_row(out: ChunkRows, raw_id: bytes | None, raw_text: bytes | None, source: str, order: int) -> None:
     try:
         clip_id = raw_id.decode("utf-8") if raw_id is not None else ""
     except UnicodeDecodeError as e:
-        table.issues.append((source, f"clip_id is not valid UTF-8 at byte {e.start}"))
+        out.issues.append((source, f"clip_id is not valid UTF-8 at byte {e.start}", order))
         return
     if not clip_id:
-        table.issues.append((source, "missing clip_id"))
+        out.issues.append((source, "missing clip_id", order))
         return
     if raw_text is None:
-        table._add(clip_id, None, f"subtitle row has a null text ({source})", source)
+        out.add(clip_id, None, f"subtitle row has a null text ({source})", order, order)
         return
     try:
         text = raw_text.decode("utf-8")
     except UnicodeDecodeError as e:
-        table._add(clip_id, None, f"subtitle is not valid UTF-8 at byte {e.start} of {source}", source)
+        out.add(clip_id, None, f"subtitle is not valid UTF-8 at byte {e.start} of {source}", order, order)
         return
-    table._add(clip_id, text, None, source)
+    out.add(clip_id, text, None, order, order)
+
+
+def duplicate_issue(clip_id: str) -> str:
+    return f"duplicate clip_id {clip_id!r} in subtitle table, later row ignored"
+
+
+def load_subtitle_table(uri: str, opts: S3Options | None = None) -> SubtitleTable:
+    """Read a whole clip_id->text table into memory (small tables, tests and tools; `prepare`
+    joins tables chunk by chunk on the cluster instead, `planning.py`).
+
+    Raises:
+        SubtitleError: the file is missing, has an unknown extension, or lacks the needed columns.
+    """
+    table = SubtitleTable()
+    chunks = table_chunks(uri, opts, chunk_bytes=1 << 62)  # one chunk: exact line numbers
+    for chunk in chunks:
+        rows = read_table_chunk(chunk, opts)
+        issues = list(rows.issues)
+        for clip_id, text, error, order, line in zip(rows.clip_ids, rows.texts, rows.errors, rows.order, rows.lines):
+            if clip_id in table.texts or clip_id in table.errors:
+                issues.append((row_source(chunk, line, order), duplicate_issue(clip_id), order))
+            elif error is not None:
+                table.errors[clip_id] = error
+            else:
+                table.texts[clip_id] = text
+        table.issues.extend((source, error) for source, error, _ in sorted(issues, key=lambda i: i[2]))
+    return table
+
+
+def iter_lines(uri: str, opts: S3Options | None = None) -> Iterator[tuple[int, bytes]]:
+    """Yield (1-based line number, raw line bytes without the line ending), streaming the file."""
+    filesystem, path = fs.resolve(uri, opts)
+    with filesystem.open_input_stream(path) as raw:
+        reader = io.BufferedReader(raw, buffer_size=1 << 20)
+        for number, line in enumerate(reader, start=1):
+            yield number, line.rstrip(b"\r\n")
 
 
 # --------------------------------------------------------------------------------------------

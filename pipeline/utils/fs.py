@@ -94,26 +94,79 @@ def is_dir(uri: str, opts: S3Options | None = None) -> bool:
     return False
 
 
-def read_bytes(uri: str, opts: S3Options | None = None) -> bytes:
-    fs, path = resolve(uri, opts)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+@functools.lru_cache(maxsize=8)
+def _s3_client(endpoint_url: str | None, region: str | None) -> Any:
+    """A boto3 S3 client (AWS credential chain), for the calls that pyarrow makes in several
+    requests: a whole-object read is one GET (pyarrow: HEAD + GET), a write one PUT (pyarrow: a
+    three-request multipart upload)."""
+    import boto3  # noqa: PLC0415
+    from botocore.config import Config  # noqa: PLC0415
+
+    session = boto3.Session()
+    return session.client("s3", endpoint_url=endpoint_url, region_name=region or session.region_name or "us-east-1",
+                          config=Config(retries={"mode": "standard", "max_attempts": 5}))
+
+
+def _bucket_key(uri: str, opts: S3Options | None) -> tuple[Any, str, str]:
+    opts = opts or S3Options()
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return _s3_client(_endpoint(opts), opts.region), bucket, key
+
+
+def _is_missing(error: Exception) -> bool:
+    code = str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
+    return code in ("NoSuchKey", "404", "NotFound")
+
+
+def read_bytes(uri: str, opts: S3Options | None = None, start: int | None = None, end: int | None = None) -> bytes:
+    """The whole object (one GET on S3), or bytes [start, end) of it (one ranged GET).
+
+    Raises:
+        FileNotFoundError: the object or file does not exist.
+    """
+    if is_s3(uri):
+        client, bucket, key = _bucket_key(uri, opts)
+        kwargs = {} if start is None else {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
+        try:
+            return client.get_object(Bucket=bucket, Key=key, **kwargs)["Body"].read()
+        except Exception as e:  # noqa: BLE001  botocore's ClientError, imported lazily
+            if _is_missing(e):
+                raise FileNotFoundError(f"no such object: {uri}") from None
+            raise
+    with open(os.path.abspath(uri), "rb") as f:
+        if start is None:
+            return f.read()
+        f.seek(start)
+        return f.read(-1 if end is None else end - start)
+
+
+def read_bytes_or_none(uri: str, opts: S3Options | None = None) -> bytes | None:
+    """`read_bytes`, or None when the object does not exist (one request either way)."""
+    try:
+        return read_bytes(uri, opts)
+    except FileNotFoundError:
+        return None
 
 
 def read_json(uri: str, opts: S3Options | None = None) -> Any:
     return json.loads(read_bytes(uri, opts).decode("utf-8"))
 
 
+def read_json_or_none(uri: str, opts: S3Options | None = None) -> Any:
+    data = read_bytes_or_none(uri, opts)
+    return None if data is None else json.loads(data.decode("utf-8"))
+
+
 def write_bytes_atomic(uri: str, data: bytes, opts: S3Options | None = None) -> None:
     """Write a whole object so readers see all of it or none of it.
 
-    Local: write a temp file beside the target, fsync, rename. S3: one PUT is already atomic.
+    Local: write a temp file beside the target, fsync, rename. S3: one PUT, which is atomic.
     """
-    fs, path = resolve(uri, opts)
     if is_s3(uri):
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+        client, bucket, key = _bucket_key(uri, opts)
+        client.put_object(Bucket=bucket, Key=key, Body=data)
         return
+    path = os.path.abspath(uri)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with open(tmp, "wb") as f:
@@ -121,6 +174,45 @@ def write_bytes_atomic(uri: str, data: bytes, opts: S3Options | None = None) -> 
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """What identifies an object's version cheaply: its size and its ETag (S3) or mtime (local)."""
+
+    size: int
+    version: str
+
+
+def stat(uri: str, opts: S3Options | None = None) -> Stat:
+    """Size and version tag of a file/object (one HEAD on S3).
+
+    Raises:
+        FileNotFoundError: it does not exist.
+    """
+    if is_s3(uri):
+        client, bucket, key = _bucket_key(uri, opts)
+        try:
+            head = client.head_object(Bucket=bucket, Key=key)
+        except Exception as e:  # noqa: BLE001
+            if _is_missing(e):
+                raise FileNotFoundError(f"no such object: {uri}") from None
+            raise
+        return Stat(int(head["ContentLength"]), str(head.get("ETag", "")).strip('"'))
+    st = os.stat(os.path.abspath(uri))
+    return Stat(st.st_size, f"mtime:{st.st_mtime_ns}")
+
+
+def sha256_of(uri: str, opts: S3Options | None = None) -> str:
+    """sha256 hex of a file's bytes, streamed (constant memory)."""
+    import hashlib  # noqa: PLC0415
+
+    filesystem, path = resolve(uri, opts)
+    digest = hashlib.sha256()
+    with filesystem.open_input_stream(path, compression=None) as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json_atomic(uri: str, obj: Any, opts: S3Options | None = None) -> None:
@@ -139,6 +231,15 @@ def list_files(uri: str, opts: S3Options | None = None, suffix: str = "") -> lis
             continue
         out.append(join(uri, info.base_name))
     return sorted(out)
+
+
+def delete_file(uri: str, opts: S3Options | None = None) -> None:
+    """Delete one file/object; a missing one is not an error."""
+    filesystem, path = resolve(uri, opts)
+    try:
+        filesystem.delete_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def delete_dir(uri: str, opts: S3Options | None = None) -> None:

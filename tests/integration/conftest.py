@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -50,6 +51,48 @@ def s3_server():
     server.stop()
 
 
+class RequestLog:
+    """Every request an S3 endpoint answered: (method, path, query), in arrival order."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, str]] = []
+        self._lock = threading.Lock()
+
+    def add(self, method: str, path: str, query: str) -> None:
+        with self._lock:
+            self.requests.append((method, path, query))
+
+    def since(self, mark: int) -> list[tuple[str, str, str]]:
+        with self._lock:
+            return list(self.requests[mark:])
+
+    def mark(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+
+@pytest.fixture(scope="session")
+def s3_counting():
+    """A moto S3 endpoint on loopback that records every request it answers (a WSGI layer in front
+    of moto's own app, the same server ThreadedMotoServer runs); yields (endpoint URL, RequestLog)."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    log = RequestLog()
+    app = DomainDispatcherApplication(create_backend_app)
+
+    def counting(environ, start_response):
+        log.add(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
+        return app(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, counting, True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", log
+    server.shutdown()
+    thread.join()
+
+
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory):
     """Small synthetic dataset (session-wide, read-only for tests: copy before mutating)."""
@@ -68,6 +111,16 @@ def clipvip(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def parquet_tables(root: str, sub: str = "frames") -> dict:
+    """{"<relative path>": table} of every Parquet file under <root>/<sub> (all parts), sorted."""
+    import pyarrow.parquet as pq
+
+    base = os.path.join(root, sub)
+    files = sorted(os.path.relpath(os.path.join(d, f), base) for d, _, names in os.walk(base) for f in names
+                   if f.endswith(".parquet"))
+    return {f: pq.read_table(os.path.join(base, f)) for f in files}
 
 
 def copy_tree(src: str, dst: str) -> str:

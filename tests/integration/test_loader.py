@@ -16,6 +16,7 @@ import torch
 from pipeline.config import PrepareJobConfig, load_config
 from pipeline.data.build import run_prepare
 from pipeline.data.loader import DatasetIndex, LoaderConfig, iter_rank_batches
+from pipeline.data.root import DatasetRoot
 from pipeline.data.sampling import clip_hash, plan_positions, rank_plan, steps_per_epoch
 from pipeline.data.shards import write_table_atomic
 from pipeline.model.tokenizer import tokenize
@@ -37,16 +38,25 @@ def root(ray_local, sample_data, tmp_path_factory):
 
 
 def clip_ids(root, caption_set="default"):
-    """(shard, row) -> (clip_id, subtitle, caption) straight from the Parquet files."""
+    """(shard ordinal, row) -> (clip_id, subtitle, caption) straight from the Parquet files."""
     out = {}
-    for name in sorted(os.listdir(os.path.join(root, "frames"))):
-        if name.endswith(".parquet"):
-            shard = int(name[5:10])
-            f = pq.read_table(os.path.join(root, "frames", name), columns=["clip_id", "subtitle"]).to_pylist()
-            c = pq.read_table(os.path.join(root, "captions", caption_set, name)).to_pylist()
-            for r, (fr, cr) in enumerate(zip(f, c, strict=True)):
-                out[(shard, r)] = (fr["clip_id"], fr["subtitle"], cr["caption"])
+    index = DatasetIndex.open(root, caption_set)
+    droot = DatasetRoot(root)
+    for ordinal in range(len(index.shard_unit)):
+        shard = index.shard(ordinal)
+        f = pq.read_table(droot.frames_uri(shard), columns=["clip_id", "subtitle"]).to_pylist()
+        c = pq.read_table(droot.caption_uri(caption_set, shard)).to_pylist()
+        for r, (fr, cr) in enumerate(zip(f, c, strict=True)):
+            out[(ordinal, r)] = (fr["clip_id"], fr["subtitle"], cr["caption"])
     return out
+
+
+def rewrite_index(root, kind, change):
+    """Test setup: edit rows of a compacted shard index (a reader trusts it, never the sidecars)."""
+    path = DatasetRoot(root).index_uri(kind)
+    table = pq.read_table(path)
+    rows = [change(i, r) for i, r in enumerate(table.to_pylist())]
+    pq.write_table(pa.Table.from_pylist([r for r in rows if r is not None], schema=table.schema), path)
 
 
 def collect(index, rank=0, world_size=1, start_step=0, cfg=CFG, epoch=0):
@@ -104,20 +114,20 @@ def test_resumed_stream_equals_uninterrupted_tail(root):
 def test_unusable_roots_fail_at_open(root, tmp_path):
     with pytest.raises(ValueError, match=r"caption set 'ofa' not found.*existing sets: \['default'\]"):
         DatasetIndex.open(root, "ofa")
-    bad = shutil.copytree(root, str(tmp_path / "bad"))
-    side = os.path.join(bad, "captions", "default", "part-00001.json")
-    meta = json.load(open(side))
-    json.dump(dict(meta, rows=meta["rows"] + 1), open(side, "w"))
-    with pytest.raises(ValueError, match="part-00001 has .* rows"):
-        DatasetIndex.open(bad, "default")
-    json.dump(meta, open(side, "w"))
-    part = os.path.join(bad, "frames", "part-00002.parquet")
-    pq.write_table(pq.read_table(part).drop_columns(["middle_frame"]), part)
-    with pytest.raises(ValueError, match="schema mismatch.*middle_frame"):
-        DatasetIndex.open(bad, "default")
-    os.remove(os.path.join(bad, "captions", "default", "part-00000.json"))
-    with pytest.raises(ValueError, match="incomplete"):
-        DatasetIndex.open(bad, "default")
+    for change, match in [
+        (lambda i, r: dict(r, rows=r["rows"] + 1) if i == 1 else r, "part-00001 has .* rows"),
+        (lambda i, r: dict(r, clip_ids_sha256="0" * 64) if i == 2 else r, "part-00002 lists other clip ids"),
+        (lambda i, r: None if i == 0 else r, "incomplete: no part for 1 frame shards"),
+    ]:
+        bad = shutil.copytree(root, str(tmp_path / f"bad{len(match)}"))
+        rewrite_index(bad, "captions-default", change)
+        with pytest.raises(ValueError, match=match):
+            DatasetIndex.open(bad, "default")
+    half = shutil.copytree(root, str(tmp_path / "half"))
+    manifest = json.load(open(os.path.join(half, "manifest.json")))
+    json.dump(dict(manifest, status="in_progress"), open(os.path.join(half, "manifest.json"), "w"))
+    with pytest.raises(ValueError, match="prepare is not finished"):
+        DatasetIndex.open(half, "default")
 
 
 def test_corrupt_rows_skipped_and_null_captions_excluded(root, tmp_path):
@@ -126,8 +136,9 @@ def test_corrupt_rows_skipped_and_null_captions_excluded(root, tmp_path):
     plan = rank_plan(index, SEED, 0, 0, 1, CFG.micro_batch, 0, CFG.window_shards)
     # step 1: slot 0 garbled (donor = slot 1); step 2: both slots garbled (donors from step 3)
     garble = [tuple(plan[2]), tuple(plan[4]), tuple(plan[5])]
+    droot = DatasetRoot(bad_root)
     for shard in {s for s, _ in garble}:
-        uri = os.path.join(bad_root, "frames", f"part-{shard:05d}.parquet")
+        uri = droot.frames_uri(index.shard(shard))
         table = pq.read_table(uri)
         rows = table.to_pylist()
         for s, r in garble:
@@ -145,12 +156,11 @@ def test_corrupt_rows_skipped_and_null_captions_excluded(root, tmp_path):
 
     # A null caption (captioner failed) is excluded when the index opens, never scheduled.
     s, r = (int(v) for v in plan[0])
-    cap_uri = os.path.join(bad_root, "captions", "default", f"part-{s:05d}.parquet")
+    cap_uri = droot.caption_uri("default", index.shard(s))
     caps = pq.read_table(cap_uri).to_pylist()
     caps[r]["caption"] = None
     write_table_atomic(cap_uri, pa.Table.from_pylist(caps, schema=pq.read_schema(cap_uri)), fs.S3Options())
-    side = cap_uri.replace(".parquet", ".json")
-    json.dump(dict(json.load(open(side)), failed=1), open(side, "w"))
+    rewrite_index(bad_root, "captions-default", lambda i, row: dict(row, failed=1, null_rows=[r]) if i == s else row)
     index2 = DatasetIndex.open(bad_root, "default")
     assert index2.num_null_captions == 1 and index2.num_rows == index.num_rows - 1
     excluded = clip_hash(clip_ids(bad_root)[(s, r)][0])

@@ -6,14 +6,14 @@ import io
 import json
 import os
 
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipeline.config import PrepareJobConfig, load_config
 from pipeline.data.build import RootConflict, run_prepare
 from pipeline.data.captions import CaptionSetConflict
-from pipeline.data.manifest import parse_timestamp
+from pipeline.data.metadata import parse_timestamp
+from tests.integration.conftest import parquet_tables
 
 
 def prepare_cfg(sample, root, *extra):
@@ -25,8 +25,8 @@ def prepare_cfg(sample, root, *extra):
 
 
 def read_shards(root, sub="frames"):
-    files = sorted(f for f in os.listdir(os.path.join(root, sub)) if f.endswith(".parquet"))
-    return {f: pq.read_table(os.path.join(root, sub, f)) for f in files}
+    """{"<part>/part-NNNNN.parquet": table} of a root's frame shards (or a caption set's parts)."""
+    return parquet_tables(root, sub)
 
 
 def metadata_spans(sample):
@@ -95,7 +95,8 @@ def test_manifest_counts(prepared):
     man = json.load(open(os.path.join(root, "manifest.json")))
     assert man["status"] == "complete"
     assert man["counts"]["clips_ok"] == summary.clips_ok
-    assert man["num_units"] == len(read_shards(root))
+    assert man["counts"]["shards"] == len(read_shards(root)) == sum(p["units"] for p in man["parts"])
+    assert [p["name"] for p in man["parts"]] == ["metadata"]  # the part's name: its file name
 
 
 def test_rerun_skips_and_changed_config_refused(prepared, sample_data):
@@ -105,7 +106,7 @@ def test_rerun_skips_and_changed_config_refused(prepared, sample_data):
     again = run_prepare(prepare_cfg(sample_data, root), log=lambda *_: None)
     assert again.units_skipped == again.units and again.clips_ok == first.clips_ok
     assert {n: os.path.getmtime(os.path.join(root, "frames", n)) for n in before} == mtimes
-    with pytest.raises(RootConflict, match="frames"):
+    with pytest.raises(RootConflict, match=r"frames\.fps: 3\.0 -> 2\.0"):
         run_prepare(prepare_cfg(sample_data, root, "frames.fps=2"), log=lambda *_: None)
     with pytest.raises(CaptionSetConflict, match="default"):
         run_prepare(prepare_cfg(sample_data, root, "caption.max_new_tokens=5"), log=lambda *_: None)

@@ -8,9 +8,8 @@ import os
 import shutil
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from tests.integration.conftest import clipvip
+from tests.integration.conftest import clipvip, parquet_tables
 
 
 def _first_video(sample):
@@ -63,6 +62,8 @@ def build_zoo(sample, d):
     with open(table, "wb") as f:
         for s in subs:
             f.write((json.dumps(s) + "\n").encode())
+        f.write((json.dumps({"clip_id": subs[0]["clip_id"], "text": "a later duplicate row"}) + "\n").encode())
+        f.write(b"{not json\n")
         for v in bad:
             for c in v["clip"]:
                 if c["clip_id"] == "badsubtitle.0.mp4":
@@ -84,16 +85,14 @@ def test_bad_input_zoo(sample_data, tmp_path):
     assert "prepare summary" in proc.stdout and "quarantined" in proc.stdout
 
     written = set()
-    for f in sorted(os.listdir(os.path.join(root, "frames"))):
-        if f.endswith(".parquet"):
-            written |= set(pq.read_table(os.path.join(root, "frames", f)).column("clip_id").to_pylist())
+    for t in parquet_tables(root, "frames").values():
+        written |= set(t.column("clip_id").to_pylist())
     assert good_ids <= written, "every good clip is written"
     assert not any(c.split(".")[0] in {"corruptvid01", "missingvid1", "notavideo01", "emptyvideo1"} for c in written)
 
     rows = []
-    for f in sorted(os.listdir(os.path.join(root, "quarantine"))):
-        if f.endswith(".parquet"):
-            rows += pq.read_table(os.path.join(root, "quarantine", f)).to_pylist()
+    for t in parquet_tables(root, "quarantine").values():
+        rows += t.to_pylist()
     q = {r["clip_id"]: r for r in rows if r["clip_id"]}
     assert q["corruptvid01.0.mp4"]["stage"] == "open"
     assert q["notavideo01.0.mp4"]["stage"] == "open"
@@ -107,8 +106,42 @@ def test_bad_input_zoo(sample_data, tmp_path):
     assert trunc and all(r["stage"] in ("open", "decode") for r in trunc)
     meta_rows = [r for r in rows if r["stage"] == "metadata"]
     assert len(meta_rows) == 3
+    # The subtitle table's own problems: the first row of a clip wins, a later one and a broken
+    # line are quarantine rows of the table (no clip lost, none doubled).
+    table_rows = [r["error"] for r in rows if r["stage"] == "subtitle" and not r["clip_id"]]
+    assert len(table_rows) == 2 and any("duplicate clip_id" in e for e in table_rows), table_rows
+    first_sub = json.loads(open(table, "rb").readline())
+    subtitle = {c: s for t in parquet_tables(root, "frames").values()
+                for c, s in zip(t.column("clip_id").to_pylist(), t.column("subtitle").to_pylist())}
+    assert subtitle[first_sub["clip_id"]] == " ".join(first_sub["text"].split())
     assert {r["error"].split(":")[1] for r in meta_rows} == {"3", "4", "5"}, [r["error"] for r in meta_rows]
 
     man = json.load(open(os.path.join(root, "manifest.json")))
     assert man["counts"]["clips_ok"] == len(written)
-    assert man["counts"]["metadata_issues"] == 3
+    assert man["counts"]["metadata_issues"] == 3 + 2
+
+
+def test_inputs_that_yield_nothing_are_refused(sample_data, tmp_path):
+    """An empty metadata part, a subtitle table passed as metadata, a video root holding none of
+    the videos: each exits 2 naming the key, and no root is left marked complete."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    no_videos = tmp_path / "novideos"
+    no_videos.mkdir()
+    (no_videos / "unrelated.mp4").write_bytes(b"x")
+    cases = [
+        ({"data.metadata": str(empty)}, "data.metadata"),
+        ({"data.metadata": sample_data.subtitles_table}, "data.metadata"),
+        ({"data.video_root": str(no_videos)}, "data.video_root"),
+    ]
+    for i, (sets, key) in enumerate(cases):
+        root = tmp_path / f"root{i}"
+        args = {"data.root": str(root), "data.metadata": sample_data.metadata_path,
+                "data.video_root": sample_data.video_root, "data.subtitles": sample_data.subtitles_table,
+                "caption.model": "builtin:tiny-blip", "ray.num_cpus": "2", "ray.progress_bars": "false", **sets}
+        proc = clipvip("prepare", *[a for k, v in args.items() for a in ("--set", f"{k}={v}")])
+        assert proc.returncode == 2, (key, proc.stdout[-2000:], proc.stderr[-2000:])
+        assert f"prepare refused: {key}" in proc.stderr, proc.stderr[-2000:]
+        manifest = root / "manifest.json"
+        assert not manifest.exists() or json.loads(manifest.read_text())["status"] != "complete"
+    assert "unrelated.mp4" in proc.stderr  # says what the video root does hold

@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 
 from pipeline.config import PrepareJobConfig, load_config
 from pipeline.data.build import run_prepare
+from pipeline.data.index import FRAMES, read_index
+from pipeline.data.root import DatasetRoot, Shard
 from pipeline.utils import fs
 
 
@@ -40,14 +42,17 @@ def test_prepare_s3_round_trip(ray_local, s3_server, sample_data):
     man = fs.read_json("s3://hdvila/prepared/v1/manifest.json", opts)
     assert man["status"] == "complete" and man["counts"]["clips_ok"] == summary.clips_ok
     n_meta = sum(len(json.loads(line)["clip"]) for line in open(sample_data.metadata_path))
-    # Sidecars sit beside the shards, so readers list *.parquet explicitly.
-    parts = fs.list_files("s3://hdvila/prepared/v1/frames", opts, suffix=".parquet")
-    filesystem, _ = fs.resolve(parts[0], opts)
-    frames = pq.read_table([p[len("s3://"):] for p in parts], filesystem=filesystem)
+    # Readers find the shards through the index, never by listing.
+    root = DatasetRoot("s3://hdvila/prepared/v1", opts)
+    index = read_index(root, FRAMES, root.parts(man), pending=False)
+    shards = [Shard(p, u) for p, u in zip(index.column("part").to_pylist(), index.column("unit").to_pylist())]
+    filesystem, _ = fs.resolve(root.uri, opts)
+    frames = pq.read_table([root.frames_uri(s)[len("s3://"):] for s in shards], filesystem=filesystem)
     assert frames.num_rows == n_meta == len(set(frames.column("clip_id").to_pylist()))
     assert frames.column("source_uri")[0].as_py().startswith("s3://hdvila/raw/videos/")
-    caps = fs.list_files("s3://hdvila/prepared/v1/captions/default", opts, suffix=".parquet")
-    assert len(caps) == man["num_units"]
+    for s in shards:
+        assert fs.exists(root.caption_uri("default", s), opts)
+    assert len(shards) == man["counts"]["shards"]
     # A second run over S3 resumes: everything is already done.
     again = run_prepare(cfg, log=lambda *_: None)
     assert again.units_skipped == again.units

@@ -47,22 +47,25 @@ def cli_args(root, name, *extra):
 
 
 def frames_state(root):
-    """Path -> (sha256, mtime_ns) of every file under frames/: must never change."""
+    """<part>/<file> -> (sha256, mtime_ns) of every file under frames/: must never change."""
     out = {}
-    for path in sorted(glob.glob(os.path.join(root, "frames", "*"))):
-        out[os.path.basename(path)] = (hashlib.sha256(open(path, "rb").read()).hexdigest(),
-                                       os.stat(path).st_mtime_ns)
+    for path in sorted(glob.glob(os.path.join(root, "frames", "*", "*"))):
+        out[os.path.relpath(path, os.path.join(root, "frames"))] = (
+            hashlib.sha256(open(path, "rb").read()).hexdigest(), os.stat(path).st_mtime_ns)
     return out
 
 
+def _part_files(root, name):
+    return sorted(glob.glob(os.path.join(root, "captions", name, "*", "part-*.parquet")))
+
+
 def parts(root, name):
-    files = sorted(glob.glob(os.path.join(root, "captions", name, "part-*.parquet")))
-    return {os.path.basename(f): pq.read_table(f) for f in files}
+    return {os.path.relpath(f, os.path.join(root, "captions", name)): pq.read_table(f) for f in _part_files(root, name)}
 
 
 def part_digests(root, name):
-    return {os.path.basename(f): hashlib.sha256(open(f, "rb").read()).hexdigest()
-            for f in sorted(glob.glob(os.path.join(root, "captions", name, "part-*.parquet")))}
+    return {os.path.relpath(f, os.path.join(root, "captions", name)): hashlib.sha256(open(f, "rb").read()).hexdigest()
+            for f in _part_files(root, name)}
 
 
 def quiet(*_):
@@ -89,8 +92,8 @@ def git_set(prepared):
 
 def test_new_set_aligned_and_frames_untouched(prepared, git_set):
     root, frames_before = prepared
-    frames = {os.path.basename(f): pq.read_table(f, columns=["clip_id"])
-              for f in sorted(glob.glob(os.path.join(root, "frames", "*.parquet")))}
+    frames = {os.path.relpath(f, os.path.join(root, "frames")): pq.read_table(f, columns=["clip_id"])
+              for f in sorted(glob.glob(os.path.join(root, "frames", "*", "*.parquet")))}
     new, old = parts(root, "git"), parts(root, "default")
     assert len(frames) >= 3 and set(new) == set(frames) == set(old)
     differ = 0
@@ -108,7 +111,7 @@ def test_new_set_aligned_and_frames_untouched(prepared, git_set):
     assert ident["model_class"] == "GitForCausalLM" and ident["revision"].startswith("sha256:")
     assert meta["counts"]["captioned"] == meta["counts"]["rows"] == git_set.rows == git_set.captioned
     assert meta["frames_fingerprint"] == json.load(open(os.path.join(root, "manifest.json")))["fingerprint"]
-    assert meta["timings_s"]["caption"] > 0 and meta["fingerprint"]
+    assert meta["timings_s"]["wall_last_run"] > 0 and meta["fingerprint"]
     assert 0 < git_set.bytes_read < sum(os.path.getsize(os.path.join(root, "frames", f)) for f in frames)
     manifest = json.load(open(os.path.join(root, "manifest.json")))
     assert {"default", "git"} <= set(manifest["caption_sets"])
@@ -160,11 +163,11 @@ def test_conflict_refused_and_rerun_is_noop_via_cli(prepared, git_set):
 
 def test_not_a_prepare_root_refused(tmp_path):
     out = clipvip(*cli_args(str(tmp_path / "nope"), "x"), timeout=300)
-    assert out.returncode == 2 and "does not exist" in out.stderr and "prepare" in out.stderr
+    assert out.returncode == 2 and "no manifest.json" in out.stderr and "prepare" in out.stderr
     (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "manifest.json").write_text(json.dumps({"status": "in_progress", "schema_version": 1}))
+    (tmp_path / "half" / "manifest.json").write_text(json.dumps({"status": "in_progress", "schema_version": 2}))
     out = clipvip(*cli_args(str(tmp_path / "half"), "x"), timeout=300)
-    assert out.returncode == 2 and "not a complete prepare root" in out.stderr
+    assert out.returncode == 2 and "prepare is not finished" in out.stderr
     assert not (tmp_path / "half" / "captions").exists()
 
 
@@ -179,17 +182,18 @@ def _rewrite_column(path, column, fn):
 def test_bad_frames_are_quarantined_not_fatal(prepared, tmp_path):
     src, _ = prepared
     root = str(tmp_path / "root")
-    shutil.copytree(src, root, ignore=shutil.ignore_patterns("git*", "killed*"))
-    part = os.path.join(root, "frames", "part-00000.parquet")
+    shutil.copytree(src, root, ignore=shutil.ignore_patterns("git*", "killed*", "captions-git*", "captions-killed*"))
+    part = os.path.join(root, "frames", "metadata", "part-00000.parquet")
     # Test setup only (the job never writes frames): row 0's middle frame and row 1's frames break.
     _rewrite_column(part, "middle_frame", lambda i, v: b"\xff\xd8 not a jpeg" if i == 0 else v)
     _rewrite_column(part, "frames", lambda i, v: [b"junk"] * len(v) if i == 1 else v)
     s = run_recaption(recaption_cfg(root, "bad", "frames_per_clip=2"), log=quiet)
     assert (s.failed, s.frame_captions_failed) == (1, 2)
-    rows = pq.read_table(os.path.join(root, "captions", "bad", "part-00000.parquet")).to_pylist()
+    rows = pq.read_table(os.path.join(root, "captions", "bad", "metadata", "part-00000.parquet")).to_pylist()
     assert rows[0]["caption"] is None and all(rows[0]["frame_captions"])
     assert rows[1]["caption"] and rows[1]["frame_captions"] == [None, None]
-    (q,) = pq.read_table(os.path.join(root, "quarantine", "captions", "bad", "part-00000.parquet")).to_pylist()
+    (q,) = pq.read_table(os.path.join(root, "quarantine", "captions", "bad", "metadata",
+                                      "part-00000.parquet")).to_pylist()
     assert q["clip_id"] == rows[0]["clip_id"] and q["stage"] == "caption" and "decode" in q["error"]
     assert q["video_id"] and q["source_uri"]
     assert DatasetIndex.open(root, "bad").num_null_captions == 1
@@ -211,7 +215,7 @@ def test_kill_driver_then_resume_is_exact(prepared, k3_set):
     ref = part_digests(root, "git3")  # same config, uninterrupted
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *cli_args(root, "killed", *K3_SETS)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    sidecars = os.path.join(root, "captions", "killed", "part-*.json")
+    sidecars = os.path.join(root, "captions", "killed", "*", "part-*.json")
     started = _wait_for(lambda: glob.glob(sidecars), proc)
     proc.send_signal(signal.SIGKILL)  # the driver only; Ray's reaper ends its local cluster
     proc.wait()
@@ -229,7 +233,7 @@ def test_kill_driver_then_resume_is_exact(prepared, k3_set):
     skipped = int(re.search(r"\((\d+) already done before this run\)", again.stdout).group(1))
     assert 1 <= skipped < len(ref), f"killed too late to test resume ({skipped} of {len(ref)} parts done)"
     assert part_digests(root, "killed") == ref, "every clip captioned exactly once, same bytes"
-    assert not glob.glob(os.path.join(root, "captions", "killed", "*.tmp-*"))
+    assert not glob.glob(os.path.join(root, "captions", "killed", "*", "*.tmp-*"))
     assert frames_state(root) == frames_before
 
 

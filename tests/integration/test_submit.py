@@ -308,7 +308,8 @@ def test_prepare_runs_through_the_jobs_api(prepared, cluster):
     assert f"as job {job_id}" in prepared["out"]
     assert "prepare summary" in prepared["out"], prepared["out"][-3000:]
     frames = os.path.join(prepared["root"], "frames")
-    assert any(f.endswith(".json") for f in os.listdir(frames)), "sidecars written by the job"
+    assert any(f.endswith(".json") for part in os.listdir(frames) for f in os.listdir(os.path.join(frames, part))), \
+        "sidecars written by the job"
     info = JobSubmissionClient(cluster.address).get_job_info(job_id)
     assert info.metadata["clipvip.kind"] == "prepare" and info.metadata["clipvip.run_name"] == prepared["run"]
     assert info.entrypoint.startswith("clipvip prepare --config jobs/configs/tiny.yaml --set ")

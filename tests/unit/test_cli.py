@@ -24,7 +24,7 @@ def test_help_lists_commands():
 def test_bad_config_fails_fast_naming_the_key(tmp_path):
     t0 = time.time()
     out = run("prepare", "--set", f"data.root={tmp_path}/r", "--set", "data.metadata=m.jsonl",
-              "--set", "data.video_root=v", "--set", "frames.fps=fast")
+              "--set", "data.video_root=v", "--set", "data.subtitles=s.jsonl", "--set", "frames.fps=fast")
     assert out.returncode == 2
     assert "frames.fps: expected a number" in out.stderr
     assert time.time() - t0 < 20, "validation happens before Ray or models start"
@@ -40,7 +40,7 @@ def test_unknown_key_in_yaml(tmp_path):
 
 def test_missing_inputs_refused_before_work(tmp_path):
     out = run("prepare", "--set", f"data.root={tmp_path}/r", "--set", f"data.metadata={tmp_path}/nope.jsonl",
-              "--set", f"data.video_root={tmp_path}", "--set", "ray.num_cpus=1")
+              "--set", f"data.video_root={tmp_path}", "--set", f"data.subtitles={tmp_path}", "--set", "ray.num_cpus=1")
     assert out.returncode == 2
     assert "data.metadata" in out.stderr and "does not exist" in out.stderr
 

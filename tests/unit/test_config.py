@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.config import ConfigError, PrepareJobConfig, fingerprint, load_config
 
-BASE = ["data.root=/tmp/root", "data.metadata=meta.jsonl", "data.video_root=/videos"]
+BASE = ["data.root=/tmp/root", "data.metadata=meta.jsonl", "data.video_root=/videos", "data.subtitles=subs.jsonl"]
 
 
 def test_overrides_typed_and_nested():
@@ -35,7 +35,7 @@ def test_bad_values_name_the_key(override, message):
 
 def test_missing_required_key():
     with pytest.raises(ConfigError, match="data.video_root: required key is missing"):
-        load_config(PrepareJobConfig, None, ["data.root=/r", "data.metadata=m"])
+        load_config(PrepareJobConfig, None, ["data.root=/r", "data.metadata=m", "data.subtitles=s"])
 
 
 def test_yaml_file_errors(tmp_path):

@@ -15,8 +15,10 @@ import pytest
 from PIL import Image
 
 from pipeline import schema, viz
-from pipeline.data.captions import caption_part_uri, caption_quarantine_uri, caption_set_uri
-from pipeline.data.shards import frames_part_uri, quarantine_part_uri, write_table_atomic
+from pipeline.data.index import (FRAMES, IndexWriter, captions_kind, captions_row, compact_index, delete_index,
+                                 frames_row)
+from pipeline.data.root import DatasetRoot, Shard
+from pipeline.data.shards import clip_ids_digest, write_table_atomic
 from pipeline.utils import fs
 from tests.conftest import ROOT
 
@@ -70,21 +72,46 @@ def test_frame_grid_stacks_rows_and_pads_short_ones():
 # Dataset root
 
 
-def write_root(root: str, shards: list[list[str]], sets: dict[str, dict[str, str | None]]) -> None:
-    """A minimal prepared root: manifest, frame shards (clip ids per shard), caption sets."""
+PART = "p0"
+
+
+def write_root(root: str, shards: list[list[str]], sets: dict[str, dict[str, str | None]],
+               quarantined: dict[int, int] | None = None, failed: dict[tuple[str, int], int] | None = None,
+               part_issues: int = 0) -> DatasetRoot:
+    """A minimal prepared root: manifest, frame shards (clip ids per shard), caption sets, and the
+    shard indexes (with the quarantine and caption-failure counts that tell readers which
+    quarantine files exist)."""
+    droot = DatasetRoot(root)
+    frames_rows, cap_rows = [], {name: [] for name in sets}
     for unit, clip_ids in enumerate(shards):
+        shard = Shard(PART, unit)
         rows = [{"clip_id": c, "video_id": c.split(".")[0], "source_uri": f"/v/{c}", "start_s": 0.0, "end_s": 1.0,
                  "subtitle": f"sub {c}", "frames": [jpeg(8, 8)], "frame_times_s": [0.5], "middle_frame": jpeg(8, 8),
                  "middle_frame_time_s": 0.5, "height": 8, "width": 8, "source_fps": 30.0} for c in clip_ids]
-        write_table_atomic(frames_part_uri(root, unit), pa.Table.from_pylist(rows, schema.FRAME_SCHEMA), OPTS)
+        write_table_atomic(droot.frames_uri(shard), pa.Table.from_pylist(rows, schema.FRAME_SCHEMA), OPTS)
+        q = (quarantined or {}).get(unit, 0)
+        frames_rows.append(frames_row({"part": PART, "unit": unit, "videos": 1, "clips": len(clip_ids) + q,
+                                       "rows": len(clip_ids), "quarantined": q, "frames": len(clip_ids), "bytes": 1,
+                                       "sha256": "s", "clip_ids_sha256": clip_ids_digest(clip_ids)}))
         for name, captions in sets.items():
             caps = [{"clip_id": c, "caption": captions.get(c)} for c in clip_ids]
-            write_table_atomic(caption_part_uri(root, name, unit), pa.Table.from_pylist(caps, schema.CAPTION_SCHEMA),
-                               OPTS)
+            write_table_atomic(droot.caption_uri(name, shard), pa.Table.from_pylist(caps, schema.CAPTION_SCHEMA), OPTS)
+            n = (failed or {}).get((name, unit), 0)
+            cap_rows[name].append(captions_row({"part": PART, "unit": unit, "rows": len(clip_ids), "captioned": 0,
+                                                "failed": n, "bytes": 1, "sha256": "s",
+                                                "clip_ids_sha256": clip_ids_digest(clip_ids)}))
+    for kind, rows in [(FRAMES, frames_rows)] + [(captions_kind(n), r) for n, r in cap_rows.items()]:
+        delete_index(droot, kind)  # a shard's row never changes; this helper rewrites roots
+        writer = IndexWriter(droot, kind)
+        for row in rows:
+            writer.add(row)
+        writer.flush()
+        compact_index(droot, kind, [PART])
     for name in sets:
-        fs.write_json_atomic(caption_set_uri(root, name), {"name": name, "status": "complete"}, OPTS)
-    fs.write_json_atomic(fs.join(root, "manifest.json"),
-                         {"num_units": len(shards), "status": "complete", "caption_sets": sorted(sets)}, OPTS)
+        fs.write_json_atomic(droot.caption_set_uri(name), {"name": name, "status": "complete"}, OPTS)
+    droot.write_manifest({"schema_version": schema.SCHEMA_VERSION, "status": "complete", "caption_sets": sorted(sets),
+                          "parts": [{"name": PART, "issues": part_issues}]})
+    return droot
 
 
 def test_caption_table_joins_sets_by_shard_position(tmp_path):
@@ -93,18 +120,19 @@ def test_caption_table_joins_sets_by_shard_position(tmp_path):
                {"blip": {"a.0": "x", "a.1": "y", "b.0": "z"}, "git": {"a.0": "X", "b.0": "Z"}})
     table = viz.caption_table(root)
     assert table.column_names == ["shard", "clip_id", "video_id", "subtitle", "blip", "git"]
-    assert table.to_pylist()[1] == {"shard": 0, "clip_id": "a.1", "video_id": "a", "subtitle": "sub a.1",
+    assert table.to_pylist()[1] == {"shard": "p0/part-00000", "clip_id": "a.1", "video_id": "a", "subtitle": "sub a.1",
                                     "blip": "y", "git": None}
-    assert table["shard"].to_pylist() == [0, 0, 1]
+    assert table["shard"].to_pylist() == ["p0/part-00000", "p0/part-00000", "p0/part-00001"]
     assert viz.caption_table(root, sets=["git"]).column_names[-1] == "git"
 
 
 def test_caption_table_refuses_a_misaligned_set(tmp_path):
     root = str(tmp_path / "root")
-    write_root(root, [["a.0", "a.1"]], {"blip": {}})
+    droot = write_root(root, [["a.0", "a.1"]], {"blip": {}})
     caps = [{"clip_id": c, "caption": "c"} for c in ("a.1", "a.0")]
-    write_table_atomic(caption_part_uri(root, "blip", 0), pa.Table.from_pylist(caps, schema.CAPTION_SCHEMA), OPTS)
-    with pytest.raises(ValueError, match="'blip' part 0 is not aligned"):
+    write_table_atomic(droot.caption_uri("blip", Shard(PART, 0)), pa.Table.from_pylist(caps, schema.CAPTION_SCHEMA),
+                       OPTS)
+    with pytest.raises(ValueError, match="'blip' part p0/part-00000 is not aligned"):
         viz.caption_table(root)
 
 
@@ -127,13 +155,16 @@ def test_quarantine_reasons_are_counted_per_source_and_stage(tmp_path):
         return pa.Table.from_pylist([{"clip_id": c, "video_id": "v", "stage": s, "error": e, "source_uri": "/v"}
                                      for c, s, e in items], schema.QUARANTINE_SCHEMA)
 
-    write_table_atomic(quarantine_part_uri(root, 0), rows(
+    droot = write_root(root, [["a.0"], ["b.0"]], {"blip": {"a.0": "x"}}, quarantined={0: 3},
+                       failed={("blip", 1): 1}, part_issues=1)
+    write_table_atomic(droot.quarantine_uri(Shard(PART, 0)), rows(
         ("q1", "span", "span 3.00-9.50 s starts after the video ends (5.00 s)"),
         ("q2", "span", "span 1.00-8.00 s starts after the video ends (0.50 s)"),
         ("q3", "open", "cannot open video: InvalidDataError: bad data in '/data/v/q3.mp4'")), OPTS)
-    write_table_atomic(fs.join(root, "quarantine", "metadata.parquet"),
+    write_table_atomic(droot.metadata_quarantine_uri(PART),
                        rows(("", "metadata", "/data/meta.jsonl:7: not valid JSON: Expecting value at column 1")), OPTS)
-    write_table_atomic(caption_quarantine_uri(root, "blip", 1), rows(("b.0", "caption", "cannot decode JPEG")), OPTS)
+    write_table_atomic(droot.caption_quarantine_uri("blip", Shard(PART, 1)),
+                       rows(("b.0", "caption", "cannot decode JPEG")), OPTS)
 
     table = viz.quarantine_table(root)
     assert table.num_rows == 5

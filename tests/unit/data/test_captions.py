@@ -16,10 +16,13 @@ from pipeline import schema
 from pipeline.config import CaptionConfig, fingerprint
 from pipeline.data import captions as capsets
 from pipeline.data.captioner import CaptionResult, decode_image
-from pipeline.data.shards import frames_part_uri, write_table_atomic
+from pipeline.data.index import FRAMES_INDEX_SCHEMA, IndexWriter, captions_kind, captions_row
+from pipeline.data.root import DatasetRoot, Shard
+from pipeline.data.shards import write_table_atomic
 from pipeline.utils import fs
 
 OPTS = fs.S3Options()
+PART = "p0"
 
 
 def jpeg(seed: int, size: int = 48) -> bytes:
@@ -51,7 +54,8 @@ class LengthCaptioner:
         return {"model": "length", "revision": "r1"}
 
 
-def write_frame_shard(root: str, index: int, frames_per_row: list[int], bad_middle: set[int] = frozenset()) -> pa.Table:
+def write_frame_shard(root: DatasetRoot, index: int, frames_per_row: list[int],
+                      bad_middle: set[int] = frozenset()) -> pa.Table:
     rows = []
     for r, n in enumerate(frames_per_row):
         frames = [jpeg(100 * r + i) for i in range(n)]
@@ -61,8 +65,15 @@ def write_frame_shard(root: str, index: int, frames_per_row: list[int], bad_midd
                      "middle_frame": b"broken" if r in bad_middle else jpeg(1000 + r),
                      "middle_frame_time_s": 0.5, "height": 48, "width": 48, "source_fps": 30.0})
     table = pa.Table.from_pylist(rows, schema=schema.FRAME_SCHEMA)
-    write_table_atomic(frames_part_uri(root, index), table, OPTS)
+    write_table_atomic(root.frames_uri(Shard(PART, index)), table, OPTS)
     return table
+
+
+def frames_index(units: int) -> pa.Table:
+    return pa.Table.from_pylist([{"part": PART, "unit": u, "videos": 1, "clips": 2, "rows": 2, "quarantined": 0,
+                                  "quarantined_by_stage": "{}", "frames": 4, "bytes": 1, "sha256": "s",
+                                  "clip_ids_sha256": "c", "min_clip_id": "a", "max_clip_id": "b"} for u in range(units)],
+                                schema=FRAMES_INDEX_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,16 +117,16 @@ def test_set_fingerprint_keeps_prepare_identity():
 
 
 def test_open_caption_set_life_cycle(tmp_path):
-    root = str(tmp_path)
+    root = DatasetRoot(str(tmp_path))
     cfg = CaptionConfig(set_name="s", model="m")
-    meta = capsets.open_caption_set(root, cfg, "F", OPTS, frames_per_clip=2)
+    meta = capsets.open_caption_set(root, cfg, "F", frames_per_clip=2)
     assert meta["status"] == "in_progress" and meta["frames_per_clip"] == 2
-    assert capsets.open_caption_set(root, cfg, "F", OPTS, frames_per_clip=2) == meta
+    assert capsets.open_caption_set(root, cfg, "F", frames_per_clip=2) == meta
     with pytest.raises(capsets.CaptionSetConflict, match="'s'.*never overwritten"):
-        capsets.open_caption_set(root, CaptionConfig(set_name="s", model="other"), "F", OPTS, frames_per_clip=2)
+        capsets.open_caption_set(root, CaptionConfig(set_name="s", model="other"), "F", frames_per_clip=2)
     with pytest.raises(capsets.CaptionSetConflict, match="frames_per_clip 2"):
-        capsets.open_caption_set(root, cfg, "F", OPTS)
-    forced = capsets.open_caption_set(root, CaptionConfig(set_name="s", model="other"), "F", OPTS, force=True)
+        capsets.open_caption_set(root, cfg, "F")
+    forced = capsets.open_caption_set(root, CaptionConfig(set_name="s", model="other"), "F", force=True)
     assert forced["config"]["model"] == "other"
 
 
@@ -133,16 +144,18 @@ def test_read_columns_counts_only_projected_bytes(tmp_path):
 
 
 def test_caption_shard_middle_and_k_frames(tmp_path):
-    root = str(tmp_path)
+    root = DatasetRoot(str(tmp_path))
+    shard = Shard(PART, 0)
     frames = write_frame_shard(root, 0, [5, 1, 3], bad_middle={1})
-    before = open(frames_part_uri(root, 0), "rb").read()
+    before = open(root.frames_uri(shard), "rb").read()
     captioner = LengthCaptioner()
-    side = capsets.caption_shard(root, "k3", 0, captioner, "FP", OPTS, frames_per_clip=3)
+    side = capsets.caption_shard(root, "k3", shard, captioner, "FP", frames_per_clip=3)
     assert (side["rows"], side["captioned"], side["failed"], side["skipped"]) == (3, 2, 1, False)
     # Row 1 has one frame: its 3 picks repeat frame 0, captioned once (3 middles + 3 + 1 + 3 images).
     assert side["images"] == captioner.calls[0] == 3 + 3 + 1 + 3
     assert side["frame_captions"] == 9 and side["frame_captions_failed"] == 0
-    out = pq.read_table(capsets.caption_part_uri(root, "k3", 0)).to_pylist()
+    assert side["null_rows"] == [1] and (side["part"], side["unit"]) == (PART, 0)
+    out = pq.read_table(root.caption_uri("k3", shard)).to_pylist()
     assert [r["clip_id"] for r in out] == frames.column("clip_id").to_pylist()
     assert out[1]["caption"] is None
     # `caption` is the middle frame's caption, never one of the k frames'.
@@ -151,41 +164,50 @@ def test_caption_shard_middle_and_k_frames(tmp_path):
     for row, fr in zip(out, frames.column("frames").to_pylist()):
         assert row["frame_caption_indices"] == capsets.spread_indices(len(fr), 3)
         assert row["frame_captions"] == [f"len {len(fr[i])}" for i in row["frame_caption_indices"]]
-    (q,) = pq.read_table(capsets.caption_quarantine_uri(root, "k3", 0)).to_pylist()
+    (q,) = pq.read_table(root.caption_quarantine_uri("k3", shard)).to_pylist()
     assert (q["clip_id"], q["video_id"], q["stage"]) == ("v0.1.mp4", "v0", schema.STAGE_CAPTION)
-    assert open(frames_part_uri(root, 0), "rb").read() == before
-    again = capsets.caption_shard(root, "k3", 0, captioner, "FP", OPTS, frames_per_clip=3)
+    assert open(root.frames_uri(shard), "rb").read() == before
+    again = capsets.caption_shard(root, "k3", shard, captioner, "FP", frames_per_clip=3)
     assert again["skipped"] and len(captioner.calls) == 1, "a done part is never redone"
 
 
 def test_caption_shard_k1_reads_little(tmp_path):
-    root = str(tmp_path)
+    root = DatasetRoot(str(tmp_path))
+    shard = Shard(PART, 0)
     write_frame_shard(root, 0, [12] * 16)
-    side = capsets.caption_shard(root, "mid", 0, LengthCaptioner(), "FP", OPTS)
-    assert pq.read_table(capsets.caption_part_uri(root, "mid", 0)).schema == schema.CAPTION_SCHEMA
-    assert side["bytes_read"] < 0.15 * fs.file_size(frames_part_uri(root, 0)), "middle frames, not all frames"
-    assert not os.path.exists(capsets.caption_quarantine_uri(root, "mid", 0))
+    side = capsets.caption_shard(root, "mid", shard, LengthCaptioner(), "FP")
+    assert pq.read_table(root.caption_uri("mid", shard)).schema == schema.CAPTION_SCHEMA
+    assert side["bytes_read"] < 0.15 * fs.file_size(root.frames_uri(shard)), "middle frames, not all frames"
+    assert not os.path.exists(root.caption_quarantine_uri("mid", shard))
 
 
 def test_finish_and_manifest_listing(tmp_path):
-    root = str(tmp_path)
-    fs.write_json_atomic(fs.join(root, "manifest.json"), {"status": "complete", "caption_sets": ["a"]}, OPTS)
+    root = DatasetRoot(str(tmp_path))
+    root.write_manifest({"status": "complete", "caption_sets": ["a"], "parts": [{"name": PART}]})
     for u in range(2):
         write_frame_shard(root, u, [2, 2])
-    meta = capsets.open_caption_set(root, CaptionConfig(set_name="b", model="m"), "F", OPTS)
-    capsets.caption_shard(root, "b", 0, LengthCaptioner(), meta["fingerprint"], OPTS)
+    meta = capsets.open_caption_set(root, CaptionConfig(set_name="b", model="m"), "F")
+    writer = IndexWriter(root, captions_kind("b"))
+    writer.add(captions_row(capsets.caption_shard(root, "b", Shard(PART, 0), LengthCaptioner(), meta["fingerprint"])))
+    writer.flush()
     with pytest.raises(RuntimeError, match="1 parts not done"):
-        capsets.finish_caption_set(root, meta, 2, OPTS)
-    assert capsets.complete_caption_sets(root, OPTS) == []
-    capsets.caption_shard(root, "b", 1, LengthCaptioner(), meta["fingerprint"], OPTS)
-    done = capsets.finish_caption_set(root, meta, 2, OPTS, wall_s=1.5)
+        capsets.finish_caption_set(root, meta, frames_index(2), [PART])
+    assert capsets.complete_caption_sets(root) == []
+    writer.add(captions_row(capsets.caption_shard(root, "b", Shard(PART, 1), LengthCaptioner(), meta["fingerprint"])))
+    writer.flush()
+    done = capsets.finish_caption_set(root, meta, frames_index(2), [PART], wall_s=1.5)
     assert done["status"] == "complete" and done["counts"]["captioned"] == 4 and done["counts"]["shards"] == 2
     assert done["captioner"] == [{"model": "length", "revision": "r1"}] and done["timings_s"]["wall_last_run"] == 1.5
-    # A complete set is immutable: finishing it again writes nothing.
-    mtime = os.stat(capsets.caption_set_uri(root, "b")).st_mtime_ns
-    capsets.finish_caption_set(root, done, 2, OPTS, wall_s=9.0)
-    assert os.stat(capsets.caption_set_uri(root, "b")).st_mtime_ns == mtime
-    assert capsets.refresh_manifest_caption_sets(root, OPTS) == ["b"]
-    assert json.load(open(os.path.join(root, "manifest.json")))["caption_sets"] == ["b"]
-    (desc,) = capsets.describe_caption_sets(root, OPTS)
+    assert fs.list_files(root.index_pending_dir(captions_kind("b")), OPTS) == [], "fragments merged and removed"
+    # A set that covers the root is immutable: finishing it again writes nothing.
+    mtime = os.stat(root.caption_set_uri("b")).st_mtime_ns
+    capsets.finish_caption_set(root, done, frames_index(2), [PART], wall_s=9.0)
+    assert os.stat(root.caption_set_uri("b")).st_mtime_ns == mtime
+    # A grown root (3 frame shards) is no longer covered: finishing needs the new part.
+    assert not capsets.covers(done, 3)
+    with pytest.raises(RuntimeError, match="1 parts not done"):
+        capsets.finish_caption_set(root, done, frames_index(3), [PART])
+    assert capsets.refresh_manifest_caption_sets(root) == ["b"]
+    assert json.load(open(os.path.join(root.uri, "manifest.json")))["caption_sets"] == ["b"]
+    (desc,) = capsets.describe_caption_sets(root, [PART])
     assert desc["parts_done"] == 2 and desc["name"] == "b"

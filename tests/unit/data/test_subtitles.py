@@ -16,6 +16,8 @@ from pipeline.data.subtitles import (
     SubtitleError,
     find_cue_file,
     load_subtitle_table,
+    read_table_chunk,
+    table_chunks,
     parse_srt,
     parse_vtt,
     read_cue_file,
@@ -196,3 +198,25 @@ def test_table_errors_for_wrong_files(tmp_path: Path) -> None:
         load_subtitle_table(str(tmp_path / "missing.jsonl"))
     with pytest.raises(SubtitleError, match=r"must be \.jsonl or \.parquet"):
         load_subtitle_table(str(tmp_path / "subs.csv"))
+
+
+def test_table_chunks_cover_every_row_once(tmp_path: Path) -> None:
+    """Chunks (byte ranges of jsonl, row groups of Parquet) read by separate tasks give exactly the
+    rows of one whole read: no row lost or doubled at a boundary, order = position in the file."""
+    rows = [{"clip_id": f"c{i}", "text": f"text number {i} " * (1 + i % 5)} for i in range(200)]
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b"{broken\n")
+    whole = read_table_chunk(table_chunks(str(path), chunk_bytes=1 << 40)[0])
+    for chunk_bytes in (1, 37, 500, 4096):
+        chunks = table_chunks(str(path), chunk_bytes=chunk_bytes)
+        parts = [read_table_chunk(c) for c in chunks]
+        assert sum((p.clip_ids for p in parts), []) == whole.clip_ids == [r["clip_id"] for r in rows]
+        assert sum((p.order for p in parts), []) == whole.order
+        assert sum(len(p.issues) for p in parts) == 1
+    pq_path = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), pq_path, row_group_size=16)
+    chunks = table_chunks(str(pq_path), chunk_bytes=1)
+    assert len(chunks) == 13 and chunks[1].first_row == 16
+    parts = [read_table_chunk(c) for c in chunks]
+    assert sum((p.clip_ids for p in parts), []) == [r["clip_id"] for r in rows]
+    assert sum((p.order for p in parts), []) == list(range(200))

@@ -1,8 +1,7 @@
-"""HD-VILA metadata reading, subtitle attachment, work-unit planning, and S3 inputs."""
+"""HD-VILA metadata: line parsing, cutting a part into units, reading a unit back, S3 inputs."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -13,19 +12,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.manifest import (
+from pipeline.data.metadata import (
     ClipSpec,
     MetadataIssue,
+    UnitSpec,
     VideoEntry,
-    WorkUnit,
-    attach_subtitle_table,
-    inputs_digest,
+    clip_key,
+    expand_parts,
     parse_timestamp,
-    plan_units,
-    read_metadata,
+    plan_part,
+    read_unit,
 )
-from pipeline.data.subtitles import SubtitleTable, find_cue_file, load_subtitle_table, read_cue_file
-from pipeline.schema import QUARANTINE_SCHEMA, STAGE_METADATA, STAGE_SPAN, STAGE_SUBTITLE
+from pipeline.data.subtitles import find_cue_file, load_subtitle_table, read_cue_file
+from pipeline.schema import QUARANTINE_SCHEMA, STAGE_METADATA, STAGE_SPAN
 from pipeline.utils.fs import S3Options
 
 
@@ -73,12 +72,12 @@ def test_parse_timestamp_rejects(value: object) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Metadata
+# One part: issues, units, reading a unit back
 
 
 @pytest.fixture
 def zoo(tmp_path: Path) -> tuple[str, str]:
-    """Two metadata files: good lines mixed with every kind of bad line."""
+    """Two metadata parts: good lines mixed with every kind of bad line."""
     a = tmp_path / "a.jsonl"
     b = tmp_path / "b.jsonl"
     a_lines = [
@@ -115,26 +114,28 @@ def zoo(tmp_path: Path) -> tuple[str, str]:
     return str(a), str(b)
 
 
-def test_read_metadata_zoo(zoo: tuple[str, str]) -> None:
+def read_all(uri: str, plan) -> list[VideoEntry]:
+    return [v for spec in plan.units for v in read_unit(uri, spec)]
+
+
+def test_plan_part_zoo(zoo: tuple[str, str]) -> None:
     a, b = zoo
-    videos, issues = read_metadata([a, b])
+    plan = plan_part(a, "a", clips_per_shard=1000)
     url = "https://youtu.be/x"
-    assert videos == [
-        VideoEntry("v1", url, (
-            ClipSpec("v1.0.mp4", 0.0, 5.5), ClipSpec("v1.1.mp4", 5.5, 9.0), ClipSpec("v1.2.mp4", 9.0, 12.0),
-        )),
+    # A video id on two lines is two entries; the repeated clip id keeps its first occurrence.
+    assert read_all(a, plan) == [
+        VideoEntry("v1", url, (ClipSpec("v1.0.mp4", 0.0, 5.5), ClipSpec("v1.1.mp4", 5.5, 9.0))),
         VideoEntry("v4", url, (
             ClipSpec("v4.0.mp4", 0.0, 2.5),
             ClipSpec("v4.2.mp4", 5.0, 3.0, error_stage=STAGE_SPAN, error="span end 3.000s is not after start 5.000s"),
             ClipSpec("v4.3.mp4", -1.0, 2.0, error_stage=STAGE_SPAN, error="span start -1.000s is negative"),
             ClipSpec("v4.7.mp4", 60.0, 64.25),
         )),
+        VideoEntry("v1", url, (ClipSpec("v1.2.mp4", 9.0, 12.0),)),
         VideoEntry("v8", "", (ClipSpec("v8.0.mp4", 0.0, 1.0),)),
-        VideoEntry("v6", url, (ClipSpec("v6.0.mp4", 0.0, 3.0),)),
-        VideoEntry("v9", url, ()),
     ]
     fmt = "expected seconds or [[HH:]MM:]SS[.mmm]"
-    assert issues == [
+    assert plan.issues == [
         MetadataIssue(f"{a}:3", "", "", "not valid JSON: Expecting value at column 29"),
         MetadataIssue(f"{a}:4", "", "v2", "missing key 'clip'"),
         MetadataIssue(f"{a}:5", "", "v3", "'clip' must be a list, got dict"),
@@ -145,116 +146,101 @@ def test_read_metadata_zoo(zoo: tuple[str, str]) -> None:
         MetadataIssue(f"{a}:6", "v4.8.mp4", "v4", f"clip[8]: bad span end: bad timestamp '1:2:3:4': {fmt}"),
         MetadataIssue(f"{a}:7", "", "v5", "line is not valid UTF-8 at byte 30"),
         MetadataIssue(f"{a}:8", "", "", "expected a JSON object, got list"),
-        MetadataIssue(f"{a}:9", "v1.0.mp4", "v1", f"duplicate clip_id, first seen at {a}:1"),
+        MetadataIssue(f"{a}:9", "v1.0.mp4", "v1", "duplicate clip_id (an earlier line of this part has it)"),
         MetadataIssue(f"{a}:11", "", "", "'video_id' must be a non-empty string, got 7"),
-        MetadataIssue(f"{b}:1", "v1.1.mp4", "v6", f"duplicate clip_id, first seen at {a}:1"),
     ]
+    assert (plan.lines, plan.videos, plan.clips, len(plan.units)) == (12, 4, 8, 1)
+    assert plan.units[0].dropped == ((9, 1),)
+    assert plan.sha256 == hashlib.sha256(open(a, "rb").read()).hexdigest() and plan.size == os.path.getsize(a)
+    # Parts are independent: b's duplicate of a's v1.1.mp4 is its own clip; v9 has no clip.
+    plan_b = plan_part(b, "b", 1000)
+    assert read_all(b, plan_b) == [VideoEntry("v6", url, (ClipSpec("v6.0.mp4", 0.0, 3.0), ClipSpec("v1.1.mp4", 3.0, 6.0)))]
+    assert plan_b.issues == [] and plan_b.lines == 2
 
 
 def test_metadata_issue_quarantine_row(zoo: tuple[str, str]) -> None:
-    _, issues = read_metadata(list(zoo))
+    issues = plan_part(zoo[0], "a", 1000).issues
     rows = [i.to_quarantine_row() for i in issues]
     table = pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
     assert table.num_rows == len(issues)
     assert set(table.column("stage").to_pylist()) == {STAGE_METADATA}
-    assert rows[-1]["source_uri"] == zoo[1]
-    assert rows[-1]["error"] == f"{zoo[1]}:1: duplicate clip_id, first seen at {zoo[0]}:1"
+    assert rows[-1]["source_uri"] == zoo[0]
+    assert rows[-1]["error"] == f"{zoo[0]}:11: 'video_id' must be a non-empty string, got 7"
 
 
-def test_read_metadata_gzip_directory_and_missing(tmp_path: Path) -> None:
+def _part(path: Path, sizes: list[int], dup_lines: dict[int, str] | None = None) -> str:
+    """A part with one video per line, sizes[i] clips; dup_lines puts an extra line (a repeat of
+    the given clip id alone) before line i."""
+    lines = []
+    for i, n in enumerate(sizes):
+        if dup_lines and i in dup_lines:
+            lines.append(_line("dup", [_clip(dup_lines[i], 0, 1)]))
+        lines.append(_line(f"vid{i}", [_clip(f"vid{i}.{j}.mp4", j, j + 1.0) for j in range(n)]))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+def test_plan_part_packs_whole_videos_in_order(tmp_path: Path) -> None:
+    uri = _part(tmp_path / "p.jsonl", [3, 2, 5, 1, 0, 4, 12, 2])
+    plan = plan_part(uri, "p", clips_per_shard=5)
+    assert [u.unit for u in plan.units] == [0, 1, 2, 3, 4]
+    videos = [[v.video_id for v in read_unit(uri, u)] for u in plan.units]
+    assert videos == [["vid0", "vid1"], ["vid2"], ["vid3", "vid5"], ["vid6"], ["vid7"]]
+    assert [u.clips for u in plan.units] == [5, 5, 5, 12, 2] and [u.videos for u in plan.units] == [2, 1, 2, 1, 1]
+    planned = [c.clip_id for u in plan.units for v in read_unit(uri, u) for c in v.clips]
+    assert planned == [f"vid{i}.{j}.mp4" for i, n in enumerate([3, 2, 5, 1, 0, 4, 12, 2]) for j in range(n)]
+    assert plan_part(uri, "p", 5).units == plan.units  # a pure function of the bytes
+    assert plan_part(uri, "p", 1000).units[0].clips == 29
+    first_huge = plan_part(_part(tmp_path / "h.jsonl", [7, 1]), "h", 5)
+    assert [u.clips for u in first_huge.units] == [7, 1]  # an oversized first video: no empty unit
+    with pytest.raises(ValueError, match="clips_per_shard"):
+        plan_part(uri, "p", 0)
+
+
+def test_duplicates_inside_and_between_units_are_skipped_on_read(tmp_path: Path) -> None:
+    # A line holding only a duplicate lies inside unit 0's byte range (before vid1) and between
+    # units 0 and 1 (before vid2): the re-read must give exactly the planned clips either way.
+    uri = _part(tmp_path / "d.jsonl", [2, 2, 3], dup_lines={1: "vid0.0.mp4", 2: "vid0.1.mp4"})
+    plan = plan_part(uri, "d", clips_per_shard=4)
+    assert [(u.videos, u.clips) for u in plan.units] == [(2, 4), (1, 3)]
+    assert plan.units[0].dropped == ((2, 0),) and plan.units[1].dropped == ()
+    assert [[c.clip_id for v in read_unit(uri, u) for c in v.clips] for u in plan.units] == [
+        ["vid0.0.mp4", "vid0.1.mp4", "vid1.0.mp4", "vid1.1.mp4"], ["vid2.0.mp4", "vid2.1.mp4", "vid2.2.mp4"]]
+    assert len([i for i in plan.issues if "duplicate" in i.error]) == 2
+
+
+def test_read_unit_refuses_a_changed_part(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    uri = _part(path, [2, 2])
+    spec = plan_part(uri, "c", 10).units[0]
+    path.write_bytes(path.read_bytes().replace(b'"vid1.1.mp4"', b'"vid1.1.mp4", "x": 1}, {"nope": 1'))
+    with pytest.raises(RuntimeError, match="changed after planning"):
+        read_unit(uri, spec)
+
+
+def test_keys_and_unit_spec_round_trip(tmp_path: Path) -> None:
+    uri = _part(tmp_path / "k.jsonl", [2, 3, 1])
+    plan = plan_part(uri, "k", 3, with_keys=True)
+    ids = [f"vid{i}.{j}.mp4" for i, n in enumerate([2, 3, 1]) for j in range(n)]
+    assert plan.key_hashes.tolist() == [clip_key(c) for c in ids]
+    assert plan.key_units.tolist() == [0, 0, 1, 1, 1, 2]
+    spec = UnitSpec("k", 7, 10, 90, 3, 2, 5, ((4, 1), (5, 0)))
+    assert UnitSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_expand_parts_directory_glob_and_compressed(tmp_path: Path) -> None:
     meta = tmp_path / "meta"
     meta.mkdir()
-    with gzip.open(meta / "part0.jsonl.gz", "wb") as f:
-        f.write(_line("g", [_clip("g.0.mp4", 0, 1)]) + b"\n")
-    (meta / "part1.jsonl").write_bytes(_line("h", [_clip("h.0.mp4", 0, 1)]) + b"\n")
+    for name in ("part1.jsonl", "part0.jsonl", "other.jsonl"):
+        (meta / name).write_bytes(_line("h", [_clip("h.0.mp4", 0, 1)]) + b"\n")
     (meta / "notes.txt").write_text("not metadata")
-    videos, issues = read_metadata([str(meta / "part0.jsonl.gz"), str(meta)])
-    assert [v.video_id for v in videos] == ["g", "h"]
-    assert issues == []
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        read_metadata([str(tmp_path / "missing.jsonl")])
-
-
-def test_attach_subtitle_table() -> None:
-    videos = [
-        VideoEntry("v", "u", (
-            ClipSpec("v.0", 0, 1),
-            ClipSpec("v.1", 1, 2),
-            ClipSpec("v.2", 2, 3),
-            ClipSpec("v.3", 3, 3, error_stage=STAGE_SPAN, error="span end"),
-            ClipSpec("v.4", 4, 5),
-        )),
-    ]
-    table = SubtitleTable(
-        texts={"v.0": "zero", "v.3": "three"},
-        errors={"v.1": "subtitle is not valid UTF-8 at byte 3 of t.jsonl:2", "v.4": "empty subtitle"},
-    )
-    (out,) = attach_subtitle_table(videos, table)
-    assert out.clips == (
-        ClipSpec("v.0", 0, 1, subtitle="zero"),
-        ClipSpec("v.1", 1, 2, error_stage=STAGE_SUBTITLE, error="subtitle is not valid UTF-8 at byte 3 of t.jsonl:2"),
-        ClipSpec("v.2", 2, 3, error_stage=STAGE_SUBTITLE, error="no subtitle for clip"),
-        ClipSpec("v.3", 3, 3, error_stage=STAGE_SPAN, error="span end"),  # first error wins
-        ClipSpec("v.4", 4, 5, error_stage=STAGE_SUBTITLE, error="empty subtitle"),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Planning
-
-
-def _videos(sizes: list[int], prefix: str = "vid") -> list[VideoEntry]:
-    return [
-        VideoEntry(f"{prefix}{i}", "", tuple(ClipSpec(f"{prefix}{i}.{j}.mp4", j, j + 1.0) for j in range(n)))
-        for i, n in enumerate(sizes)
-    ]
-
-
-def test_plan_units_packs_whole_videos_in_order() -> None:
-    videos = _videos([3, 2, 5, 1, 0, 4, 12, 2])
-    units = plan_units(videos, clips_per_shard=5)
-    assert [u.index for u in units] == [0, 1, 2, 3, 4]
-    assert [[v.video_id for v in u.videos] for u in units] == [
-        ["vid0", "vid1"], ["vid2"], ["vid3", "vid5"], ["vid6"], ["vid7"],
-    ]
-    assert [u.num_clips() for u in units] == [5, 5, 5, 12, 2]
-    # Every clip of a non-empty video lands in exactly one unit, in input order.
-    planned = [c.clip_id for u in units for v in u.videos for c in v.clips]
-    assert planned == [c.clip_id for v in videos for c in v.clips]
-    assert plan_units(videos, 5) == units  # a pure function: same input, same plan
-    reversed_units = plan_units(list(reversed(videos)), 5)
-    assert reversed_units[0].videos[0].video_id == "vid7"  # input order, not sorted
-    assert plan_units(videos, 1000)[0].num_clips() == 29
-    assert plan_units([], 5) == []
-    first_huge = plan_units(_videos([7, 1]), 5)  # an oversized first video: no empty unit before it
-    assert [[v.video_id for v in u.videos] for u in first_huge] == [["vid0"], ["vid1"]]
-    with pytest.raises(ValueError, match="clips_per_shard"):
-        plan_units(videos, 0)
-
-
-def test_work_unit_dict_round_trip() -> None:
-    unit = WorkUnit(7, (
-        VideoEntry("v", "https://youtu.be/v", (
-            ClipSpec("v.0.mp4", 0.0, 1.5, subtitle="caf\u00e9"),
-            ClipSpec("v.1.mp4", 3.0, 2.0, error_stage=STAGE_SPAN, error="span end 2.000s is not after start 3.000s"),
-        )),
-        VideoEntry("w", "", (ClipSpec("w.0.mp4", 10.125, 20.0),)),
-    ))
-    wire = json.loads(json.dumps(unit.to_dict()))
-    assert WorkUnit.from_dict(wire) == unit
-    assert "subtitle" not in wire["videos"][1]["clips"][0]  # None fields stay off the wire
-    assert unit.num_clips() == 3
-
-
-def test_inputs_digest(tmp_path: Path) -> None:
-    path = tmp_path / "m.jsonl.gz"
-    data = gzip.compress(b'{"video_id": "v"}\n')
-    path.write_bytes(data)
-    assert inputs_digest([str(path)]) == {str(path): hashlib.sha256(data).hexdigest()}
-    with pytest.raises(FileNotFoundError, match="nope"):
-        inputs_digest([str(tmp_path / "nope.jsonl")])
-    with pytest.raises(IsADirectoryError):
-        inputs_digest([str(tmp_path)])
+    d = str(meta)
+    assert expand_parts([d]) == [f"{d}/other.jsonl", f"{d}/part0.jsonl", f"{d}/part1.jsonl"]
+    assert expand_parts([f"{d}/part*.jsonl", f"{d}/part0.jsonl"]) == [f"{d}/part0.jsonl", f"{d}/part1.jsonl"]
+    with pytest.raises(ValueError, match="compressed"):
+        plan_part(f"{d}/part0.jsonl.gz", "part0", 5)
+    with pytest.raises(FileNotFoundError):
+        plan_part(str(tmp_path / "missing.jsonl"), "missing", 5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,17 +283,18 @@ def test_s3_metadata_and_subtitles(s3_endpoint: str, tmp_path: Path) -> None:
     opts = S3Options(endpoint_url=s3_endpoint)
 
     uri = "s3://hdvila/meta/part0.jsonl"
-    for given in ([uri], ["s3://hdvila/meta"]):  # a file, and a prefix expanded to its *.jsonl
-        videos, issues = read_metadata(given, opts)
-        assert videos == [VideoEntry("v1", "https://youtu.be/x", (
-            ClipSpec("v1.0.mp4", 0.0, 2.0),
-            ClipSpec("v1.1.mp4", 2.0, 1.0, error_stage=STAGE_SPAN, error="span end 1.000s is not after start 2.000s"),
-        ))]
-        assert issues == [MetadataIssue(f"{uri}:2", "", "", "not valid JSON: Expecting property name enclosed in "
-                                        "double quotes at column 2")]
-    assert inputs_digest([uri], opts) == {uri: hashlib.sha256(meta).hexdigest()}
-    with pytest.raises(FileNotFoundError, match="s3://hdvila/meta/missing.jsonl"):
-        read_metadata(["s3://hdvila/meta/missing.jsonl"], opts)
+    assert expand_parts(["s3://hdvila/meta"], opts) == [uri]
+    assert expand_parts(["s3://hdvila/meta/part*.jsonl"], opts) == [uri]
+    plan = plan_part(uri, "part0", 10, opts)
+    assert [v for u in plan.units for v in read_unit(uri, u, opts)] == [VideoEntry("v1", "https://youtu.be/x", (
+        ClipSpec("v1.0.mp4", 0.0, 2.0),
+        ClipSpec("v1.1.mp4", 2.0, 1.0, error_stage=STAGE_SPAN, error="span end 1.000s is not after start 2.000s"),
+    ))]
+    assert plan.issues == [MetadataIssue(f"{uri}:2", "", "", "not valid JSON: Expecting property name enclosed in "
+                                         "double quotes at column 2")]
+    assert plan.sha256 == hashlib.sha256(meta).hexdigest()
+    with pytest.raises(FileNotFoundError):
+        plan_part("s3://hdvila/meta/missing.jsonl", "missing", 10, opts)
 
     assert load_subtitle_table("s3://hdvila/subs/table.jsonl", opts).texts == {"v1.0.mp4": "hi"}
     assert load_subtitle_table("s3://hdvila/subs/table.parquet", opts).texts == {"v1.0.mp4": "from parquet"}
