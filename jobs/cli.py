@@ -1,7 +1,7 @@
 """`clipvip` console script: one subcommand per job, each `--config FILE.yaml` + repeated `--set`.
 
-The CLI is frozen to those two options (plus `--out/--seed` for sample data, and `inspect ROOT`
-with `--set storage.*`): every other knob is a config key, so YAML recipes, overrides and MLflow
+The CLI is frozen to those two options (plus `--out/--seed` for sample data, `inspect ROOT`
+with `--set storage.*`, and `plan --json`): every other knob is a config key, so YAML recipes, overrides and MLflow
 params share one vocabulary.
 """
 
@@ -16,6 +16,7 @@ COMMANDS = {
     "sample-data": ("jobs.sample_data", "write a synthetic HD-VILA-format dataset (videos, metadata, subtitles)"),
     "prepare": ("jobs.prepare", "videos -> frame shards + auxiliary captions (Ray Data)"),
     "recaption": ("jobs.recaption", "a new caption set for a prepared root with another captioner; frames untouched"),
+    "plan": ("jobs.plan", "dry run of a prepare/recaption/pretrain recipe: work, costs, cluster fit (`--json`)"),
     "inspect": ("jobs.inspect_root", "list a dataset root: shards, caption sets, clip counts (`clipvip inspect ROOT`)"),
     "pretrain": ("jobs.pretrain", "omnisource post-pretraining on Ray Train + DeepSpeed, tracked in MLflow"),
     "evaluate": ("jobs.evaluate", "text<->video retrieval metrics (MSR-VTT/DiDeMo/LSMDC/ActivityNet) for any checkpoint"),
