@@ -8,8 +8,9 @@ Run:  cd /work/main && .venv/bin/python bench/plan.py [--sizes 1000000,4000000] 
 2. For each size, in a fresh child process (so its peak RSS is that size's alone): starts a local
    Ray instance (2 CPUs), then runs the prepare job's own planning on an empty root: `open_root`
    (list and stat the parts, settings) and `plan_inputs` (Ray tasks cut each part into units and
-   write the plans, the subtitle table is joined to the units and written per unit), then reads
-   back what the decode stage would be given (the unit descriptors). Nothing is decoded.
+   write the plans, the subtitle table is joined to the units and written per unit, the driver
+   reads back the unit descriptors), then builds the decode stage's input dataset from them as
+   the job does (`unit_dataset`). Nothing is decoded.
 3. Prints, side by side: clips, units, planning wall time, clips planned per second, the driver's
    peak RSS (ru_maxrss of the child: the driver process, Ray's workers are other processes), and
    the ratio of the two sizes' RSS. Targets (issue): <= 1 GiB at 4M clips, < 1.25x from 1M to 4M,
@@ -103,20 +104,74 @@ def run_one(parts: list[str], table: str, work: str) -> dict:
     inputs.table["sha256"] = fs.sha256_of(table)
     plan = plan_inputs(inputs.root, inputs.parts, cfg.data.clips_per_shard, inputs.table, log=lambda *_: None)
     wall = time.perf_counter() - t0
+    # What the driver then holds to run the stages: the decode stage's dataset of unit descriptors.
+    from pipeline.data.build import unit_dataset
+
+    t1 = time.perf_counter()
+    ds = unit_dataset(plan.units, {p.name: p.uri for p in inputs.parts})
+    dataset_s = time.perf_counter() - t1
+    assert ds.count() == len(plan.units)
     out = {"clips": plan.clips, "units": len(plan.units), "parts": len(plan.parts), "plan_s": wall,
            "rss_after_ray_gib": rss0 / 2**20, "rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
            "subtitle_duplicates": plan.subtitle_duplicates, "table_issues": plan.table_issues,
-           "steps_s": plan.timings_s}
+           "steps_s": dict(plan.timings_s, unit_dataset=round(dataset_s, 2))}
     ray.shutdown()
     return out
+
+
+def write_corpus_index(out: str, parts: int = 11, clips: int = 103_000_000, clips_per_shard: int = 512) -> None:
+    """An index-only stand-in of a prepared HD-VILA-100M root (manifest, caption_set.json and both
+    shard indexes, no shard files), for `clipvip plan` of the pretrain recipes: planning reads
+    nothing else. Numbers, not data: every shard holds `clips_per_shard` clips."""
+    import pyarrow as pa
+
+    from pipeline import schema
+    from pipeline.config import CaptionConfig
+    from pipeline.data.captions import set_fingerprint
+    from pipeline.data.index import CAPTIONS_INDEX_SCHEMA, FRAMES_INDEX_SCHEMA, _to_bytes
+    from pipeline.data.root import DatasetRoot
+    from pipeline.utils import fs
+
+    root = DatasetRoot(out)
+    shards = clips // clips_per_shard
+    per_part = -(-shards // parts)
+    names = [f"hdvila_part{i}" for i in range(parts)]
+    part_col = [names[i // per_part] for i in range(shards)]
+    unit_col = [i % per_part for i in range(shards)]
+    common = {"part": part_col, "unit": unit_col, "rows": [clips_per_shard] * shards, "bytes": [0] * shards,
+              "sha256": [""] * shards, "clip_ids_sha256": [f"{i}" for i in range(shards)]}
+    frames = pa.table(dict(common, videos=[17] * shards, clips=[clips_per_shard] * shards, quarantined=[0] * shards,
+                           quarantined_by_stage=["{}"] * shards, frames=[0] * shards, min_clip_id=[None] * shards,
+                           max_clip_id=[None] * shards)).select(FRAMES_INDEX_SCHEMA.names).cast(FRAMES_INDEX_SCHEMA)
+    caps = pa.table(dict(common, captioned=[clips_per_shard] * shards, failed=[0] * shards, null_rows=[[]] * shards,
+                         images=[0] * shards, bytes_read=[0] * shards, frame_captions=[0] * shards,
+                         frame_captions_failed=[0] * shards, captioner=["{}"] * shards)
+                    ).select(CAPTIONS_INDEX_SCHEMA.names).cast(CAPTIONS_INDEX_SCHEMA)
+    fs.write_bytes_atomic(root.index_uri("frames"), _to_bytes(frames))
+    fs.write_bytes_atomic(root.index_uri("captions-blip_large"), _to_bytes(caps))
+    cap = CaptionConfig(set_name="blip_large")
+    fs.write_json_atomic(root.caption_set_uri("blip_large"), {
+        "schema_version": schema.SCHEMA_VERSION, "name": "blip_large", "status": "complete",
+        "fingerprint": set_fingerprint(cap, "stand-in"), "frames_fingerprint": "stand-in", "config": cap.identity(),
+        "counts": {"shards": shards}})
+    root.write_manifest({"schema_version": schema.SCHEMA_VERSION, "status": "complete", "fingerprint": "stand-in",
+                         "settings": {}, "caption_sets": ["blip_large"],
+                         "parts": [{"name": n, "uri": f"{n}.jsonl", "units": min(per_part, shards - i * per_part),
+                                    "issues": 0, "clips": 0, "videos": 0} for i, n in enumerate(names)]})
+    print(f"[bench] index-only stand-in root of {shards:,} shards x {clips_per_shard} clips at {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000000,4000000")
     ap.add_argument("--part-clips", type=int, default=1_000_000)
+    ap.add_argument("--corpus-index", metavar="DIR", help="only write an index-only HD-VILA-100M stand-in root "
+                    "(for `clipvip plan` of hdvila_b32/b16.yaml) and exit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.corpus_index:
+        write_corpus_index(args.corpus_index)
+        return 0
     if args.child:
         spec = json.loads(args.child)
         print("RESULT " + json.dumps(run_one(spec["parts"], spec["table"], spec["work"])), flush=True)

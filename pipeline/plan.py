@@ -190,10 +190,10 @@ def build_prepare_report(cfg: Any, parts: list[dict[str, Any]], done_units: int,
     todo_videos = videos * todo_units / units if units else 0
     requests = todo_units * 10 + todo_videos * (1 + video_mb * GETS_PER_VIDEO_MB)
     rep.estimates += [
-        ("output bytes", f"{clips * frames * fb / 1e12:.3f} TB", f"{frames} frames x {fb / 1e3:.0f} KB a clip"),
+        ("output TB", round(clips * frames * fb / 1e12, 4), f"{frames} frames x {fb / 1e3:.0f} KB a clip"),
         ("decode CPU-hours", round(todo_clips / DECODE_CLIPS_PER_CORE_S / 3600, 1),
          f"{DECODE_CLIPS_PER_CORE_S} clips/s/core, bench/decode.py"),
-        ("S3 requests", f"{requests:.3g}", f"~{video_mb:.0f} MB a video at {GETS_PER_VIDEO_MB:.0f} GETs/MB (today's "
+        ("S3 requests", float(f"{requests:.3g}"), f"~{video_mb:.0f} MB a video at {GETS_PER_VIDEO_MB:.0f} GETs/MB (today's "
                                            "small reads) + ~10 a unit"),
     ]
     rate = gpu.get("caption_images_per_s")
@@ -207,7 +207,7 @@ def build_prepare_report(cfg: Any, parts: list[dict[str, Any]], done_units: int,
                       ("decode task memory GiB", round(decode, 2), f"largest unit {max_unit} clips x {frames} frames"),
                       ("plan task memory GiB", round(plan_task, 2), "largest part")]
     rep.checks.append(Check("inputs and root", refused is None, refused or "the root accepts this run"))
-    rep.checks.append(Check("clips to prepare", clips > 0, f"{clips} clips" if clips else "the parts hold no clip"))
+    rep.checks.append(Check("clips to prepare", clips > 0, f"{clips:,} clips" if clips else "the parts hold no clip"))
     rep.checks.append(_fits("driver memory", driver, res.head_memory_gb, f"head node, {res.source}"))
     rep.checks.append(Check("decode task memory", decode <= cfg.ray.decode_memory_gb,
                             f"~{decode:.2f} GiB needed, ray.decode_memory_gb={cfg.ray.decode_memory_gb}"
@@ -245,7 +245,7 @@ def build_recaption_report(cfg: Any, shards: int, rows: int, done: int, shard_by
     rep.estimates += [
         ("caption GPU-hours", round(images / rate / 3600, 2) if rate else "unknown",
          f"{rate} img/s/GPU, {gpu.get('file')}" if rate else "no bench/gpu.py result yet"),
-        ("bytes read", f"{shard_bytes * todo / max(shards, 1) * 0.1 / 1e9:.2f} GB", "middle frames: ~10% of the shards"),
+        ("GB read", round(shard_bytes * todo / max(shards, 1) * 0.1 / 1e9, 3), "middle frames: ~10% of the shards"),
     ]
     rep.checks.append(Check("root and caption set", refused is None, refused or "the root accepts this set"))
     if not cfg.caption.model.startswith("builtin:"):
@@ -272,8 +272,8 @@ def build_pretrain_report(cfg: Any, rows: int | None, open_error: str | None, pa
                   ("GPUs", world if t.use_gpu else 0), ("global batch", global_batch), ("steps per epoch", spe),
                   ("steps", total), ("model parameters", params), ("precision / ZeRO", f"{t.precision} / {t.zero_stage}")]
     ckpt = params * CHECKPOINT_BYTES_PER_PARAM
-    rep.estimates += [("checkpoint size", f"{ckpt / 1e9:.2f} GB", f"{CHECKPOINT_BYTES_PER_PARAM} B a parameter"),
-                      ("checkpoint storage", f"{ckpt * t.keep_checkpoints / 1e9:.2f} GB", f"{t.keep_checkpoints} kept"),
+    rep.estimates += [("checkpoint GB", round(ckpt / 1e9, 2), f"{CHECKPOINT_BYTES_PER_PARAM} B a parameter"),
+                      ("checkpoint storage GB", round(ckpt * t.keep_checkpoints / 1e9, 2), f"{t.keep_checkpoints} kept"),
                       ("model TFLOP a clip", round(flops_per_clip / 1e12, 3), "pipeline/model/flops.py")]
     key = f"train_{cfg.model.preset}"
     per_gpu, basis = gpu.get(key), f"{gpu.get('file')}, measured"
@@ -283,9 +283,9 @@ def build_pretrain_report(cfg: Any, rows: int | None, open_error: str | None, pa
     if per_gpu:
         hours = total * global_batch / (per_gpu * world) / 3600
         rep.estimates += [("clips/s per GPU", round(per_gpu, 1), basis), ("wall hours", round(hours, 1), basis)]
-    rep.checks.append(Check("dataset opens", open_error is None, open_error or f"{rows} clips, 4 object reads"))
+    rep.checks.append(Check("dataset opens", open_error is None, open_error or f"{rows:,} clips, 4 object reads"))
     if rows is not None:
-        rep.checks.append(Check("one global batch", spe >= 1, f"{rows} clips for a global batch of {global_batch}"))
+        rep.checks.append(Check("one global batch", spe >= 1, f"{rows:,} clips for a global batch of {global_batch:,}"))
     if t.use_gpu and per_gpu:
         transform = gpu.get("transform_clips_per_s_per_core", TRANSFORM_CLIPS_PER_CORE_S)
         need = per_gpu / transform

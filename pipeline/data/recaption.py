@@ -173,7 +173,9 @@ def _caption(cfg: RecaptionJobConfig, root: DatasetRoot, capset: dict[str, Any],
 
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
     items = [{"unit": json.dumps({"part": p, "unit": u})} for p, u in todo]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    from pipeline.data.build import MAX_UNIT_BLOCKS  # noqa: PLC0415
+
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_UNIT_BLOCKS))
     remote_args, max_actors = caption_resources(cfg.caption)
     ds = ds.map_batches(
         ShardCaptionStage,

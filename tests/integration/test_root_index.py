@@ -27,7 +27,7 @@ JPEG = b"\xff\xd8 tiny"  # never decoded here
 
 def build_root(endpoint: str, uri: str, units_per_part: dict[str, int], clips_per_shard: int = 2) -> DatasetRoot:
     """A complete root: frame shards, caption parts, both shard indexes, caption_set.json, manifest."""
-    opts = fs.S3Options(endpoint_url=endpoint)
+    opts = fs.S3Options(endpoint_url=endpoint or None)
     root = DatasetRoot(uri, opts)
     shards = [Shard(p, u) for p, n in units_per_part.items() for u in range(n)]
     cap = CaptionConfig(set_name="default", model="builtin:tiny-blip")

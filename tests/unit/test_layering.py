@@ -20,6 +20,7 @@ FORBIDDEN = {
     "pipeline/data/metadata.py": {"ray"},
     "pipeline/data/root.py": {"ray", "torch"},
     "pipeline/data/index.py": {"ray", "torch"},
+    "pipeline/plan.py": {"deepspeed", "mlflow"},
     "pipeline/data/subtitles.py": {"ray"},
     "pipeline/data/captioner.py": {"ray"},
     "pipeline/data/shards.py": {"ray"},
