@@ -14,12 +14,15 @@ and build the report. The caller owns `ray.init`.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from pipeline.config import ClusterShape
 
 # ---- per-clip costs, measured -----------------------------------------------------------------
 DECODE_CLIPS_PER_CORE_S = 2.45
@@ -98,15 +101,11 @@ def gib(n_bytes: float) -> float:
 # What runs it: the connected cluster, the recipe's declared shape, or this machine
 
 
-@dataclass(slots=True)
-class Resources:
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Resources(ClusterShape):
+    """A cluster shape, where it came from, and the GPUs in it when known."""
+
     source: str
-    head_memory_gb: float
-    cpu_node_cpus: int = 0
-    cpu_node_memory_gb: float = 0.0
-    gpu_node_cpus: int = 0
-    gpu_node_gpus: int = 0
-    gpu_node_memory_gb: float = 0.0
     total_gpus: int | None = None
 
 
@@ -118,18 +117,16 @@ def resources_from(ray_cfg: Any, nodes: list[dict[str, Any]] | None = None) -> R
         gpu = [n for n in alive if n.get("Resources", {}).get("GPU")]
         cpu = [n for n in alive if not n.get("Resources", {}).get("GPU") and n is not head] or [head]
         mem = lambda n: n.get("Resources", {}).get("memory", 0) / 2**30  # noqa: E731
-        res = Resources(source=f"connected cluster ({len(alive)} nodes)", head_memory_gb=mem(head),
-                        cpu_node_cpus=int(cpu[0]["Resources"].get("CPU", 0)), cpu_node_memory_gb=mem(cpu[0]),
-                        total_gpus=int(sum(n["Resources"]["GPU"] for n in gpu)))
+        gpu_shape = {}
         if gpu:
-            res.gpu_node_cpus, res.gpu_node_gpus = int(gpu[0]["Resources"].get("CPU", 0)), int(gpu[0]["Resources"]["GPU"])
-            res.gpu_node_memory_gb = mem(gpu[0])
-        return res
+            gpu_shape = {"gpu_node_cpus": int(gpu[0]["Resources"].get("CPU", 0)),
+                         "gpu_node_gpus": int(gpu[0]["Resources"]["GPU"]), "gpu_node_memory_gb": mem(gpu[0])}
+        return Resources(source=f"connected cluster ({len(alive)} nodes)", head_memory_gb=mem(head),
+                         cpu_node_cpus=int(cpu[0]["Resources"].get("CPU", 0)), cpu_node_memory_gb=mem(cpu[0]),
+                         total_gpus=int(sum(n["Resources"]["GPU"] for n in gpu)), **gpu_shape)
     if ray_cfg.cluster is not None:
-        c = ray_cfg.cluster
-        return Resources(source="the recipe's ray.cluster", head_memory_gb=c.head_memory_gb, cpu_node_cpus=c.cpu_node_cpus,
-                         cpu_node_memory_gb=c.cpu_node_memory_gb, gpu_node_cpus=c.gpu_node_cpus,
-                         gpu_node_gpus=c.gpu_node_gpus, gpu_node_memory_gb=c.gpu_node_memory_gb)
+        return Resources(source="the recipe's ray.cluster", **{f.name: getattr(ray_cfg.cluster, f.name)
+                                                                for f in dataclasses.fields(ClusterShape)})
     import psutil  # noqa: PLC0415
 
     memory, cpus = psutil.virtual_memory().total / 2**30, os.cpu_count() or 1

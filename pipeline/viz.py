@@ -105,7 +105,7 @@ def shards(root: str, opts: fs.S3Options | None = None) -> list[Shard]:
 def _read(uri: str, opts: fs.S3Options, columns: Sequence[str]) -> pa.Table:
     import pyarrow.parquet as pq  # noqa: PLC0415
 
-    return pq.read_table(pa.BufferReader(fs.read_bytes(uri, opts)), columns=list(columns))
+    return fs.read_parquet(uri, opts, columns)
 
 
 def read_frame_rows(root: str, columns: Sequence[str] = ("clip_id", "subtitle", "frames"),
@@ -202,9 +202,7 @@ def quarantine_table(root: str, opts: fs.S3Options | None = None) -> pa.Table:
         data = fs.read_bytes_or_none(uri, droot.opts)
         if data is None:
             continue
-        import pyarrow.parquet as pq  # noqa: PLC0415
-
-        for row in pq.read_table(pa.BufferReader(data), columns=["clip_id", "video_id", "stage", "error"]).to_pylist():
+        for row in fs.parquet_from_bytes(data, ["clip_id", "video_id", "stage", "error"]).to_pylist():
             cols["source"].append(source)
             for key in ("clip_id", "video_id", "stage", "error"):
                 cols[key].append(row[key])

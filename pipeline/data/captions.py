@@ -278,7 +278,7 @@ def read_columns(uri: str, opts: fs.S3Options | None, columns: list[str]) -> tup
         footer = f.read(footer_len)
         metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + footer + tail))
         # pre_buffer coalesces nearby column chunks into fewer (S3) requests.
-        table = pq.ParquetFile(f, metadata=metadata, pre_buffer=True).read(columns=columns)
+        table = pq.ParquetFile(f, metadata=metadata, pre_buffer=True).read(columns=columns, use_threads=False)
         return table, f.bytes_read
 
 

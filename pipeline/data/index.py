@@ -96,7 +96,7 @@ def _to_bytes(table: pa.Table) -> bytes:
 
 
 def _from_bytes(data: bytes) -> pa.Table:
-    return pq.read_table(pa.BufferReader(data))
+    return fs.parquet_from_bytes(data)
 
 
 class IndexWriter:

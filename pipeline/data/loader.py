@@ -229,7 +229,7 @@ class ShardReader:
         rg = int(np.searchsorted(starts, row, side="right")) - 1
         key = (uri, rg)
         if key not in self._groups:
-            table = pf.read_row_group(rg, columns=list(columns))
+            table = pf.read_row_group(rg, columns=list(columns), use_threads=False)
             self._groups[key] = {c: table.column(c).to_pylist() for c in columns}
             self.rows_read += table.num_rows
             while len(self._groups) > self.max_row_groups:

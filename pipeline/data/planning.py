@@ -86,9 +86,7 @@ def table_bytes(table: pa.Table, row_group_rows: int = 1 << 16) -> bytes:
 
 
 def _read_parquet(uri: str, opts: fs.S3Options) -> pa.Table:
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
-    return pq.read_table(pa.BufferReader(fs.read_bytes(uri, opts)))
+    return fs.read_parquet(uri, opts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def write_table_atomic(uri: str, table: pa.Table, opts: fs.S3Options) -> tuple[i
 
 def read_table(uri: str, opts: fs.S3Options, columns: list[str] | None = None) -> pa.Table:
     filesystem, path = fs.resolve(uri, opts)
-    return pq.read_table(path, filesystem=filesystem, columns=columns)
+    return pq.read_table(path, filesystem=filesystem, columns=columns, use_threads=False)
 
 
 def quarantine_row(clip_id: str, video_id: str, stage: str, error: str, source_uri: str) -> dict[str, str]:
@@ -106,7 +106,7 @@ def unit_subtitles(ctx: UnitContext, shard: Shard) -> dict[str, tuple[str | None
     data = fs.read_bytes_or_none(ctx.dataset.subtitles_uri(shard), ctx.s3)
     if data is None:
         return {}
-    table = pq.read_table(pa.BufferReader(data))
+    table = fs.parquet_from_bytes(data)
     return {c: (t, e) for c, t, e in zip(table.column("clip_id").to_pylist(), table.column("text").to_pylist(),
                                           table.column("error").to_pylist())}
 

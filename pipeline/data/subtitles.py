@@ -286,7 +286,7 @@ def _read_parquet_chunk(chunk: TableChunk, opts: S3Options | None, out: ChunkRow
         pfile = pq.ParquetFile(f)
         text_col = next(k for k in _TEXT_KEYS if k in pfile.schema_arrow.names)
         row = chunk.first_row
-        for batch in pfile.iter_batches(batch_size=65536, row_groups=list(range(chunk.start, chunk.end)),
+        for batch in pfile.iter_batches(batch_size=65536, row_groups=list(range(chunk.start, chunk.end)), use_threads=False,
                                         columns=["clip_id", text_col]):
             # Parquet readers do not validate UTF-8, so values are checked here, as bytes.
             ids = batch.column(0).cast(pa.binary()).to_pylist()

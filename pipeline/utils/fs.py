@@ -148,6 +148,25 @@ def read_bytes_or_none(uri: str, opts: S3Options | None = None) -> bytes | None:
         return None
 
 
+def parquet_from_bytes(data: bytes, columns: list[str] | None = None) -> Any:
+    """A whole Parquet file held in memory as a pyarrow Table.
+
+    Single-threaded on purpose: pyarrow 25 aborts a process now and then ("terminate called
+    without an active exception") when it exits right after a threaded read, which a CLI that
+    opens a root and exits (inspect, plan, a refusal) does; reproduced 3 times in 60 under load,
+    never without threads. These tables are small (indexes, plans, per-unit rows).
+    """
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
+
+
+def read_parquet(uri: str, opts: S3Options | None = None, columns: list[str] | None = None) -> Any:
+    """A small Parquet file read whole (one request on S3), see `parquet_from_bytes`."""
+    return parquet_from_bytes(read_bytes(uri, opts), columns)
+
+
 def read_json(uri: str, opts: S3Options | None = None) -> Any:
     return json.loads(read_bytes(uri, opts).decode("utf-8"))
 

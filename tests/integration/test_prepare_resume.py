@@ -180,7 +180,7 @@ def test_root_grows_part_by_part(sample_data, parts, reference, tmp_path):
     assert not glob.glob(os.path.join(root, "index", "pending", "*", "*")), "fragments merged and removed"
 
 
-def test_changed_or_missing_part_is_refused_before_ray(sample_data, parts, reference, tmp_path):
+def test_changed_or_missing_part_or_setting_is_refused_before_ray(sample_data, parts, reference, tmp_path):
     ref_root, _ = reference
     root = str(tmp_path / "root")
     import shutil
@@ -191,8 +191,10 @@ def test_changed_or_missing_part_is_refused_before_ray(sample_data, parts, refer
     cases = [([parts[0], parts[2]], "part 'part1'", "not listed"),
              ([parts[0], str(tmp_path / "missing" / "part1.jsonl"), parts[2]], "part 'part1'", "missing"),
              ([parts[0], str(changed), parts[2]], "part 'part1'", "changed since it was prepared")]
+    cases.append((parts, "frames.fps: 3.0 -> 2.0", "other settings"))
     for listed, name, why in cases:
-        proc = clipvip(*args_for(sample_data, root, listed))
+        extra = ["--set", "frames.fps=2"] if "fps" in name else []
+        proc = clipvip(*args_for(sample_data, root, listed), *extra)
         assert proc.returncode == 2, proc.stdout[-2000:]
         assert name in proc.stderr and why in proc.stderr, proc.stderr[-2000:]
         assert "Started a local Ray instance" not in proc.stderr + proc.stdout, "refused only after starting Ray"
