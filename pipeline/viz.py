@@ -105,7 +105,7 @@ def shards(root: str, opts: fs.S3Options | None = None) -> list[Shard]:
 def _read(uri: str, opts: fs.S3Options, columns: Sequence[str]) -> pa.Table:
     import pyarrow.parquet as pq  # noqa: PLC0415
 
-    return fs.read_parquet(uri, opts, columns)
+    return fs.read_parquet(uri, opts, list(columns))
 
 
 def read_frame_rows(root: str, columns: Sequence[str] = ("clip_id", "subtitle", "frames"),
