@@ -45,9 +45,25 @@ class StorageConfig:
     """Endpoint override for S3-compatible stores (else AWS_ENDPOINT_URL[_S3] or AWS)."""
     s3_region: str | None = None
     """Region for S3 (else the AWS chain's region, else us-east-1)."""
+    retry_attempts: int = 8
+    """Tries per S3 request on transient errors (SlowDown/503, other 5xx, resets, timeouts); a
+    video whose reads still fail is quarantined at stage `read` (retryable later)."""
+    retry_base_s: float = 0.1
+    """First backoff; doubles each try with jitter (x0.5-1.5), capped at retry_max_s."""
+    retry_max_s: float = 10.0
+    read_block_mb: float = 8.0
+    """Large objects are read in ranged GETs of this size, the next block fetched ahead."""
+    whole_read_max_mb: float = 64.0
+    """Objects up to this size (most videos' metadata, shards' footers aside) are read in one GET."""
 
     def __post_init__(self) -> None:
         refuse_credentials("storage.s3_endpoint_url", self.s3_endpoint_url)
+        if self.retry_attempts < 1:
+            raise ConfigError(f"storage.retry_attempts: must be >= 1, got {self.retry_attempts}")
+        if self.retry_base_s < 0 or self.retry_max_s < self.retry_base_s:
+            raise ConfigError("storage.retry_base_s must be >= 0 and storage.retry_max_s >= retry_base_s")
+        if self.read_block_mb < 1 or self.whole_read_max_mb < 0:
+            raise ConfigError("storage.read_block_mb must be >= 1 and storage.whole_read_max_mb >= 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -91,6 +91,7 @@ QUARANTINE_SCHEMA = pa.schema(
 # Stages a quarantine row can name.
 STAGE_METADATA = "metadata"
 STAGE_SUBTITLE = "subtitle"
+STAGE_READ = "read"  # storage kept failing transiently through the retry budget: retryable
 STAGE_OPEN = "open"
 STAGE_SPAN = "span"
 STAGE_DECODE = "decode"

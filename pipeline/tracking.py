@@ -5,6 +5,10 @@ and into every checkpoint, so a restarted or resubmitted run keeps logging into 
 run. Params are logged once (MLflow params are immutable); step metrics at or below the last
 step already in the run are dropped, so replaying steps after a resume never logs a step twice.
 Only one process (rank 0) holds a live tracker; the others get NullTracker.
+
+The finish of a run (artifacts, model registration) is a list of steps, each done once: a step
+records a `clipvip.finish.<step>` tag on the run after its side effect, so a run killed anywhere
+in its finish and submitted again does the steps it had not recorded, and no step twice.
 """
 
 from __future__ import annotations
@@ -30,7 +34,12 @@ class Tracker(Protocol):
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None: ...
 
+    def finish_step(self, name: str, fn: Any) -> bool: ...
+
     def close(self, status: str | None = None) -> None: ...
+
+
+FINISH_TAG = "clipvip.finish."
 
 
 class NullTracker:
@@ -49,6 +58,9 @@ class NullTracker:
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         pass
+
+    def finish_step(self, name: str, fn: Any) -> bool:
+        return False
 
     def close(self, status: str | None = None) -> None:
         pass
@@ -106,7 +118,12 @@ def register_model(tracking_uri: str, run_id: str, artifact_path: str, name: str
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
-    mv = client.create_model_version(name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id)
+    source = f"runs:/{run_id}/{artifact_path}"
+    # A registration cut off before its finish tag was recorded left the version behind: reuse it.
+    for mv in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+        if mv.source == source:
+            return str(mv.version)
+    mv = client.create_model_version(name, source=source, run_id=run_id)
     return str(mv.version)
 
 
@@ -185,6 +202,20 @@ class MlflowTracker:
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
+    def finish_step(self, name: str, fn: Any) -> bool:
+        """Run `fn` (a finishing side effect) unless the run records it done; then record it.
+
+        `fn` must give the same result when run again (it may have run before a kill that came
+        before the record): artifacts are rewritten at the same paths, registration reuses the
+        run's version. Returns whether it ran.
+        """
+        key = FINISH_TAG + name
+        if key in self.client.get_run(self.run_id).data.tags:
+            return False
+        value = fn()
+        self.client.set_tag(self.run_id, key, str(value) if value is not None else "done")
+        return True
 
     def close(self, status: str | None = None) -> None:
         if self._monitor is not None:

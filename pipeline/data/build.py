@@ -33,6 +33,7 @@ from pipeline.data.planning import InputPlan, PartInput, plan_inputs
 from pipeline.data.root import DatasetRoot, RootConflict, diff_settings, part_name_of
 from pipeline.data.shards import UnitContext, find_video, process_unit
 from pipeline.utils import fs
+from pipeline.utils.s3 import TransientS3Error
 
 __all__ = ["EmptyInput", "PrepareSummary", "RootConflict", "open_root", "run_prepare"]
 
@@ -293,13 +294,18 @@ def check_videos(cfg: PrepareJobConfig, inputs: Inputs, plan: InputPlan, sample:
     tried: list[str] = []
     for spec in plan.units:
         for video in read_unit(uris[spec.part], spec, inputs.root.opts):
-            if find_video(ctx, video.video_id) is not None:
-                return
+            try:
+                if find_video(ctx, video.video_id) is not None:
+                    return
+            except TransientS3Error:
+                continue  # unreachable now, not known missing: its decode task retries and decides
             tried.append(video.video_id)
             if len(tried) >= sample:
                 break
         if len(tried) >= sample:
             break
+    if not tried:
+        return  # every sampled video was unreachable: the decode tasks retry and decide
     held = [u.rsplit("/", 1)[-1] for u in fs.list_files(cfg.data.video_root, inputs.root.opts)[:3]]
     raise EmptyInput(f"data.video_root: none of the first {len(tried)} listed videos (e.g. {tried[0]}."
                      f"{{{','.join(cfg.data.video_extensions)}}}) is under {cfg.data.video_root}, which holds "

@@ -18,7 +18,6 @@ from typing import Any, Protocol, Sequence
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import schema
@@ -174,9 +173,7 @@ def finish_caption_set(root: DatasetRoot, meta: dict[str, Any], frames: pa.Table
 
 def caption_set_names(root: DatasetRoot) -> list[str]:
     """Names of the directories under <root>/captions (one listing)."""
-    filesystem, path = fs.resolve(root.path("captions"), root.opts)
-    infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    return fs.list_dirs(root.path("captions"), root.opts)
 
 
 def describe_caption_sets(root: DatasetRoot, part_order: list[str]) -> list[dict[str, Any]]:
@@ -265,10 +262,9 @@ def read_columns(uri: str, opts: fs.S3Options | None, columns: list[str]) -> tup
         opts: how to reach S3.
         columns: columns to read (projection; other column chunks are never fetched).
     """
-    filesystem, path = fs.resolve(uri, opts)
-    with filesystem.open_input_file(path) as native:
+    with fs.open_ranges(uri, opts) as native:
         f = _CountingFile(native)
-        size = native.size()
+        size = native.seek(0, 2)
         f.seek(size - 8)
         tail = f.read(8)
         if len(tail) != 8 or tail[4:] != b"PAR1":

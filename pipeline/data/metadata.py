@@ -302,10 +302,9 @@ class PartReader:
 
     def __iter__(self) -> Iterator[tuple[int, int, int, bytes]]:
         """(1-based line number, start byte, end byte incl. the newline, line without CR/LF)."""
-        filesystem, path = fs.resolve(self.uri, self.opts)
         digest = hashlib.sha256()
         number, offset, carry = 0, 0, b""
-        with filesystem.open_input_stream(path, compression=None) as f:
+        with fs.open_read(self.uri, self.opts) as f:
             while True:
                 block = f.read(self.block_bytes)
                 digest.update(block)

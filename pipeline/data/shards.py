@@ -27,7 +27,8 @@ from pipeline.data.frames import ClipFailure, ClipFrames, SpanRequest, extract_c
 from pipeline.data.metadata import ClipSpec, UnitSpec, VideoEntry, read_unit
 from pipeline.data.root import DatasetRoot, Shard
 from pipeline.data.subtitles import NO_SUBTITLE, SubtitleError, find_cue_file, read_cue_file, subtitle_for_span
-from pipeline.utils import fs
+from pipeline.utils import fs, s3
+from pipeline.utils.s3 import TransientS3Error
 
 # Small row groups let training readers stream a shard without holding all of it.
 ROW_GROUP_ROWS = 32
@@ -83,21 +84,24 @@ def quarantine_row(clip_id: str, video_id: str, stage: str, error: str, source_u
 # Decoding one video's clips
 
 
-def find_video(ctx: UnitContext, video_id: str) -> str | None:
-    """First existing <video_root>/<video_id>.<ext>, in the configured extension order."""
+def find_video(ctx: UnitContext, video_id: str) -> tuple[str, int] | None:
+    """(uri, size) of the first existing <video_root>/<video_id>.<ext>, in the configured extension
+    order (one HEAD an extension tried on S3)."""
     for ext in ctx.video_extensions:
         uri = fs.join(ctx.video_root, f"{video_id}.{ext}")
-        if fs.exists(uri, ctx.s3):
-            return uri
+        try:
+            return uri, fs.stat(uri, ctx.s3).size
+        except FileNotFoundError:
+            continue
     return None
 
 
-def _open_source(uri: str, opts: fs.S3Options) -> Any:
-    """Local path as is; S3 objects as a seekable pyarrow file (ranged reads, no full download)."""
+def _open_source(uri: str, size: int, opts: fs.S3Options) -> Any:
+    """Local path as is; an S3 object read whole when small, else in 8 MiB blocks with read-ahead
+    (`s3.open_read`), so the decoder's small reads and seeks never reach the network."""
     if not fs.is_s3(uri):
         return uri
-    filesystem, path = fs.resolve(uri, opts)
-    return filesystem.open_input_file(path)
+    return s3.open_read(uri, opts, size)
 
 
 def unit_subtitles(ctx: UnitContext, shard: Shard) -> dict[str, tuple[str | None, str | None]]:
@@ -141,7 +145,8 @@ def decode_video(ctx: UnitContext, video: VideoEntry,
     """Decode all clips of one video. Returns (frame rows, quarantine rows)."""
     rows: list[dict[str, Any]] = []
     bad: list[dict[str, str]] = []
-    uri = find_video(ctx, video.video_id)
+    found = find_video(ctx, video.video_id)
+    uri, size = found if found is not None else (None, 0)
     source_uri = uri or fs.join(ctx.video_root, f"{video.video_id}.*")
     texts = _clip_texts(ctx, video, table)
 
@@ -166,15 +171,18 @@ def decode_video(ctx: UnitContext, video: VideoEntry,
         return rows, bad
 
     spans = [SpanRequest(c.clip_id, c.start_s, c.end_s) for c in todo]
-    source = _open_source(uri, ctx.s3)
+    source = _open_source(uri, size, ctx.s3)
     try:
         result = extract_clips(source, spans, ctx.frames)
     finally:
         if not isinstance(source, str):
             source.close()
+    # A network failure in the middle of a decode surfaces as the decoder's error: name it.
+    read_error = getattr(source, "read_error", None)
     for clip, out in zip(todo, result.clips, strict=True):
         if isinstance(out, ClipFailure):
-            bad.append(quarantine_row(clip.clip_id, video.video_id, out.stage, out.error, uri))
+            stage, error = (schema.STAGE_READ, str(read_error)) if read_error else (out.stage, out.error)
+            bad.append(quarantine_row(clip.clip_id, video.video_id, stage, error, uri))
             continue
         assert isinstance(out, ClipFrames)
         rows.append({
@@ -223,10 +231,11 @@ def process_unit(spec: UnitSpec, part_uri: str, ctx: UnitContext) -> dict[str, A
         try:
             v_rows, v_bad = decode_video(ctx, video, table)
         except Exception as e:  # noqa: BLE001  a bug or I/O error on one video must not cost the unit
+            # Storage that kept failing (retry budget spent) is retryable later; anything else is not.
+            stage = schema.STAGE_READ if isinstance(e, TransientS3Error) else schema.STAGE_DECODE
             v_rows = []
-            v_bad = [quarantine_row(c.clip_id, video.video_id, schema.STAGE_DECODE,
-                                    f"{type(e).__name__}: {e}", fs.join(ctx.video_root, video.video_id))
-                     for c in video.clips]
+            v_bad = [quarantine_row(c.clip_id, video.video_id, stage, f"{type(e).__name__}: {e}",
+                                    fs.join(ctx.video_root, video.video_id)) for c in video.clips]
         rows.extend(v_rows)
         bad.extend(v_bad)
     decode_s = time.perf_counter() - t0

@@ -169,8 +169,7 @@ def table_chunks(uri: str, opts: S3Options | None = None, chunk_bytes: int = 64 
             size = fs.stat(uri, opts).size
             return [TableChunk(uri, kind, i, a, min(a + chunk_bytes, size))
                     for i, a in enumerate(range(0, max(size, 1), chunk_bytes))]
-        filesystem, path = fs.resolve(uri, opts)
-        with filesystem.open_input_file(path) as f:
+        with fs.open_ranges(uri, opts) as f:
             meta = pq.ParquetFile(f).metadata
             names = set(meta.schema.to_arrow_schema().names)
     except FileNotFoundError:
@@ -210,8 +209,7 @@ def row_source(chunk: TableChunk, line: int, order: int) -> str:
 
 def _chunk_lines(chunk: TableChunk, opts: S3Options | None) -> Iterator[tuple[int, int, bytes]]:
     """(line number within the chunk, byte offset, raw line) of the lines starting in [start, end)."""
-    filesystem, path = fs.resolve(chunk.uri, opts)
-    with filesystem.open_input_file(path) as f:
+    with fs.open_read(chunk.uri, opts) as f:
         pos = max(chunk.start - 1, 0)
         f.seek(pos)
         reader = io.BufferedReader(f, buffer_size=1 << 20)
@@ -281,8 +279,7 @@ def _row_text(row: dict, source: str) -> tuple[str | None, str | None]:
 
 
 def _read_parquet_chunk(chunk: TableChunk, opts: S3Options | None, out: ChunkRows) -> None:
-    filesystem, path = fs.resolve(chunk.uri, opts)
-    with filesystem.open_input_file(path) as f:
+    with fs.open_read(chunk.uri, opts) as f:
         pfile = pq.ParquetFile(f)
         text_col = next(k for k in _TEXT_KEYS if k in pfile.schema_arrow.names)
         row = chunk.first_row
@@ -341,15 +338,6 @@ def load_subtitle_table(uri: str, opts: S3Options | None = None) -> SubtitleTabl
                 table.texts[clip_id] = text
         table.issues.extend((source, error) for source, error, _ in sorted(issues, key=lambda i: i[2]))
     return table
-
-
-def iter_lines(uri: str, opts: S3Options | None = None) -> Iterator[tuple[int, bytes]]:
-    """Yield (1-based line number, raw line bytes without the line ending), streaming the file."""
-    filesystem, path = fs.resolve(uri, opts)
-    with filesystem.open_input_stream(path) as raw:
-        reader = io.BufferedReader(raw, buffer_size=1 << 20)
-        for number, line in enumerate(reader, start=1):
-            yield number, line.rstrip(b"\r\n")
 
 
 # --------------------------------------------------------------------------------------------

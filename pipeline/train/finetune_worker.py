@@ -82,7 +82,6 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with resume.as_directory() as d:
             state = ckpt_io.load(engine, d, rank, world)
     state.mlflow_run_id = state.mlflow_run_id or loop_config.get("mlflow_run_id")
-    already_done = state.step >= total
 
     tracker: Any = NullTracker()
     if rank == 0 and cfg.tracking.enabled and state.mlflow_run_id:
@@ -121,9 +120,10 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
             t_wait0 = time.perf_counter()
             if state.step >= total:
                 break
-    export_weights(engine, loop_config["export_dir"], cfg, rank, tracker if not already_done else None, "model",
-                   None, TAG)
-    if rank == 0 and not already_done and tracker.run_id and state.best_metric is not None:
+    # Every submission runs the finish; each of its steps happens once per run (finish_step), so
+    # a run killed between its last checkpoint and its artifacts gets them when resubmitted.
+    export_weights(engine, loop_config["export_dir"], cfg, rank, tracker, "model", None, TAG)
+    if rank == 0 and tracker.run_id and state.best_metric is not None:
         _log_best_artifacts(cfg, loop_config["best_dir"], tracker)
     if rank == 0:
         print(f"[{TAG}] best {cfg.data.select_metric} {state.best_metric} at step {state.best_step} -> "
@@ -217,12 +217,18 @@ def _log_best_artifacts(cfg, best_dir: str, tracker) -> None:
 
     from pipeline.utils import fs  # noqa: PLC0415
 
-    with tempfile.TemporaryDirectory(prefix="clipvip-best-") as local:
-        fs.download_dir(best_dir, local, fs.S3Options.of(cfg.storage))
-        tracker.log_artifacts(local, "best_model")
-        if cfg.tracking.register_model:
-            from pipeline.tracking import register_model  # noqa: PLC0415
+    def log_best() -> None:
+        with tempfile.TemporaryDirectory(prefix="clipvip-best-") as local:
+            fs.download_dir(best_dir, local, fs.S3Options.of(cfg.storage))
+            tracker.log_artifacts(local, "best_model")
 
-            version = register_model(cfg.tracking.tracking_uri, tracker.run_id, "best_model",
-                                     cfg.tracking.register_model)
-            print(f"[{TAG}] registered best model {cfg.tracking.register_model!r} version {version}", flush=True)
+    def register() -> str:
+        from pipeline.tracking import register_model  # noqa: PLC0415
+
+        version = register_model(cfg.tracking.tracking_uri, tracker.run_id, "best_model", cfg.tracking.register_model)
+        print(f"[{TAG}] registered best model {cfg.tracking.register_model!r} version {version}", flush=True)
+        return version
+
+    tracker.finish_step("artifacts.best_model", log_best)
+    if cfg.tracking.register_model:
+        tracker.finish_step("registered.best_model", register)

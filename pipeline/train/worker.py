@@ -171,7 +171,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     elif cfg.train.warm_start and os.path.isdir(os.path.join(cfg.train.warm_start, "ds")):
         ckpt_io.load(engine, cfg.train.warm_start, rank, world, weights_only=True)
     state.mlflow_run_id = state.mlflow_run_id or loop_config.get("mlflow_run_id")
-    already_done = state.step >= total  # a finished run submitted again: re-export, log nothing new
 
     tracker: Any = NullTracker()
     if rank == 0 and cfg.tracking.enabled and state.mlflow_run_id:
@@ -187,7 +186,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     log = RunLog(engine, tracker, rank, world, total, cfg.run_name, samples_at_start=state.samples_seen)
     _run_steps(log, cfg, loop_config, index, loader_cfg, state, spe, iter_rank_batches)
-    _export_final(engine, cfg, loop_config, rank, tracker, log_to_mlflow=not already_done)
+    # The finish runs on every submission, a finished one too: its steps that a kill cut off are
+    # done now, those the run records done are skipped (MlflowTracker.finish_step).
+    _export_final(engine, cfg, loop_config, rank, tracker)
     tracker.close("FINISHED")
 
 
@@ -250,10 +251,10 @@ def save_and_report(engine, cfg, loop_config, state, rank) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _export_final(engine, cfg, loop_config, rank, tracker, log_to_mlflow: bool) -> None:
+def _export_final(engine, cfg, loop_config, rank, tracker) -> None:
     """Final weights in HF format (fp32 masters), logged to MLflow and registered (rank 0)."""
-    export_weights(engine, loop_config["export_dir"], cfg, rank, tracker if log_to_mlflow else None, "model",
-                   cfg.tracking.register_model if log_to_mlflow else None, "pretrain")
+    export_weights(engine, loop_config["export_dir"], cfg, rank, tracker, "model", cfg.tracking.register_model,
+                   "pretrain")
 
 
 def export_weights(engine, out_uri: str, cfg, rank: int, tracker, artifact_path: str, register_as: str | None,
@@ -261,8 +262,9 @@ def export_weights(engine, out_uri: str, cfg, rank: int, tracker, artifact_path:
     """Write the module's fp32 weights as an HF-format `CLIPViPModel` to `out_uri` (all ranks call).
 
     Args:
-        tracker: log the files as MLflow artifacts under `artifact_path` (None: do not log).
-        register_as: registered-model name for those artifacts (None: do not register).
+        tracker: log the files as MLflow artifacts under `artifact_path` (None: do not log), once
+            per run (a finish step: a resubmitted finished run does only what a kill cut off).
+        register_as: registered-model name for those artifacts (None: do not register), once.
     """
     weights = ckpt_io.full_fp32_state_dict(engine)  # all ranks: ZeRO-3 gathers
     if rank != 0:
@@ -278,9 +280,13 @@ def export_weights(engine, out_uri: str, cfg, rank: int, tracker, artifact_path:
         fs.upload_dir(local, out_uri, fs.S3Options.of(cfg.storage))
         print(f"[{tag}] weights (HF format) -> {out_uri}", flush=True)
         if tracker is not None and tracker.run_id:
-            tracker.log_artifacts(local, artifact_path)
+            tracker.finish_step(f"artifacts.{artifact_path}", lambda: tracker.log_artifacts(local, artifact_path))
             if register_as:
                 from pipeline.tracking import register_model  # noqa: PLC0415
 
-                version = register_model(cfg.tracking.tracking_uri, tracker.run_id, artifact_path, register_as)
-                print(f"[{tag}] registered model {register_as!r} version {version}", flush=True)
+                def register() -> str:
+                    version = register_model(cfg.tracking.tracking_uri, tracker.run_id, artifact_path, register_as)
+                    print(f"[{tag}] registered model {register_as!r} version {version}", flush=True)
+                    return version
+
+                tracker.finish_step(f"registered.{artifact_path}", register)

@@ -1,4 +1,6 @@
-"""Paths that are either local or `s3://bucket/key`, through pyarrow.fs.
+"""Paths that are either local or `s3://bucket/key`: local files directly, S3 through
+`pipeline/utils/s3.py` (boto3 with retries, large reads); pyarrow.fs only where a library needs
+a pyarrow filesystem (Ray Train's storage, the training loader's Parquet reads).
 
 S3 credentials come from the standard AWS chain (boto3: env vars, profile, instance role) of
 the process that opens the path; they are never stored in configs, manifests or pickles we
@@ -19,18 +21,34 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipeline.utils import s3
+
 
 @dataclass(frozen=True, slots=True)
 class S3Options:
-    """What is needed to reach S3, minus the secrets (those come from the AWS chain)."""
+    """What is needed to reach S3, minus the secrets (those come from the AWS chain), and how
+    to behave on it (retries, read sizes; see `pipeline/utils/s3.py`)."""
 
     endpoint_url: str | None = None
     region: str | None = None
+    retry_attempts: int = 8
+    """Tries per request on transient errors (throttling, 5xx, resets, timeouts)."""
+    retry_base_s: float = 0.1
+    """First backoff; doubles each try, jittered x0.5-1.5, capped at retry_max_s."""
+    retry_max_s: float = 10.0
+    block_bytes: int = 8 << 20
+    """Ranged reads of large objects fetch blocks of this size (and the next one ahead)."""
+    whole_read_max_bytes: int = 64 << 20
+    """Objects up to this size are read whole, in one GET."""
 
     @classmethod
     def of(cls, storage: Any) -> S3Options:
-        """From a `StorageConfig` (any object with s3_endpoint_url / s3_region)."""
-        return cls(endpoint_url=storage.s3_endpoint_url, region=storage.s3_region)
+        """From a `StorageConfig` (s3_endpoint_url, s3_region, retry_*, read_block_mb, whole_read_max_mb)."""
+        return cls(endpoint_url=storage.s3_endpoint_url, region=storage.s3_region,
+                   retry_attempts=getattr(storage, "retry_attempts", 8),
+                   retry_base_s=getattr(storage, "retry_base_s", 0.1), retry_max_s=getattr(storage, "retry_max_s", 10.0),
+                   block_bytes=int(getattr(storage, "read_block_mb", 8) * 2**20),
+                   whole_read_max_bytes=int(getattr(storage, "whole_read_max_mb", 64) * 2**20))
 
 
 def is_s3(uri: str) -> bool:
@@ -44,7 +62,7 @@ def join(root: str, *parts: str) -> str:
     return os.path.join(root, *parts)
 
 
-def _endpoint(opts: S3Options) -> str | None:
+def endpoint(opts: S3Options) -> str | None:
     return opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
@@ -74,48 +92,27 @@ def resolve(uri: str, opts: S3Options | None = None) -> tuple[pafs.FileSystem, s
     """Return (filesystem, path inside it) for a local path or an `s3://` URI."""
     if is_s3(uri):
         opts = opts or S3Options()
-        return _s3_filesystem(_endpoint(opts), opts.region), uri[len("s3://"):]
+        return _s3_filesystem(endpoint(opts), opts.region), uri[len("s3://"):]
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
 def exists(uri: str, opts: S3Options | None = None) -> bool:
-    fs, path = resolve(uri, opts)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    """A file/object exists (one HEAD on S3)."""
+    if is_s3(uri):
+        try:
+            s3.head(uri, opts or S3Options())
+            return True
+        except FileNotFoundError:
+            return False
+    return os.path.exists(os.path.abspath(uri))
 
 
 def is_dir(uri: str, opts: S3Options | None = None) -> bool:
-    fs, path = resolve(uri, opts)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        return True
-    if is_s3(uri) and info.type == pafs.FileType.NotFound:
-        # S3 has no directories: a prefix with objects under it counts as one.
-        return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
-    return False
-
-
-@functools.lru_cache(maxsize=8)
-def _s3_client(endpoint_url: str | None, region: str | None) -> Any:
-    """A boto3 S3 client (AWS credential chain), for the calls that pyarrow makes in several
-    requests: a whole-object read is one GET (pyarrow: HEAD + GET), a write one PUT (pyarrow: a
-    three-request multipart upload)."""
-    import boto3  # noqa: PLC0415
-    from botocore.config import Config  # noqa: PLC0415
-
-    session = boto3.Session()
-    return session.client("s3", endpoint_url=endpoint_url, region_name=region or session.region_name or "us-east-1",
-                          config=Config(retries={"mode": "standard", "max_attempts": 5}))
-
-
-def _bucket_key(uri: str, opts: S3Options | None) -> tuple[Any, str, str]:
-    opts = opts or S3Options()
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    return _s3_client(_endpoint(opts), opts.region), bucket, key
-
-
-def _is_missing(error: Exception) -> bool:
-    code = str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
-    return code in ("NoSuchKey", "404", "NotFound")
+    """A directory, or on S3 a prefix with objects under it (one LIST)."""
+    if is_s3(uri):
+        files, prefixes = s3.list_prefix(uri, opts or S3Options())
+        return bool(files or prefixes)
+    return os.path.isdir(os.path.abspath(uri))
 
 
 def read_bytes(uri: str, opts: S3Options | None = None, start: int | None = None, end: int | None = None) -> bytes:
@@ -123,21 +120,36 @@ def read_bytes(uri: str, opts: S3Options | None = None, start: int | None = None
 
     Raises:
         FileNotFoundError: the object or file does not exist.
+        TransientS3Error: S3 kept failing transiently through the retry budget.
     """
     if is_s3(uri):
-        client, bucket, key = _bucket_key(uri, opts)
-        kwargs = {} if start is None else {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
-        try:
-            return client.get_object(Bucket=bucket, Key=key, **kwargs)["Body"].read()
-        except Exception as e:  # noqa: BLE001  botocore's ClientError, imported lazily
-            if _is_missing(e):
-                raise FileNotFoundError(f"no such object: {uri}") from None
-            raise
+        return s3.get(uri, opts or S3Options(), start, end)
     with open(os.path.abspath(uri), "rb") as f:
         if start is None:
             return f.read()
         f.seek(start)
         return f.read(-1 if end is None else end - start)
+
+
+def open_read(uri: str, opts: S3Options | None = None) -> Any:
+    """A seekable binary file: local files as they are, S3 objects read whole when small, else
+    in large blocks with read-ahead (`s3.open_read`). The caller closes it.
+
+    Raises:
+        FileNotFoundError: it does not exist.
+    """
+    if is_s3(uri):
+        return s3.open_read(uri, opts or S3Options())
+    return open(os.path.abspath(uri), "rb")  # noqa: SIM115  the caller owns it
+
+
+def open_ranges(uri: str, opts: S3Options | None = None) -> Any:
+    """A seekable binary file whose reads go to storage as asked (S3: one ranged GET a read),
+    for readers that coalesce their own ranges (Parquet projections). The caller closes it."""
+    if is_s3(uri):
+        opts = opts or S3Options()
+        return s3.RangeFile(uri, opts, s3.head(uri, opts)[0])
+    return open(os.path.abspath(uri), "rb")  # noqa: SIM115  the caller owns it
 
 
 def read_bytes_or_none(uri: str, opts: S3Options | None = None) -> bytes | None:
@@ -182,8 +194,7 @@ def write_bytes_atomic(uri: str, data: bytes, opts: S3Options | None = None) -> 
     Local: write a temp file beside the target, fsync, rename. S3: one PUT, which is atomic.
     """
     if is_s3(uri):
-        client, bucket, key = _bucket_key(uri, opts)
-        client.put_object(Bucket=bucket, Key=key, Body=data)
+        s3.put(uri, data, opts or S3Options())
         return
     path = os.path.abspath(uri)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -210,26 +221,18 @@ def stat(uri: str, opts: S3Options | None = None) -> Stat:
         FileNotFoundError: it does not exist.
     """
     if is_s3(uri):
-        client, bucket, key = _bucket_key(uri, opts)
-        try:
-            head = client.head_object(Bucket=bucket, Key=key)
-        except Exception as e:  # noqa: BLE001
-            if _is_missing(e):
-                raise FileNotFoundError(f"no such object: {uri}") from None
-            raise
-        return Stat(int(head["ContentLength"]), str(head.get("ETag", "")).strip('"'))
+        return Stat(*s3.head(uri, opts or S3Options()))
     st = os.stat(os.path.abspath(uri))
     return Stat(st.st_size, f"mtime:{st.st_mtime_ns}")
 
 
 def sha256_of(uri: str, opts: S3Options | None = None) -> str:
-    """sha256 hex of a file's bytes, streamed (constant memory)."""
+    """sha256 hex of a file's bytes, streamed in large reads (memory bounded by the read blocks)."""
     import hashlib  # noqa: PLC0415
 
-    filesystem, path = resolve(uri, opts)
     digest = hashlib.sha256()
-    with filesystem.open_input_stream(path, compression=None) as f:
-        while chunk := f.read(1 << 22):
+    with open_read(uri, opts) as f:
+        while chunk := f.read(1 << 23):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -240,40 +243,47 @@ def write_json_atomic(uri: str, obj: Any, opts: S3Options | None = None) -> None
 
 def list_files(uri: str, opts: S3Options | None = None, suffix: str = "") -> list[str]:
     """Files directly under `uri` (not recursive), as full URIs, sorted; [] if it does not exist."""
-    fs, path = resolve(uri, opts)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
-    out = []
-    for info in infos:
-        if info.type != pafs.FileType.File or not info.base_name.endswith(suffix):
-            continue
-        if ".tmp-" in info.base_name:
-            continue
-        out.append(join(uri, info.base_name))
-    return sorted(out)
+    if is_s3(uri):
+        files, _ = s3.list_prefix(uri, opts or S3Options())
+        names = [k.rsplit("/", 1)[-1] for k, _ in files]
+    else:
+        path = os.path.abspath(uri)
+        names = [n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n))] if os.path.isdir(path) else []
+    return sorted(join(uri, n) for n in names if n and n.endswith(suffix) and ".tmp-" not in n)
+
+
+def list_dirs(uri: str, opts: S3Options | None = None) -> list[str]:
+    """Names of the directories (S3: common prefixes) directly under `uri`, sorted (one LIST)."""
+    if is_s3(uri):
+        _, prefixes = s3.list_prefix(uri, opts or S3Options())
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in prefixes)
+    path = os.path.abspath(uri)
+    return sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n))) if os.path.isdir(path) else []
 
 
 def delete_file(uri: str, opts: S3Options | None = None) -> None:
     """Delete one file/object; a missing one is not an error."""
-    filesystem, path = resolve(uri, opts)
+    if is_s3(uri):
+        s3.delete(uri, opts or S3Options())
+        return
     try:
-        filesystem.delete_file(path)
+        os.remove(os.path.abspath(uri))
     except FileNotFoundError:
         pass
 
 
 def delete_dir(uri: str, opts: S3Options | None = None) -> None:
-    fs, path = resolve(uri, opts)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound and not is_s3(uri):
+    """Delete a directory tree (S3: every object under the prefix); a missing one is fine."""
+    if is_s3(uri):
+        s3.delete_prefix(uri, opts or S3Options())
         return
-    try:
-        fs.delete_dir(path)
-    except FileNotFoundError:
-        pass
+    import shutil  # noqa: PLC0415
+
+    shutil.rmtree(os.path.abspath(uri), ignore_errors=True)
 
 
 def file_size(uri: str, opts: S3Options | None = None) -> int:
-    fs, path = resolve(uri, opts)
-    return int(fs.get_file_info(path).size or 0)
+    return stat(uri, opts).size
 
 
 def upload_dir(local_dir: str, uri: str, opts: S3Options | None = None) -> None:
@@ -288,12 +298,16 @@ def upload_dir(local_dir: str, uri: str, opts: S3Options | None = None) -> None:
 
 def download_dir(uri: str, local_dir: str, opts: S3Options | None = None) -> None:
     """Copy every file under `uri` (recursively) into `local_dir`."""
-    filesystem, path = resolve(uri, opts)
-    for info in filesystem.get_file_info(pafs.FileSelector(path, recursive=True)):
-        if info.type != pafs.FileType.File:
-            continue
-        rel = info.path[len(path):].lstrip("/")
-        dest = os.path.join(local_dir, rel)
+    if not is_s3(uri):
+        import shutil  # noqa: PLC0415
+
+        shutil.copytree(os.path.abspath(uri), local_dir, dirs_exist_ok=True)
+        return
+    opts = opts or S3Options()
+    files, _ = s3.list_prefix(uri, opts, recursive=True)
+    bucket, prefix = s3.split(uri.rstrip("/") + "/")
+    for key, _ in files:
+        dest = os.path.join(local_dir, key[len(prefix):])
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with filesystem.open_input_stream(info.path) as src, open(dest, "wb") as out:
-            out.write(src.read())
+        with open(dest, "wb") as out:
+            out.write(s3.get(f"s3://{bucket}/{key}", opts))

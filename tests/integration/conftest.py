@@ -56,15 +56,30 @@ class RequestLog:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, str]] = []
+        self.body_bytes: list[int] = []
+        """Bytes of each response body, in the order of `requests`."""
         self._lock = threading.Lock()
 
-    def add(self, method: str, path: str, query: str) -> None:
+    def add(self, method: str, path: str, query: str) -> int:
         with self._lock:
             self.requests.append((method, path, query))
+            self.body_bytes.append(0)
+            return len(self.requests) - 1
+
+    def count_bytes(self, i: int, n: int) -> None:
+        with self._lock:
+            self.body_bytes[i] += n
 
     def since(self, mark: int) -> list[tuple[str, str, str]]:
         with self._lock:
             return list(self.requests[mark:])
+
+    def bytes_since(self, mark: int, path: str) -> tuple[int, int]:
+        """(GET requests, response body bytes) for one object's path since `mark`."""
+        with self._lock:
+            picked = [i for i in range(mark, len(self.requests))
+                      if self.requests[i][0] == "GET" and self.requests[i][1] == path]
+            return len(picked), sum(self.body_bytes[i] for i in picked)
 
     def mark(self) -> int:
         with self._lock:
@@ -82,8 +97,10 @@ def s3_counting():
     app = DomainDispatcherApplication(create_backend_app)
 
     def counting(environ, start_response):
-        log.add(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
-        return app(environ, start_response)
+        i = log.add(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
+        for chunk in app(environ, start_response):
+            log.count_bytes(i, len(chunk))
+            yield chunk
 
     server = make_server("127.0.0.1", 0, counting, True, request_handler=MotoRequestHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
