@@ -40,10 +40,9 @@ def _short(text: Any, width: int = 24) -> str:
 def render(root: str, opts: fs.S3Options) -> str:
     """The root's manifest, parts, shards and caption sets, from the manifest and the shard
     indexes only (a constant number of reads, whatever the number of shards)."""
-    import json  # noqa: PLC0415
-
     from pipeline.data.captions import describe_caption_sets  # noqa: PLC0415
     from pipeline.data.index import FRAMES, read_index  # noqa: PLC0415
+    from pipeline.data.retry import effective_counts  # noqa: PLC0415
     from pipeline.data.root import DatasetRoot  # noqa: PLC0415
 
     droot = DatasetRoot(root, opts)
@@ -52,19 +51,19 @@ def render(root: str, opts: fs.S3Options) -> str:
     index = read_index(droot, FRAMES, order, pending=manifest.get("status") != "complete")
     rows = index.to_pylist()
     planned = sum(p["units"] for p in manifest.get("parts", []))
-    stages: dict[str, int] = {}
-    for r in rows:
-        for k, v in json.loads(r["quarantined_by_stage"]).items():
-            stages[k] = stages.get(k, 0) + v
+    eff = effective_counts(index)
     counts = manifest.get("counts", {})
-    by_stage = ", ".join(f"{k}={v}" for k, v in sorted(stages.items())) or "none"
+    by_stage = ", ".join(f"{k}={v}" for k, v in sorted(eff["quarantined_by_stage"].items())) or "none"
     out = [
         f"dataset root {root}",
         f"  status        {manifest.get('status')} (schema {manifest.get('schema_version')}, "
         f"fingerprint {manifest.get('fingerprint')})",
-        f"  clips         {sum(r['rows'] for r in rows)} ok, {sum(r['quarantined'] for r in rows)} quarantined "
+        f"  clips         {eff['clips_ok']} ok, {eff['clips_quarantined']} quarantined "
         f"by stage: {by_stage}; {counts.get('metadata_issues', sum(p['issues'] for p in manifest.get('parts', [])))} "
         "malformed input lines",
+        f"  retryable     {eff['retryable']} clips (stage read: storage kept failing)"
+        + (": prepare again with --set data.retry_quarantined=true" if eff["retryable"] else "")
+        + (f"; {eff['retries']} retry shards so far" if eff["retries"] else ""),
         f"  frames        {sum(r['frames'] for r in rows)} in {len(rows)} shards, "
         f"{sum(r['bytes'] for r in rows) / 1e6:.2f} MB",
         "",

@@ -85,6 +85,9 @@ class DataConfig:
     force: bool = False
     """Allow changed settings or a changed part on an existing root: its frames, captions,
     quarantine, plans and index are deleted and rebuilt. Without it such a run is refused."""
+    retry_quarantined: bool = False
+    """Also re-attempt the clips quarantined at a retryable stage (`read`: storage kept failing)
+    into new shards, nothing else touched; clips that recover leave the quarantine."""
 
     def __post_init__(self) -> None:
         if not self.metadata:

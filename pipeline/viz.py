@@ -27,6 +27,7 @@ from PIL import Image
 
 from pipeline.data.captions import complete_caption_sets
 from pipeline.data.index import FRAMES, captions_kind, read_index
+from pipeline.data.retry import superseded_clips
 from pipeline.data.root import DatasetRoot, Shard
 from pipeline.utils import fs
 
@@ -189,20 +190,23 @@ def quarantine_table(root: str, opts: fs.S3Options | None = None) -> pa.Table:
     manifest = droot.open(require_complete=False)
     order = droot.parts(manifest)
     frames = read_index(droot, FRAMES, order)
-    uris = [("prepare", droot.quarantine_uri(Shard(p, u))) for p, u, q in
+    uris = [("prepare", p, droot.quarantine_uri(Shard(p, u))) for p, u, q in
             zip(*(frames.column(c).to_pylist() for c in ("part", "unit", "quarantined"))) if q]
-    uris += [("prepare", droot.metadata_quarantine_uri(p["name"])) for p in manifest.get("parts", []) if p["issues"]]
-    uris += [("prepare", u) for u in fs.list_files(droot.path("quarantine", "subtitles"), droot.opts, ".parquet")]
+    uris += [("prepare", "", droot.metadata_quarantine_uri(p["name"])) for p in manifest.get("parts", []) if p["issues"]]
+    uris += [("prepare", "", u) for u in fs.list_files(droot.path("quarantine", "subtitles"), droot.opts, ".parquet")]
     for name in complete_caption_sets(droot):
         caps = read_index(droot, captions_kind(name), order)
-        uris += [(f"caption/{name}", droot.caption_quarantine_uri(name, Shard(p, u))) for p, u, n in
+        uris += [(f"caption/{name}", "", droot.caption_quarantine_uri(name, Shard(p, u))) for p, u, n in
                  zip(*(caps.column(c).to_pylist() for c in ("part", "unit", "failed"))) if n]
+    superseded = superseded_clips(droot, manifest.get("parts", []))  # rows a later retry replaced
     cols: dict[str, list[str]] = {k: [] for k in ("source", "clip_id", "video_id", "stage", "reason", "error")}
-    for source, uri in uris:
+    for source, part, uri in uris:
         data = fs.read_bytes_or_none(uri, droot.opts)
         if data is None:
             continue
         for row in fs.parquet_from_bytes(data, ["clip_id", "video_id", "stage", "error"]).to_pylist():
+            if (part, row["clip_id"]) in superseded:
+                continue
             cols["source"].append(source)
             for key in ("clip_id", "video_id", "stage", "error"):
                 cols[key].append(row[key])

@@ -27,10 +27,11 @@ from typing import Any
 from pipeline import schema
 from pipeline.config import CaptionConfig, PrepareJobConfig, fingerprint, to_dict
 from pipeline.data import captions as capsets
+from pipeline.data import retry
 from pipeline.data.index import FRAMES, IndexWriter, captions_kind, captions_row, compact_index, frames_row, read_index
 from pipeline.data.metadata import UnitSpec, expand_parts, read_unit
-from pipeline.data.planning import InputPlan, PartInput, plan_inputs
-from pipeline.data.root import DatasetRoot, RootConflict, diff_settings, part_name_of
+from pipeline.data.planning import InputPlan, PartInput, plan_inputs, read_units
+from pipeline.data.root import DatasetRoot, RootConflict, base_part, diff_settings, part_name_of
 from pipeline.data.shards import UnitContext, find_video, process_unit
 from pipeline.utils import fs
 from pipeline.utils.s3 import TransientS3Error
@@ -60,6 +61,7 @@ class PrepareSummary:
     captions_ok: int = 0
     captions_failed: int = 0
     clips_this_run: int = 0
+    retryable: int = 0
     wall_s: float = 0.0
 
     def clips_per_s(self) -> float:
@@ -78,7 +80,8 @@ class PrepareSummary:
             f"  captions        {self.captions_ok} in set {self.caption_set!r}, {self.captions_failed} failed",
             f"  throughput      {self.clips_per_s():.2f} clips/s over {self.wall_s:.1f} s "
             f"({self.clips_this_run} clips this run)",
-        ])
+        ] + ([f"  retryable       {self.retryable} clips quarantined at stage read (storage kept failing): "
+              "run again with --set data.retry_quarantined=true"] if self.retryable else []))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +120,7 @@ def _list_parts(cfg: PrepareJobConfig, root: DatasetRoot, manifest: dict[str, An
     uris = expand_parts(cfg.data.metadata, root.opts)
     if not uris:
         raise FileNotFoundError(f"data.metadata: no *.jsonl parts in {list(cfg.data.metadata)}")
-    registered = {p["name"] for p in (manifest or {}).get("parts", [])}
+    registered = {p["name"] for p in (manifest or {}).get("parts", []) if not p.get("retry_of")}
     listed: dict[str, PartInput] = {}
     for uri in uris:
         name = part_name_of(uri)
@@ -139,6 +142,8 @@ def _check_parts(root: DatasetRoot, manifest: dict[str, Any], listed: dict[str, 
     """The registered parts, each still listed and unchanged (size, then version tag, then sha256)."""
     out = []
     for rec in manifest.get("parts", []):
+        if rec.get("retry_of"):
+            continue  # a retry attempt (retry.py), not a metadata file
         name = rec["name"]
         if name not in listed:
             raise RootConflict(f"data.metadata: part {name!r} ({rec['uri']}) is registered in {root.uri} but not "
@@ -317,14 +322,13 @@ def check_videos(cfg: PrepareJobConfig, inputs: Inputs, plan: InputPlan, sample:
 
 
 def run_prepare(cfg: PrepareJobConfig, log=print, inputs: Inputs | None = None) -> PrepareSummary:
-    """Run (or resume, or grow) the prepare job on the connected Ray cluster.
+    """Run (or resume, or grow, or retry) the prepare job on the connected Ray cluster.
 
     Raises:
         EmptyInput: the parts hold no usable clip, or the video root none of their videos.
         (and what `open_root` raises, when `inputs` is not given)
     """
     import ray  # noqa: PLC0415
-
     import ray.data  # noqa: PLC0415
 
     t0 = time.perf_counter()
@@ -338,10 +342,19 @@ def run_prepare(cfg: PrepareJobConfig, log=print, inputs: Inputs | None = None) 
         lines = sum(p["lines"] for p in plan.parts)
         raise EmptyInput(f"data.metadata: the {len(plan.parts)} part(s) hold no usable clip ({lines} lines, "
                          f"{plan.issues} malformed); see {root.path('quarantine')}/<part>/metadata.parquet")
-    order = [p.name for p in inputs.parts]
-    manifest = _manifest(inputs, plan, status="in_progress")
-    root.write_manifest(manifest)  # parts registered before any shard of theirs is written
+    # Retry attempts registered by earlier runs always finish; new ones only when asked for.
+    attempts = [r for r in (inputs.manifest or {}).get("parts", []) if r.get("retry_of")]
+    order = [p.name for p in inputs.parts] + [r["name"] for r in attempts]
+    units = plan.units + [u for r in attempts for u in read_units(root, r["name"])]
     frames_index = read_index(root, FRAMES, order)
+    if cfg.data.retry_quarantined:
+        new, retry_units = retry.plan_retries(root, plan.parts + attempts, frames_index, plan.units,
+                                              {p.name: p.uri for p in inputs.parts})
+        attempts, units = attempts + new, units + retry_units
+        order += [r["name"] for r in new]
+        log(f"[prepare] retrying {sum(u.clips for u in retry_units)} clips quarantined at a retryable stage "
+            f"in {len(retry_units)} new shards" if retry_units else "[prepare] no retryable clip to retry")
+    root.write_manifest(_manifest(inputs, plan, attempts, "in_progress"))  # parts before their shards
     done = set(zip(frames_index.column("part").to_pylist(), frames_index.column("unit").to_pylist()))
     if not done:
         check_videos(cfg, inputs, plan)
@@ -349,13 +362,12 @@ def run_prepare(cfg: PrepareJobConfig, log=print, inputs: Inputs | None = None) 
     cap_kind = captions_kind(cfg.caption.set_name)
     cap_index = read_index(root, cap_kind, order)
     cap_done = set(zip(cap_index.column("part").to_pylist(), cap_index.column("unit").to_pylist()))
-    todo = [u for u in plan.units if (u.part, u.unit) not in done or (u.part, u.unit) not in cap_done]
-    log(f"[prepare] {len(plan.units)} shards from {plan.clips} clips in {len(plan.parts)} part(s); "
-        f"{len(plan.units) - len(todo)} done before, {len(todo)} to do; {plan.issues} malformed input lines")
+    todo = [u for u in units if (u.part, u.unit) not in done or (u.part, u.unit) not in cap_done]
+    log(f"[prepare] {len(units)} shards from {plan.clips} clips in {len(plan.parts)} part(s); "
+        f"{len(units) - len(todo)} done before, {len(todo)} to do; {plan.issues} malformed input lines")
 
     summary = PrepareSummary(root=root.uri, caption_set=cfg.caption.set_name, parts=len(plan.parts),
-                             parts_planned=len(plan.planned_now), units=len(plan.units),
-                             units_skipped=len(plan.units) - len(todo))
+                             parts_planned=len(plan.planned_now), units=len(units), units_skipped=len(units) - len(todo))
     if todo:
         frames_writer, cap_writer = IndexWriter(root, FRAMES), IndexWriter(root, cap_kind)
         _run_stages(cfg, inputs, capset, todo, done, cap_done, frames_writer, cap_writer, summary, t0, log)
@@ -363,11 +375,11 @@ def run_prepare(cfg: PrepareJobConfig, log=print, inputs: Inputs | None = None) 
         cap_writer.flush()
     summary.wall_s = time.perf_counter() - t0
     frames_index = compact_index(root, FRAMES, order)
-    missing = len(plan.units) - frames_index.num_rows
+    missing = len(units) - frames_index.num_rows
     if missing:
         raise RuntimeError(f"prepare finished with {missing} shards not done; run the same command again to resume")
     capsets.finish_caption_set(root, capset, frames_index, order, wall_s=summary.wall_s)
-    root.write_manifest(_manifest(inputs, plan, status="complete", frames_index=frames_index,
+    root.write_manifest(_manifest(inputs, plan, attempts, "complete", frames_index=frames_index,
                                   caption_sets=capsets.complete_caption_sets(root)))
     _totals(summary, frames_index, compact_index(root, cap_kind, order), plan)
     return summary
@@ -398,7 +410,8 @@ def _run_stages(cfg: PrepareJobConfig, inputs: Inputs, capset: dict[str, Any], t
     ctx = UnitContext(root=root.uri, video_root=cfg.data.video_root, video_extensions=cfg.data.video_extensions,
                       subtitles=kind, subtitles_dir=cfg.data.subtitles if kind == "dir" else None,
                       frames=cfg.frames, s3=root.opts, fingerprint=inputs.fingerprint)
-    ds = unit_dataset(todo, {p.name: p.uri for p in inputs.parts})
+    uris = {p.name: p.uri for p in inputs.parts}
+    ds = unit_dataset(todo, {u.part: uris[base_part(u.part)] for u in todo})
     # A memory reservation sized for one unit's decode; as the stages' remote args differ it
     # also keeps Ray from fusing decode into the caption actors: decode must scale on CPU
     # tasks, independently of how many captioner actors (GPUs) exist. Ray's default task
@@ -428,44 +441,37 @@ def _run_stages(cfg: PrepareJobConfig, inputs: Inputs, capset: dict[str, Any], t
             f"| {rate:.2f} clips/s, ETA {(len(todo) - n) * elapsed / n:.0f} s")
 
 
-def _manifest(inputs: Inputs, plan: InputPlan, status: str, frames_index: Any = None,
+def _manifest(inputs: Inputs, plan: InputPlan, attempts: list[dict[str, Any]], status: str, frames_index: Any = None,
               caption_sets: list[str] | None = None) -> dict[str, Any]:
     stats = {p.name: p for p in inputs.parts}
-    parts = [dict(p, version=stats[p["name"]].version) for p in plan.parts]
-    table_issues = plan.table_issues + plan.subtitle_duplicates
+    parts = [dict(p, version=stats[p["name"]].version) for p in plan.parts] + attempts
     manifest: dict[str, Any] = {
         "schema_version": schema.SCHEMA_VERSION, "status": status, "fingerprint": inputs.fingerprint,
-        "settings": inputs.settings, "parts": parts,
-        "subtitles_table": inputs.table,
+        "settings": inputs.settings, "parts": parts, "subtitles_table": inputs.table,
         "caption_sets": caption_sets if caption_sets is not None else (inputs.manifest or {}).get("caption_sets", []),
     }
     if frames_index is not None:
-        manifest["counts"] = _frame_counts(frames_index, plan, table_issues)
+        manifest["counts"] = _frame_counts(frames_index, plan)
     return manifest
 
 
-def _frame_counts(frames_index: Any, plan: InputPlan, table_issues: int) -> dict[str, Any]:
+def _frame_counts(frames_index: Any, plan: InputPlan) -> dict[str, Any]:
     import pyarrow.compute as pc  # noqa: PLC0415
 
-    def total(col: str) -> int:
-        return int(pc.sum(frames_index.column(col)).as_py() or 0)
-
-    by_stage: dict[str, int] = {}
-    for stages in frames_index.column("quarantined_by_stage").to_pylist():
-        for k, v in json.loads(stages).items():
-            by_stage[k] = by_stage.get(k, 0) + v
-    return {"shards": frames_index.num_rows, "clips": total("clips"), "clips_ok": total("rows"),
-            "clips_quarantined": total("quarantined"), "quarantined_by_stage": by_stage,
-            "metadata_issues": sum(p["issues"] for p in plan.parts) + table_issues, "frames": total("frames"),
-            "frame_bytes": total("bytes")}
+    counts = retry.effective_counts(frames_index)
+    counts.update(shards=frames_index.num_rows, metadata_issues=plan.issues,
+                  frames=int(pc.sum(frames_index.column("frames")).as_py() or 0),
+                  frame_bytes=int(pc.sum(frames_index.column("bytes")).as_py() or 0))
+    return counts
 
 
 def _totals(summary: PrepareSummary, frames_index: Any, cap_index: Any, plan: InputPlan) -> None:
     import pyarrow.compute as pc  # noqa: PLC0415
 
-    counts = _frame_counts(frames_index, plan, 0)
+    counts = _frame_counts(frames_index, plan)
     summary.clips, summary.clips_ok = counts["clips"], counts["clips_ok"]
     summary.clips_quarantined, summary.quarantined_by_stage = counts["clips_quarantined"], counts["quarantined_by_stage"]
+    summary.retryable = counts["retryable"]
     summary.metadata_issues = plan.issues
     summary.frames, summary.bytes = counts["frames"], counts["frame_bytes"]
     summary.captions_ok = int(pc.sum(cap_index.column("captioned")).as_py() or 0)

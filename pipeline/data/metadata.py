@@ -72,6 +72,8 @@ class UnitSpec:
         part: the part's name; with `unit` it names the shard (`<part>/part-NNNNN`).
         line_start: 1-based number of the line at byte_start.
         dropped: (line number, clip index in its line) of duplicate clips the re-read skips.
+        only: when set, the unit is a retry of these clips only (`retry.py`); videos and clips
+            count them.
     """
 
     part: str
@@ -82,16 +84,18 @@ class UnitSpec:
     videos: int
     clips: int
     dropped: tuple[tuple[int, int], ...] = ()
+    only: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"part": self.part, "unit": self.unit, "byte_start": self.byte_start, "byte_end": self.byte_end,
                 "line_start": self.line_start, "videos": self.videos, "clips": self.clips,
-                "dropped": [list(d) for d in self.dropped]}
+                "dropped": [list(d) for d in self.dropped], "only": list(self.only)}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> UnitSpec:
         return UnitSpec(str(d["part"]), int(d["unit"]), int(d["byte_start"]), int(d["byte_end"]), int(d["line_start"]),
-                        int(d["videos"]), int(d["clips"]), tuple((int(a), int(b)) for a, b in d.get("dropped") or ()))
+                        int(d["videos"]), int(d["clips"]), tuple((int(a), int(b)) for a, b in d.get("dropped") or ()),
+                        tuple(str(c) for c in d.get("only") or ()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,7 +438,7 @@ def _close(name: str, index: int, cur: dict[str, Any]) -> UnitSpec:
                     tuple(cur["dropped"]))
 
 
-def read_unit(uri: str, spec: UnitSpec, opts: S3Options | None = None) -> list[VideoEntry]:
+def read_unit(uri: str, spec: UnitSpec, opts: S3Options | None = None, check: bool = True) -> list[VideoEntry]:
     """The videos of one unit, read back from its byte range (one ranged read) and parsed by the
     same code as `plan_part`, duplicates skipped as planned.
 
@@ -444,6 +448,7 @@ def read_unit(uri: str, spec: UnitSpec, opts: S3Options | None = None) -> list[V
     """
     data = fs.read_bytes(uri, opts, spec.byte_start, spec.byte_end)
     dropped = set(spec.dropped)
+    only = set(spec.only)
     videos: list[VideoEntry] = []
     for offset, raw in enumerate(data.split(b"\n")):
         raw = raw.rstrip(b"\r")
@@ -451,11 +456,11 @@ def read_unit(uri: str, spec: UnitSpec, opts: S3Options | None = None) -> list[V
             continue
         number = spec.line_start + offset
         parsed = parse_line(raw)
-        clips = tuple(c for i, c in parsed.clips if (number, i) not in dropped)
+        clips = tuple(c for i, c in parsed.clips if (number, i) not in dropped and (not only or c.clip_id in only))
         if clips:
             videos.append(VideoEntry(parsed.video_id, parsed.url, clips))
     got = (len(videos), sum(len(v.clips) for v in videos))
-    if got != (spec.videos, spec.clips):
+    if check and got != (spec.videos, spec.clips):
         raise RuntimeError(f"{uri} bytes {spec.byte_start}-{spec.byte_end}: {got[0]} videos / {got[1]} clips where "
                            f"{spec.videos} / {spec.clips} were planned; the part changed after planning")
     return videos

@@ -38,6 +38,7 @@ UNITS_SCHEMA = pa.schema([
     pa.field("byte_start", pa.int64(), nullable=False), pa.field("byte_end", pa.int64(), nullable=False),
     pa.field("line_start", pa.int64(), nullable=False), pa.field("videos", pa.int32(), nullable=False),
     pa.field("clips", pa.int32(), nullable=False), pa.field("dropped", pa.string(), nullable=False),
+    pa.field("only", pa.string(), nullable=False),  # JSON list: a retry unit's clips (retry.py)
 ])
 SUBTITLE_ROWS_SCHEMA = pa.schema([
     pa.field("clip_id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=True),
@@ -85,6 +86,20 @@ def table_bytes(table: pa.Table, row_group_rows: int = 1 << 16) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def units_table(units: list[UnitSpec]) -> pa.Table:
+    rows = []
+    for u in units:
+        d = u.to_dict()
+        rows.append(dict(d, dropped=json.dumps(d["dropped"]), only=json.dumps(d["only"])))
+    return pa.Table.from_pylist(rows, schema=UNITS_SCHEMA)
+
+
+def read_units(root: DatasetRoot, part: str) -> list[UnitSpec]:
+    """A part's unit descriptors from its plan (one read)."""
+    return [UnitSpec.from_dict(dict(d, dropped=json.loads(d["dropped"]), only=json.loads(d.get("only") or "[]")))
+            for d in _read_parquet(root.plan_units_uri(part), root.opts).to_pylist()]
+
+
 def _read_parquet(uri: str, opts: fs.S3Options) -> pa.Table:
     return fs.read_parquet(uri, opts)
 
@@ -99,8 +114,7 @@ def plan_one_part(root_uri: str, opts: dict[str, Any], part: dict[str, Any], cli
     o = fs.S3Options(**opts)
     root = DatasetRoot(root_uri, o)
     plan = plan_part(part["uri"], part["name"], clips_per_shard, o, with_keys=with_keys)
-    units = pa.Table.from_pylist([dict(u.to_dict(), dropped=json.dumps(u.to_dict()["dropped"])) for u in plan.units],
-                                 schema=UNITS_SCHEMA)
+    units = units_table(plan.units)
     fs.write_bytes_atomic(root.plan_units_uri(part["name"]), table_bytes(units), o)
     if plan.issues:
         rows = pa.Table.from_pylist([i.to_quarantine_row() for i in plan.issues], schema=schema.QUARANTINE_SCHEMA)
@@ -287,11 +301,7 @@ def plan_inputs(root: DatasetRoot, parts: list[PartInput], clips_per_shard: int,
     if not refs and earlier:
         table_issues = int(earlier[0].get("table_issues", 0))
     t1 = time.perf_counter()
-    units: list[UnitSpec] = []
-    for p in parts:
-        t = _read_parquet(root.plan_units_uri(p.name), root.opts)
-        for d in t.to_pylist():
-            units.append(UnitSpec.from_dict(dict(d, dropped=json.loads(d["dropped"]))))
+    units = [u for p in parts for u in read_units(root, p.name)]
     timings["units"] = time.perf_counter() - t1
     return InputPlan(parts=[summaries[p.name] for p in parts], units=units, planned_now=[p.name for p in todo],
                      table_issues=table_issues, subtitle_duplicates=duplicates,

@@ -46,6 +46,18 @@ class Shard:
         return f"{self.part}/{schema.part_name(self.unit)}"
 
 
+RETRY = "~r"  # attempt k of part P retrying its quarantined reads is the pseudo-part `P~rk` (retry.py)
+
+
+def base_part(name: str) -> str:
+    """The metadata part a (pseudo-)part reads from: `P` for `P` and for its retry attempts `P~rk`."""
+    return name.split(RETRY, 1)[0]
+
+
+def attempt_of(name: str) -> int:
+    return int(name.split(RETRY, 1)[1]) if RETRY in name else 0
+
+
 def part_name_of(uri: str) -> str:
     """A metadata part's name: its file name without `.jsonl` (and `.gz`), e.g. `hdvila_part3`.
 
@@ -132,7 +144,8 @@ class DatasetRoot:
 
     def subtitles_uri(self, shard: Shard) -> str:
         """A unit's rows of the subtitle table, joined once at planning (table subtitles only)."""
-        return self.path("plan", shard.part, "subtitles", schema.part_name(shard.unit) + ".parquet")
+        # A retry attempt re-reads its part's lines, so it reads that part's joined rows too.
+        return self.path("plan", base_part(shard.part), "subtitles", schema.part_name(shard.unit) + ".parquet")
 
     def subtitles_done_uri(self, part: str) -> str:
         return self.path("plan", part, "subtitles.json")

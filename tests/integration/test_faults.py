@@ -84,12 +84,77 @@ def test_prepare_and_recaption_through_faults_give_the_same_bytes(ray_local, inp
         f"{proxy.requests} requests, faults {proxy.faults}"
 
 
-def test_a_video_that_keeps_failing_is_quarantined_at_read(ray_local, inputs, sample_data, tmp_path):
+@pytest.fixture(scope="module")
+def down(ray_local, inputs, sample_data, tmp_path_factory):
+    """A root prepared while one video failed on every request."""
     victim = sorted(os.listdir(sample_data.video_root))[0]
     with FaultProxy(inputs, fail_paths=(f"/{BUCKET}/raw/videos/{victim}",)) as proxy:
-        s = run_prepare(prepare_cfg(proxy.endpoint, "down", "storage.retry_attempts=3"), log=quiet)
-    assert s.quarantined_by_stage == {"read": s.clips_quarantined} and s.clips_quarantined > 0
+        summary = run_prepare(prepare_cfg(proxy.endpoint, "down", "storage.retry_attempts=3"), log=quiet)
+    return victim, summary
+
+
+def test_a_video_that_keeps_failing_is_quarantined_at_read(inputs, down, tmp_path):
+    victim, s = down
+    assert s.quarantined_by_stage == {"read": s.clips_quarantined} and s.clips_quarantined == s.retryable > 0
+    assert "data.retry_quarantined=true" in s.render()
     local = local_copy(inputs, "down", tmp_path / "down")
     rows = [r for t in parquet_tables(local, "quarantine").values() for r in t.to_pylist()]
     assert {r["video_id"] for r in rows} == {victim.rsplit(".", 1)[0]}
     assert all(r["stage"] == "read" and "gave up after 3 attempts" in r["error"] for r in rows), rows
+
+
+def copy_prefix(endpoint: str, src: str, dst: str) -> None:
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=src + "/"):
+        for obj in page.get("Contents", []):
+            s3.copy_object(Bucket=BUCKET, Key=dst + obj["Key"][len(src):], CopySource={"Bucket": BUCKET, "Key": obj["Key"]})
+
+
+def clip_rows(local: str) -> dict[str, dict]:
+    out = {}
+    for t in parquet_tables(local, "frames").values():
+        for row in t.to_pylist():
+            assert row["clip_id"] not in out, "a clip in two shards"
+            out[row["clip_id"]] = row
+    return out
+
+
+def test_retry_quarantined_recovers_the_clips_exactly_once(inputs, down, reference, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline import viz
+    from tests.conftest import ROOT
+
+    copy_prefix(inputs, "down", "down2")
+    s = run_prepare(prepare_cfg(inputs, "down", "data.retry_quarantined=true"), log=quiet)
+    assert s.clips_quarantined == 0 and s.retryable == 0 and s.clips_ok == s.clips
+    assert s.clips_this_run == down[1].retryable and s.units_skipped == down[1].units  # nothing else redone
+    # Clip for clip equal to the fault-free root: the recovered clips live in the retry shards.
+    ref = clip_rows(local_copy(inputs, "ref", tmp_path / "ref"))
+    got = clip_rows(local_copy(inputs, "down", tmp_path / "got"))
+    assert got.keys() == ref.keys() and all(got[c] == ref[c] for c in ref)
+    assert viz.quarantine_table(f"s3://{BUCKET}/down", fs.S3Options(endpoint_url=inputs)).num_rows == 0
+    assert any("~r1" in k for k in digests(str(tmp_path / "got")))
+    # The same retry killed with kill -9 once its retry shard exists, then run again: same bytes.
+    args = ["prepare"] + [a for kv in [
+        f"data.root=s3://{BUCKET}/down2", f"data.metadata=s3://{BUCKET}/raw/meta/part0.jsonl",
+        f"data.video_root=s3://{BUCKET}/raw/videos", f"data.subtitles=s3://{BUCKET}/raw/subs.jsonl",
+        "data.clips_per_shard=6", "frames.short_side_px=64", "frames.max_frames=8", "caption.model=builtin:tiny-blip",
+        f"storage.s3_endpoint_url={inputs}", "ray.progress_bars=false", "data.retry_quarantined=true",
+        "ray.num_cpus=2"] for a in ("--set", kv)]
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    opts = fs.S3Options(endpoint_url=inputs)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not [
+            u for d in fs.list_dirs(f"s3://{BUCKET}/down2/frames", opts) if "~r1" in d
+            for u in fs.list_files(f"s3://{BUCKET}/down2/frames/{d}", opts, ".json")]:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the retry finished before it could be killed"
+    again = run_prepare(prepare_cfg(inputs, "down2", "data.retry_quarantined=true"), log=quiet)
+    assert again.clips_quarantined == 0
+    assert digests(local_copy(inputs, "down2", tmp_path / "again")) == digests(str(tmp_path / "got"))
