@@ -86,7 +86,7 @@ def run_one(parts: list[str], table: str, work: str) -> dict:
     import ray
 
     from pipeline.config import PrepareJobConfig, load_config
-    from pipeline.data.build import open_root
+    from pipeline.data.inputs import open_root
     from pipeline.data.planning import plan_inputs
 
     shutil.rmtree(work, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from typing import Any
 
@@ -50,6 +51,9 @@ def init_ray(cfg: RayConfig) -> None:
     """Connect to `ray.address` / RAY_ADDRESS, or start a private local instance."""
     import ray  # noqa: PLC0415
 
+    from jobs import stderr_filter  # noqa: PLC0415
+
+    stderr_filter.install()  # before Ray starts: its false alarms go to fd 2 from C++
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # workers inherit it: no per-actor bars
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -62,3 +66,14 @@ def init_ray(cfg: RayConfig) -> None:
         # that (and Ray Train's INFO chatter). Our own progress lines are prints and still show.
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
                  logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"))
+
+
+# Failures raised inside a Ray actor reach the driver wrapped in Ray's own errors (an
+# ActorDiedError carrying the actor's traceback as text); these are ours, meant to be read.
+_PLAIN_FAILURES = re.compile(r"(caption\.device=cuda: no CUDA device is visible[^\n]*)")
+
+
+def plain_failure(error: BaseException) -> str | None:
+    """The one sentence of ours inside a Ray failure that says what to fix, if there is one."""
+    found = _PLAIN_FAILURES.search(str(error))
+    return found.group(1) if found else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from jobs.common import config_parser, init_ray, load_or_exit
+from jobs.common import config_parser, init_ray, load_or_exit, plain_failure
 from pipeline.config import PrepareJobConfig
 
 
@@ -21,7 +21,8 @@ def main(argv: list[str]) -> int:
     args = config_parser("clipvip prepare", __doc__.splitlines()[0]).parse_args(argv)
     cfg = load_or_exit(PrepareJobConfig, args)
 
-    from pipeline.data.build import EmptyInput, RootConflict, open_root, run_prepare  # noqa: PLC0415
+    from pipeline.data.build import run_prepare  # noqa: PLC0415
+    from pipeline.data.inputs import EmptyInput, RootConflict, open_root  # noqa: PLC0415
     from pipeline.data.captions import CaptionSetConflict  # noqa: PLC0415
 
     try:
@@ -36,5 +37,10 @@ def main(argv: list[str]) -> int:
     except (EmptyInput, RootConflict, CaptionSetConflict) as e:
         print(f"prepare refused: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if (line := plain_failure(e)) is None:
+            raise
+        print(f"prepare failed: {line}", file=sys.stderr)
+        return 1
     print(summary.render())
     return 0

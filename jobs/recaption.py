@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from jobs.common import config_parser, init_ray, load_or_exit
+from jobs.common import config_parser, init_ray, load_or_exit, plain_failure
 from pipeline.config import RecaptionJobConfig
 
 
@@ -36,5 +36,10 @@ def main(argv: list[str]) -> int:
     except (RootNotReady, CaptionSetConflict, FileNotFoundError) as e:
         print(f"recaption refused: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if (line := plain_failure(e)) is None:
+            raise
+        print(f"recaption failed: {line}", file=sys.stderr)
+        return 1
     print(summary.render())
     return 0

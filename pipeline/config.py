@@ -149,10 +149,22 @@ class CaptionConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto = bfloat16 on GPU, float32 on CPU."""
     trust_remote_code: bool = False
-    num_gpus_per_actor: float = 1.0
-    """GPUs per captioner actor when the cluster has GPUs (fractions pack small models)."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where the captioner runs. `cuda`: every actor reserves GPUs and fails at start, naming its
+    node, if it sees no CUDA device (a GPU recipe never quietly captions on a CPU); use it on
+    clusters that add GPU nodes on demand. `cpu`: on the CPU. `auto`: `cuda` when the cluster has
+    GPUs when the job starts, else `cpu` with one CPU per actor."""
+    num_gpus_per_actor: float | None = None
+    """GPUs each captioner actor reserves (fractions pack small models); None = 1 when the
+    captioner runs on cuda, else 0. Logical GPUs work with `device: cpu` (the actors then go to
+    the nodes that offer GPUs, e.g. `ray start --num-gpus=1` in tests)."""
+    min_actors: int = 1
+    """Captioner actors kept alive (and waited for) from the start."""
     max_actors: int | None = None
-    """Upper bound of the captioner actor pool; None = one per GPU (or 1 on CPU-only clusters)."""
+    """Upper bound of the captioner actor pool, which grows as nodes with free GPUs join (the
+    autoscaler's GPU node group); None = what the cluster holds when the job starts (its GPUs /
+    num_gpus_per_actor, or 1 CPU actor). Set it to the GPU node group's maximum when GPU nodes
+    scale from zero."""
 
     def __post_init__(self) -> None:
         if not self.set_name or "/" in self.set_name or self.set_name.startswith("."):
@@ -163,10 +175,18 @@ class CaptionConfig:
             raise ConfigError(f"caption.num_beams: must be >= 1, got {self.num_beams}")
         if self.batch_size < 1:
             raise ConfigError(f"caption.batch_size: must be >= 1, got {self.batch_size}")
-        if not 0 < self.num_gpus_per_actor <= 8:
-            raise ConfigError(f"caption.num_gpus_per_actor: must be in (0, 8], got {self.num_gpus_per_actor}")
-        if self.max_actors is not None and self.max_actors < 1:
-            raise ConfigError(f"caption.max_actors: must be >= 1, got {self.max_actors}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"caption.device: must be auto, cuda or cpu, got {self.device!r}")
+        if self.num_gpus_per_actor is not None and not 0 <= self.num_gpus_per_actor <= 8:
+            raise ConfigError(f"caption.num_gpus_per_actor: must be in [0, 8], got {self.num_gpus_per_actor}")
+        if self.device == "cuda" and self.num_gpus_per_actor == 0:
+            raise ConfigError("caption.num_gpus_per_actor: 0 with caption.device=cuda would put the captioner on "
+                              "nodes without a GPU; leave it unset (1) or reserve a fraction")
+        if self.min_actors < 1:
+            raise ConfigError(f"caption.min_actors: must be >= 1, got {self.min_actors}")
+        if self.max_actors is not None and self.max_actors < self.min_actors:
+            raise ConfigError(f"caption.max_actors: must be >= caption.min_actors ({self.min_actors}), "
+                              f"got {self.max_actors}")
 
     def identity(self) -> dict[str, Any]:
         """What defines the captions this set holds (fingerprinted; batching/resources excluded)."""
@@ -211,8 +231,10 @@ class RayConfig:
     """CPUs for a local instance (None = all)."""
     decode_cpus_per_task: float = 1.0
     """CPUs reserved per decode task (one task = one work unit)."""
-    decode_memory_gb: float = 1.0
-    """Memory reserved per decode task: one unit's frames are held until its shard is written."""
+    decode_memory_gb: float | None = None
+    """Memory reserved per decode task (one unit's frames are held until its shard is written);
+    None = sized from the largest unit to decode (its clips x frames.max_frames x the frame size,
+    plus the video read buffer; `pipeline/data/memory.py`), as `clipvip plan` reports."""
     progress_bars: bool = True
     cluster: ClusterShape | None = None
     """The cluster's node shapes, for `clipvip plan` (None: ask the connected cluster, or this machine)."""
@@ -220,7 +242,7 @@ class RayConfig:
     def __post_init__(self) -> None:
         if self.decode_cpus_per_task <= 0:
             raise ConfigError(f"ray.decode_cpus_per_task: must be > 0, got {self.decode_cpus_per_task}")
-        if self.decode_memory_gb <= 0:
+        if self.decode_memory_gb is not None and self.decode_memory_gb <= 0:
             raise ConfigError(f"ray.decode_memory_gb: must be > 0, got {self.decode_memory_gb}")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ConfigError(f"ray.num_cpus: must be >= 1, got {self.num_cpus}")

@@ -23,21 +23,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.config import ClusterShape
+from pipeline.data.caption_stage import caption_pool
+from pipeline.data.memory import decode_reservation, frame_bytes
 
 # ---- per-clip costs, measured -----------------------------------------------------------------
 DECODE_CLIPS_PER_CORE_S = 2.45
 """bench/decode.py (full): 720p H.264 clips of 5-13 s at 3 fps, <= 32 frames, 240p JPEG, one core."""
-FRAME_BYTES_240P = 25_000
-"""A 240p JPEG (q90) of real video; synthetic frames compress better (bench/caption.py)."""
 TRANSFORM_CLIPS_PER_CORE_S = 46.0
 """bench/gpu.py ingest part at 12 frames/224 px on a 2-core dev VM (issue measurement: 38)."""
 VIDEO_BYTES = 76e6
 """HD-VILA-100M: ~250 TB over 3.3M videos (720p)."""
-GETS_PER_VIDEO_MB = 43.0
-"""Today's read pattern, measured against moto: 125 GETs for a 2.9 MB video (small pyarrow reads)."""
-DECODE_BASE_GIB, DECODE_PER_JPEG_BYTE = 0.35, 2.8
-"""Decode task peak ~ base + 2.8 x the unit's JPEG bytes (one 512-clip unit of 25 KB frames
-peaked at 1.72 GiB); the unit's frames are held until its shard is written."""
 DRIVER_BASE_GIB, DRIVER_BYTES_PER_UNIT = 0.6, 4096
 """prepare driver: Ray + pyarrow + the unit descriptors and block references (bench/plan.py)."""
 ASSUMED_MFU, ASSUMED_PEAK_TFLOPS = 0.35, 989.4
@@ -160,12 +155,6 @@ def measured_gpu(results_dir: str) -> dict[str, Any]:
 # prepare
 
 
-def frame_bytes(short_side_px: int) -> float:
-    """A stored frame's bytes: 25 KB at 240p, scaling with the pixel count (0 = source, ~720p)."""
-    side = short_side_px or 720
-    return FRAME_BYTES_240P * (side / 240) ** 2
-
-
 def build_prepare_report(cfg: Any, parts: list[dict[str, Any]], done_units: int, refused: str | None,
                          res: Resources, gpu: dict[str, Any]) -> Report:
     """Args: parts: each part's plan summary (planning.part summary); done_units: shards in the index."""
@@ -185,38 +174,55 @@ def build_prepare_report(cfg: Any, parts: list[dict[str, Any]], done_units: int,
                   ("frames stored a clip", frames), ("root", cfg.data.root)]
     video_mb = VIDEO_BYTES / 1e6
     todo_videos = videos * todo_units / units if units else 0
-    requests = todo_units * 10 + todo_videos * (1 + video_mb * GETS_PER_VIDEO_MB)
+    st = cfg.storage
+    whole = VIDEO_BYTES <= st.whole_read_max_mb * 2**20
+    gets = 1 if whole else math.ceil(VIDEO_BYTES / (st.read_block_mb * 2**20))
+    requests = todo_units * 10 + todo_videos * (1 + gets)
     rep.estimates += [
         ("output TB", round(clips * frames * fb / 1e12, 4), f"{frames} frames x {fb / 1e3:.0f} KB a clip"),
         ("decode CPU-hours", round(todo_clips / DECODE_CLIPS_PER_CORE_S / 3600, 1),
          f"{DECODE_CLIPS_PER_CORE_S} clips/s/core, bench/decode.py"),
-        ("S3 requests", float(f"{requests:.3g}"), f"~{video_mb:.0f} MB a video at {GETS_PER_VIDEO_MB:.0f} GETs/MB (today's "
-                                           "small reads) + ~10 a unit"),
+        ("S3 requests", float(f"{requests:.3g}"), f"~{video_mb:.0f} MB a video: a HEAD and "
+         + ("one GET (read whole)" if whole else f"{gets} GETs of {st.read_block_mb:g} MiB") + "; ~10 a unit"),
     ]
     rate = gpu.get("caption_images_per_s")
     rep.estimates.append(("caption GPU-hours", round(todo_clips / rate / 3600, 1) if rate else "unknown",
                           f"{rate} img/s/GPU, {gpu.get('file')}" if rate else "no bench/gpu.py result yet"))
     driver = DRIVER_BASE_GIB + gib(units * DRIVER_BYTES_PER_UNIT)
     max_unit = max((p.get("max_unit_clips", 0) for p in parts), default=0)
-    decode = DECODE_BASE_GIB + DECODE_PER_JPEG_BYTE * gib(max_unit * frames * fb)
+    decode = gib(decode_reservation(dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, decode_memory_gb=None)),
+                                    max_unit))
+    reserved = cfg.ray.decode_memory_gb if cfg.ray.decode_memory_gb is not None else decode
     plan_task = 0.25 + 1.5 * gib(max((p.get("size", 0) for p in parts), default=0))
     rep.estimates += [("driver memory GiB", round(driver, 2), f"{DRIVER_BASE_GIB} + {DRIVER_BYTES_PER_UNIT} B a unit"),
-                      ("decode task memory GiB", round(decode, 2), f"largest unit {max_unit} clips x {frames} frames"),
+                      ("decode task memory GiB", round(decode, 2), f"largest unit {max_unit} clips x "
+                       f"{cfg.frames.max_frames + 1} frames at most, + the video read buffer"),
                       ("plan task memory GiB", round(plan_task, 2), "largest part")]
     rep.checks.append(Check("inputs and root", refused is None, refused or "the root accepts this run"))
     rep.checks.append(Check("clips to prepare", clips > 0, f"{clips:,} clips" if clips else "the parts hold no clip"))
     rep.checks.append(_fits("driver memory", driver, res.head_memory_gb, f"head node, {res.source}"))
-    rep.checks.append(Check("decode task memory", decode <= cfg.ray.decode_memory_gb,
-                            f"~{decode:.2f} GiB needed, ray.decode_memory_gb={cfg.ray.decode_memory_gb}"
-                            + ("" if decode <= cfg.ray.decode_memory_gb else f": raise it to {math.ceil(decode * 4) / 4}")))
+    if cfg.ray.decode_memory_gb is None:
+        rep.checks.append(Check("decode task memory", True, f"each decode task reserves {decode:.2f} GiB "
+                                "(sized from the largest unit; ray.decode_memory_gb unset)"))
+    else:
+        rep.checks.append(Check("decode task memory", decode <= reserved,
+                                f"~{decode:.2f} GiB needed, ray.decode_memory_gb={reserved}"
+                                + ("" if decode <= reserved else f": raise it to {decode:.2f} or unset it")))
+    rep.checks.append(_fits("decode task on a CPU node", reserved, res.cpu_node_memory_gb or res.head_memory_gb,
+                            "decode node"))
     node_mem = max(res.cpu_node_memory_gb, res.gpu_node_memory_gb, res.head_memory_gb)
     rep.checks.append(_fits("plan task memory", plan_task, node_mem, "largest node"))
-    if not cfg.caption.model.startswith("builtin:"):
-        gpus = res.total_gpus if res.total_gpus is not None else res.gpu_node_gpus
+    _caption_checks(rep, cfg.caption, res)
+    return rep
+
+
+def _caption_checks(rep: Report, caption: Any, res: Resources) -> None:
+    gpus = res.total_gpus if res.total_gpus is not None else res.gpu_node_gpus
+    rep.facts.append(("caption actors", caption_pool(caption, float(gpus or 0)).describe()))
+    if not caption.model.startswith("builtin:"):
         rep.checks.append(Check("GPUs for captioning", bool(gpus) if gpus is not None else None,
                                 f"{gpus} GPUs ({res.source})" if gpus else f"no GPU ({res.source}): "
-                                f"{cfg.caption.model} would caption on CPU actors"))
-    return rep
+                                f"{caption.model} would caption on CPU actors"))
 
 
 def _fits(name: str, need: float, have: float, where: str) -> Check:
@@ -245,10 +251,7 @@ def build_recaption_report(cfg: Any, shards: int, rows: int, done: int, shard_by
         ("GB read", round(shard_bytes * todo / max(shards, 1) * 0.1 / 1e9, 3), "middle frames: ~10% of the shards"),
     ]
     rep.checks.append(Check("root and caption set", refused is None, refused or "the root accepts this set"))
-    if not cfg.caption.model.startswith("builtin:"):
-        gpus = res.total_gpus if res.total_gpus is not None else res.gpu_node_gpus
-        rep.checks.append(Check("GPUs for captioning", bool(gpus) if gpus is not None else None,
-                                f"{gpus} GPUs ({res.source})" if gpus else f"no GPU ({res.source})"))
+    _caption_checks(rep, cfg.caption, res)
     return rep
 
 
@@ -307,7 +310,7 @@ def _nodes() -> list[dict[str, Any]] | None:
 
 
 def plan_prepare(cfg: Any, results_dir: str, connected: bool) -> Report:
-    from pipeline.data.build import open_root  # noqa: PLC0415
+    from pipeline.data.inputs import open_root  # noqa: PLC0415
     from pipeline.data.index import FRAMES, read_index  # noqa: PLC0415
     from pipeline.data.planning import summarize_parts  # noqa: PLC0415
 

@@ -104,7 +104,6 @@ def shards(root: str, opts: fs.S3Options | None = None) -> list[Shard]:
 
 
 def _read(uri: str, opts: fs.S3Options, columns: Sequence[str]) -> pa.Table:
-    import pyarrow.parquet as pq  # noqa: PLC0415
 
     return fs.read_parquet(uri, opts, list(columns))
 

@@ -1,13 +1,13 @@
 """The `prepare` job: metadata parts -> planned units -> Ray Data stages -> one dataset root.
 
     driver   (before Ray) list and stat the metadata parts; refuse changed settings, changed or
-             missing parts, a caption-set conflict                              [1-2 requests a part]
+             missing parts, a caption-set conflict                   [inputs.py; 1-2 requests a part]
     plan     planning.plan_inputs: Ray tasks cut new parts into units and join the subtitle
              table to them; the driver keeps part summaries and unit descriptors   [planning.py]
     Stage 1  decode  (CPU tasks, 1 unit -> 1 row)   read the unit's metadata lines, decode each
                                                     video once, write the frame shard, quarantine
                                                     rows, sidecar (done marker)
-    Stage 2  caption (actor pool, GPU when present, 1 shard -> 1 row)  read middle frames,
+    Stage 2  caption (actor pool, caption_stage.py, 1 shard -> 1 row)  read middle frames,
                                                     caption, write caption part + sidecar
     driver   progress line per shard; index rows as fragments as units finish; at the end the
              compacted indexes, caption_set.json and manifest.json (last)
@@ -21,26 +21,36 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import schema
-from pipeline.config import CaptionConfig, PrepareJobConfig, fingerprint, to_dict
+from pipeline.config import PrepareJobConfig
 from pipeline.data import captions as capsets
 from pipeline.data import retry
-from pipeline.data.index import FRAMES, IndexWriter, captions_kind, captions_row, compact_index, frames_row, read_index
-from pipeline.data.metadata import UnitSpec, expand_parts, read_unit
-from pipeline.data.planning import InputPlan, PartInput, plan_inputs, read_units
-from pipeline.data.root import DatasetRoot, RootConflict, base_part, diff_settings, part_name_of
+from pipeline.data.caption_stage import WaitingForGpus, add_caption_stage, caption_pool
+from pipeline.data.index import (
+    FRAMES,
+    IndexWriter,
+    captions_kind,
+    captions_row,
+    compact_index,
+    frames_row,
+    read_index,
+)
+from pipeline.data.inputs import EmptyInput, Inputs, open_root
+from pipeline.data.memory import decode_reservation
+from pipeline.data.metadata import UnitSpec, read_unit
+from pipeline.data.planning import InputPlan, plan_inputs, read_units
+from pipeline.data.root import (
+    RootConflict,
+    base_part,
+)
 from pipeline.data.shards import UnitContext, find_video, process_unit
 from pipeline.utils import fs
 from pipeline.utils.s3 import TransientS3Error
 
 __all__ = ["EmptyInput", "PrepareSummary", "RootConflict", "open_root", "run_prepare"]
-
-
-class EmptyInput(ValueError):
-    """The inputs yield nothing at all (no clip, no video); the message names the key."""
 
 
 @dataclass(slots=True)
@@ -85,157 +95,7 @@ class PrepareSummary:
 
 
 # ---------------------------------------------------------------------------------------------
-# Before Ray: inputs, settings, refusals
-
-
-@dataclass(slots=True)
-class Inputs:
-    """What a prepare run is about to do to its root, resolved before Ray starts."""
-
-    root: DatasetRoot
-    manifest: dict[str, Any] | None
-    parts: list[PartInput]
-    """Registered parts first (registration order), then new ones in `data.metadata` order."""
-    settings: dict[str, Any]
-    fingerprint: str
-    table: dict[str, Any] | None
-    """The subtitle table's identity (uri, size, version, sha256 when known), None for cue files."""
-
-
-def prepare_settings(cfg: PrepareJobConfig) -> dict[str, Any]:
-    """Everything that shapes the bytes of a root, keyed as in the config (`frames.fps`, ...)."""
-    frames = to_dict(cfg.frames)
-    frames.pop("decode_threads")  # threads change speed, not bytes
-    return {"data": {"clips_per_shard": cfg.data.clips_per_shard, "video_root": cfg.data.video_root,
-                     "video_extensions": list(cfg.data.video_extensions), "subtitles": cfg.data.subtitles},
-            "frames": frames}
-
-
-def _settings_fingerprint(settings: dict[str, Any]) -> str:
-    return fingerprint({"schema_version": schema.SCHEMA_VERSION, **settings})
-
-
-def _list_parts(cfg: PrepareJobConfig, root: DatasetRoot, manifest: dict[str, Any] | None) -> dict[str, PartInput]:
-    """name -> PartInput of every listed part, stat'ed (one request each), in listed order."""
-    uris = expand_parts(cfg.data.metadata, root.opts)
-    if not uris:
-        raise FileNotFoundError(f"data.metadata: no *.jsonl parts in {list(cfg.data.metadata)}")
-    registered = {p["name"] for p in (manifest or {}).get("parts", []) if not p.get("retry_of")}
-    listed: dict[str, PartInput] = {}
-    for uri in uris:
-        name = part_name_of(uri)
-        if name in listed:
-            raise RootConflict(f"data.metadata: {listed[name].uri} and {uri} have the same part name {name!r}; "
-                               "rename one")
-        try:
-            st = fs.stat(uri, root.opts)
-        except FileNotFoundError:
-            if name in registered:
-                raise RootConflict(f"data.metadata: part {name!r} is registered in {root.uri} but {uri} is "
-                                   "missing") from None
-            raise FileNotFoundError(f"data.metadata: {uri} does not exist") from None
-        listed[name] = PartInput(name, uri, st.size, st.version)
-    return listed
-
-
-def _check_parts(root: DatasetRoot, manifest: dict[str, Any], listed: dict[str, PartInput]) -> list[PartInput]:
-    """The registered parts, each still listed and unchanged (size, then version tag, then sha256)."""
-    out = []
-    for rec in manifest.get("parts", []):
-        if rec.get("retry_of"):
-            continue  # a retry attempt (retry.py), not a metadata file
-        name = rec["name"]
-        if name not in listed:
-            raise RootConflict(f"data.metadata: part {name!r} ({rec['uri']}) is registered in {root.uri} but not "
-                               "listed; a root only grows: list every part it was made from")
-        part = listed[name]
-        sha = None
-        if part.size != rec["size"] or part.version != rec["version"]:
-            sha = fs.sha256_of(part.uri, root.opts) if part.size == rec["size"] else None
-            if sha != rec["sha256"]:
-                raise RootConflict(f"data.metadata: part {name!r} ({part.uri}) changed since it was prepared into "
-                                   f"{root.uri} (size {rec['size']} -> {part.size}, sha256 {rec['sha256'][:12]}... -> "
-                                   f"{(sha or 'different')[:12]}); put new data in a new part")
-        out.append(PartInput(name, part.uri, part.size, part.version, sha))
-    return out
-
-
-def _check_table(root: DatasetRoot, manifest: dict[str, Any] | None, uri: str) -> dict[str, Any]:
-    try:
-        st = fs.stat(uri, root.opts)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"data.subtitles: {uri} does not exist") from None
-    rec = (manifest or {}).get("subtitles_table")
-    table = {"uri": uri, "size": st.size, "version": st.version, "sha256": None}
-    if rec is None:
-        return table
-    if st.size == rec["size"] and st.version == rec["version"]:
-        return dict(table, sha256=rec["sha256"])
-    sha = fs.sha256_of(uri, root.opts)
-    if sha != rec["sha256"]:
-        raise RootConflict(f"data.subtitles: the table {uri} changed since {root.uri} was prepared (sha256 "
-                           f"{rec['sha256'][:12]}... -> {sha[:12]}...); use a new data.root, or data.force=true")
-    return dict(table, sha256=sha)
-
-
-def open_root(cfg: PrepareJobConfig, dry_run: bool = False) -> Inputs:
-    """Resolve the inputs and check them against the root; no Ray, a few requests per part.
-
-    With data.force a conflicting root is deleted here (unless `dry_run`: `clipvip plan` only
-    reports what the run would do).
-
-    Raises:
-        FileNotFoundError: data.metadata lists nothing, a listed file is missing, data.video_root
-            or data.subtitles does not exist (each names its key).
-        RootConflict: other settings (each key with its old and new value), a registered part
-            changed, missing or no longer listed, or two parts with one name.
-        CaptionSetConflict: caption.set_name exists with another captioner.
-    """
-    root = DatasetRoot(cfg.data.root, fs.S3Options.of(cfg.storage))
-    opts = root.opts
-    manifest = root.read_manifest()
-    listed = _list_parts(cfg, root, manifest)
-    if not fs.is_dir(cfg.data.video_root, opts):
-        raise FileNotFoundError(f"data.video_root: {cfg.data.video_root} is not a directory")
-    subs = cfg.data.subtitles
-    if not fs.exists(subs, opts) and not fs.is_dir(subs, opts):
-        raise FileNotFoundError(f"data.subtitles: {subs} does not exist")
-    settings = prepare_settings(cfg)
-    if manifest is not None and manifest.get("schema_version") != schema.SCHEMA_VERSION:
-        raise RootConflict(f"{root.uri} has schema_version {manifest.get('schema_version')}; this code writes "
-                           f"{schema.SCHEMA_VERSION} (one root per corpus). Use a new data.root, or data.force=true")
-    parts: list[PartInput] = []
-    try:
-        if manifest is not None and manifest.get("settings") != settings:
-            changed = "; ".join(diff_settings(manifest.get("settings", {}), settings))
-            raise RootConflict(f"{root.uri} was prepared with other settings: {changed}. Use a new data.root, or set "
-                               "data.force=true to delete its frames, captions, quarantine, plans and index and rebuild.")
-        parts = _check_parts(root, manifest, listed) if manifest is not None else []
-        table = None if fs.is_dir(subs, opts) else _check_table(root, manifest, subs)
-    except RootConflict:
-        if not cfg.data.force:
-            raise
-        if not dry_run:
-            for sub in ("frames", "captions", "quarantine", "plan", "index"):
-                fs.delete_dir(root.path(sub), opts)
-            fs.delete_file(root.manifest_uri, opts)
-        manifest, parts = None, []
-        table = None if fs.is_dir(subs, opts) else _check_table(root, None, subs)
-    registered = {p.name for p in parts}
-    parts += [p for name, p in listed.items() if name not in registered]
-    inputs = Inputs(root, manifest, parts, settings, _settings_fingerprint(settings), table)
-    _check_caption_set(root, cfg.caption, inputs.fingerprint)
-    return inputs
-
-
-def _check_caption_set(root: DatasetRoot, caption: CaptionConfig, frames_fp: str) -> None:
-    meta = fs.read_json_or_none(root.caption_set_uri(caption.set_name), root.opts)
-    if meta is not None and meta.get("fingerprint") != capsets.set_fingerprint(caption, frames_fp):
-        capsets.open_caption_set(root, caption, frames_fp)  # raises the conflict with its full message
-
-
-# ---------------------------------------------------------------------------------------------
-# Ray stages (thin wrappers around shards.process_unit / captions.caption_shard)
+# Ray stages (thin wrappers around shards.process_unit; the caption stage is caption_stage.py)
 
 
 def make_decode_fn(ctx: UnitContext):
@@ -247,43 +107,6 @@ def make_decode_fn(ctx: UnitContext):
         return {"unit": row["unit"], "frames_json": json.dumps(side)}
 
     return decode
-
-
-class ShardCaptionStage:
-    """Caption actor (prepare stage 2, recaption's only stage): loads the captioner once, then
-    captions whole shards (batch_size=1); input columns pass through, `caption_json` is added."""
-
-    def __init__(self, caption_cfg: dict[str, Any], root: str, set_fp: str, s3: dict[str, Any],
-                 frames_per_clip: int = 1) -> None:
-        from pipeline.config import CaptionConfig, build_dataclass  # noqa: PLC0415
-        from pipeline.data.captioner import FrameCaptioner  # noqa: PLC0415  heavy: torch/transformers
-
-        self.cfg = build_dataclass(CaptionConfig, caption_cfg)
-        self.root, self.set_fp = DatasetRoot(root, fs.S3Options(**s3)), set_fp
-        self.frames_per_clip = frames_per_clip
-        self.captioner = FrameCaptioner(self.cfg)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from pipeline.data.root import Shard  # noqa: PLC0415
-
-        out = []
-        for unit in batch["unit"]:
-            d = json.loads(unit)
-            side = capsets.caption_shard(self.root, self.cfg.set_name, Shard(d["part"], int(d["unit"])),
-                                         self.captioner, self.set_fp, frames_per_clip=self.frames_per_clip)
-            out.append(json.dumps(side))
-        return dict(batch, caption_json=out)
-
-
-def caption_resources(caption: CaptionConfig) -> tuple[dict[str, Any], int]:
-    """(remote args, max actors): GPUs when the cluster has them, else one CPU actor."""
-    import ray  # noqa: PLC0415
-
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    if gpus > 0:
-        per = caption.num_gpus_per_actor
-        return {"num_gpus": per}, caption.max_actors or max(1, int(gpus / per))
-    return {"num_cpus": 1}, caption.max_actors or 1
 
 
 def check_videos(cfg: PrepareJobConfig, inputs: Inputs, plan: InputPlan, sample: int = 16) -> None:
@@ -416,14 +239,22 @@ def _run_stages(cfg: PrepareJobConfig, inputs: Inputs, capset: dict[str, Any], t
     # also keeps Ray from fusing decode into the caption actors: decode must scale on CPU
     # tasks, independently of how many captioner actors (GPUs) exist. Ray's default task
     # retries cover a killed worker (a redone unit rewrites identical bytes).
-    ds = ds.map(make_decode_fn(ctx), num_cpus=cfg.ray.decode_cpus_per_task, memory=cfg.ray.decode_memory_gb * 2**30)
-    remote_args, max_actors = caption_resources(cfg.caption)
-    ds = ds.map_batches(
-        ShardCaptionStage,
-        fn_constructor_kwargs={"caption_cfg": to_dict(cfg.caption), "root": root.uri,
-                               "set_fp": capset["fingerprint"], "s3": asdict(root.opts)},
-        batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors), **remote_args)
+    memory = decode_reservation(cfg, max(u.clips for u in todo))
+    ds = ds.map(make_decode_fn(ctx), num_cpus=cfg.ray.decode_cpus_per_task, memory=memory)
+    pool = caption_pool(cfg.caption, float(ray.cluster_resources().get("GPU", 0)))
+    log(f"[prepare] decode tasks reserve {memory / 2**30:.2f} GiB each"
+        f"{'' if cfg.ray.decode_memory_gb else ' (sized from the largest unit, ' + str(max(u.clips for u in todo)) + ' clips)'}"
+        f"; {pool.describe()}")
+    ds = add_caption_stage(ds, cfg.caption, pool, root, capset["fingerprint"])
+    with WaitingForGpus(pool, log, "prepare") as watch:
+        _drain(ds, todo, done, cap_done, frames_writer, cap_writer, summary, t0, log, watch)
+
+
+def _drain(ds: Any, todo: list[UnitSpec], done: set, cap_done: set, frames_writer: IndexWriter,
+           cap_writer: IndexWriter, summary: PrepareSummary, t0: float, log, watch: WaitingForGpus) -> None:
+    """Index rows and progress lines from the stages' results, as they arrive."""
     for n, row in enumerate(ds.iter_rows(), start=1):
+        watch.seen()
         frames_side, cap_side = json.loads(row["frames_json"]), json.loads(row["caption_json"])
         key = (frames_side["part"], int(frames_side["unit"]))
         if key not in done:

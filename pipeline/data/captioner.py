@@ -17,30 +17,32 @@ cheap for drivers.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
-import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import CaptionConfig
-from pipeline.data.captioner_builtin import BUILTIN_NAMES, builtin_model_dir
+from pipeline.data.captioner_builtin import builtin_model_dir
+from pipeline.data.captioner_load import (
+    BUILTIN_PREFIX,
+    decode_image,
+    directory_digest,
+    hub_commit,
+    locate_model,
+    pick_auto_class,
+    resolve_device,
+    resolve_dtype,
+)
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BUILTIN_PREFIX", "CaptionResult", "FrameCaptioner", "builtin_model_dir"]
-
-BUILTIN_PREFIX = "builtin:"
-
-# Files that define a local model's outputs: weights, configs, tokenizer vocabularies, and
-# remote code. Hashing only these keeps READMEs and stray files out of the revision.
-_DIGEST_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model", ".py", ".tiktoken")
+__all__ = ["BUILTIN_PREFIX", "CaptionResult", "FrameCaptioner", "builtin_model_dir", "decode_image", "resolve_device",
+           "resolve_dtype"]
 
 # Decoder-only captioners whose tokenizer ends a text with [SEP]: left in the prompt, generate()
 # would continue after an end-of-text token. BLIP drops that token itself inside generate().
@@ -62,167 +64,36 @@ class CaptionResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Resolution helpers
-
-
-def resolve_device(device: str | None) -> str:
-    """`device`, or "cuda" when a GPU is visible, else "cpu"."""
-    if device is not None:
-        return device
-    import torch  # noqa: PLC0415
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str, device_type: str) -> str:
-    """Turn `CaptionConfig.dtype` into a concrete torch dtype name for this device type.
-
-    Args:
-        dtype: "auto", "float32", "bfloat16" or "float16".
-        device_type: "cpu", "cuda", ...
-
-    Returns:
-        "float32", "bfloat16" or "float16".
-
-    Raises:
-        ValueError: float16 on CPU (many CPU kernels lack it, and it is slower than float32),
-            or an unknown name.
-    """
-    if dtype == "auto":
-        return "bfloat16" if device_type == "cuda" else "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"caption.dtype: unknown dtype {dtype!r}")
-    if dtype == "float16" and device_type == "cpu":
-        raise ValueError("caption.dtype: float16 is not supported on CPU; use float32 or bfloat16")
-    return dtype
-
-
-def _looks_like_path(model: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else is meant as a filesystem path.
-    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1
-
-
-def locate_model(model: str) -> tuple[str, bool]:
-    """Map `CaptionConfig.model` to (what to pass to from_pretrained, is it a local dir).
-
-    Raises:
-        ValueError: Unknown builtin, or a path that is not an existing directory.
-    """
-    if model.startswith(BUILTIN_PREFIX):
-        name = model[len(BUILTIN_PREFIX):]
-        if name not in BUILTIN_NAMES:
-            known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)
-            raise ValueError(f"caption.model {model!r}: unknown builtin captioner (known: {known})")
-        return builtin_model_dir(name), True
-    path = os.path.expanduser(model)
-    if os.path.isdir(path):
-        return os.path.abspath(path), True
-    if os.path.exists(path):
-        raise ValueError(f"caption.model {model!r}: is a file; expected a model directory or hub id")
-    if _looks_like_path(model):
-        raise ValueError(f"caption.model {model!r}: local model directory not found")
-    return model, False
-
-
-def directory_digest(path: str) -> str:
-    """`sha256:<hex>` over the names and bytes of a model directory's defining files.
-
-    Args:
-        path: Local model directory (top level only; HF checkpoints are flat).
-
-    Returns:
-        A revision string that changes whenever weights, configs or vocabularies change.
-    """
-    digest = hashlib.sha256()
-    names = sorted(
-        n for n in os.listdir(path)
-        if n.endswith(_DIGEST_SUFFIXES) and not n.startswith(".") and os.path.isfile(os.path.join(path, n))
-    )
-    for name in names:
-        digest.update(name.encode("utf-8") + b"\0")
-        with open(os.path.join(path, name), "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return "sha256:" + digest.hexdigest()
-
-
-def _hub_commit(repo_id: str, revision: str | None) -> str:
-    """The commit a hub revision points to, from the hub or (offline) the local HF cache."""
-    from transformers.utils.hub import cached_file, extract_commit_hash  # noqa: PLC0415
-
-    try:
-        config_path = cached_file(repo_id, "config.json", revision=revision)
-    except Exception as e:  # noqa: BLE001  (hub/offline/auth errors come in many types)
-        raise ValueError(
-            f"cannot load captioner {repo_id!r} (revision {revision or 'default'}): config.json is not "
-            f"reachable (offline and not cached, wrong id, or gated?): {type(e).__name__}: {e}"
-        ) from e
-    if config_path is None:
-        raise ValueError(f"cannot load captioner {repo_id!r} (revision {revision or 'default'}): no config.json")
-    return extract_commit_hash(config_path, None) or revision or "unknown"
-
-
-def _pick_auto_class(config: Any, trust_remote_code: bool) -> Any:
-    """The first generic Auto class that knows this config, in order of specificity."""
-    import transformers  # noqa: PLC0415
-
-    candidates = [
-        getattr(transformers, "AutoModelForImageTextToText", None),
-        getattr(transformers, "AutoModelForVision2Seq", None),  # gone in transformers 5
-        transformers.AutoModelForCausalLM,
-    ]
-    remote_classes = getattr(config, "auto_map", None) or {}
-    for auto_cls in candidates:
-        if auto_cls is None:
-            continue
-        if type(config) in auto_cls._model_mapping:
-            return auto_cls
-        if trust_remote_code and auto_cls.__name__ in remote_classes:
-            return auto_cls
-    names = ", ".join(c.__name__ for c in candidates if c is not None)
-    raise ValueError(f"model type {config.model_type!r} is not an image captioner (not known to {names})")
-
-
-def decode_image(data: Any) -> Image:
-    """Decode image bytes fully into an RGB PIL image.
-
-    Raises:
-        TypeError: Not bytes.
-        Exception: Whatever PIL raises for undecodable or truncated data.
-    """
-    from PIL import Image  # noqa: PLC0415
-
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"expected image bytes, got {type(data).__name__}")
-    with Image.open(io.BytesIO(data)) as image:
-        # load() forces the full decode here, so truncated files fail now, not in the processor.
-        image.load()
-        return image.convert("RGB")
-
-
-# --------------------------------------------------------------------------------------------
 # The captioner
 
 
 class FrameCaptioner:
     """Loads an HF image-to-text / image-text-to-text model once; captions JPEG bytes in batches.
 
+    Preprocessing (JPEG decode and the processor) of the next batch runs on a thread while the
+    model generates the current one, so the accelerator does not wait for the CPU between
+    batches. A batch that runs out of memory is split in halves and retried, and later batches
+    stay at the size that fit.
+
     Args:
         cfg: Caption section of the job config.
-        device: Torch device string; None = "cuda" if available, else "cpu".
+        device: Torch device string; None = `cfg.device`.
+        where: Names this process in errors (e.g. the Ray node).
 
     Raises:
         ValueError: The model cannot be located or loaded (the message names the model and the
             step that failed), or the dtype is not usable on the device.
+        RuntimeError: cuda asked for and not visible here.
     """
 
-    def __init__(self, cfg: CaptionConfig, device: str | None = None) -> None:
+    def __init__(self, cfg: CaptionConfig, device: str | None = None, where: str = "this machine") -> None:
         import torch  # noqa: PLC0415
         import transformers  # noqa: PLC0415
 
         self.cfg = cfg
-        self.device = resolve_device(device)
+        self.device = resolve_device(device or cfg.device, where)
+        self.batch_limit = cfg.batch_size
+        """Images per generate() call now: cfg.batch_size, halved on each out-of-memory."""
         self.device_type = torch.device(self.device).type
         self.dtype_name = resolve_dtype(cfg.dtype, self.device_type)
         self._torch_dtype = getattr(torch, self.dtype_name)
@@ -236,7 +107,7 @@ class FrameCaptioner:
             if cfg.revision is not None:
                 logger.warning("caption.revision %r ignored: %r is a local directory", cfg.revision, cfg.model)
         else:
-            self.revision = _hub_commit(source, cfg.revision)
+            self.revision = hub_commit(source, cfg.revision)
             # Pin every file of this load to the one commit that identity() reports.
             load_revision = self.revision if self.revision != "unknown" else cfg.revision
         self._processor, self._model = self._load(source, load_revision)
@@ -251,7 +122,7 @@ class FrameCaptioner:
         try:
             config = AutoConfig.from_pretrained(source, **kwargs)
             step = "model class"
-            auto_cls = _pick_auto_class(config, self.cfg.trust_remote_code)
+            auto_cls = pick_auto_class(config, self.cfg.trust_remote_code)
             step = "processor"
             processor = AutoProcessor.from_pretrained(source, **kwargs)
             if getattr(processor, "image_processor", None) is None:
@@ -302,20 +173,77 @@ class FrameCaptioner:
             RuntimeError: From generate() (e.g. out of memory); that is not a property of an
                 image, so it fails the call and leaves retrying to the caller.
         """
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
         results: list[CaptionResult | None] = [None] * len(images)
-        decoded: list[tuple[int, Image]] = []
-        for i, data in enumerate(images):
-            try:
-                decoded.append((i, decode_image(data)))
-            except Exception as e:  # noqa: BLE001  (PIL raises OSError, SyntaxError, ValueError, ...)
-                results[i] = CaptionResult(None, f"cannot decode JPEG: {_describe(e)}")
         step = self.cfg.batch_size
-        for start in range(0, len(decoded), step):
-            chunk = decoded[start:start + step]
-            for (i, _), result in zip(chunk, self._caption_batch([image for _, image in chunk]), strict=True):
-                results[i] = result
+        chunks = [list(range(start, min(start + step, len(images)))) for start in range(0, len(images), step)]
+        with ThreadPoolExecutor(1, thread_name_prefix="caption-preprocess") as pool:
+            ahead = pool.submit(self._prepare, images, chunks[0]) if chunks else None
+            for k in range(len(chunks)):
+                assert ahead is not None
+                prepared = ahead.result()
+                ahead = pool.submit(self._prepare, images, chunks[k + 1]) if k + 1 < len(chunks) else None
+                for i, result in prepared.failed:
+                    results[i] = result
+                if prepared.inputs is not None:
+                    for i, result in zip(prepared.indices, self._generate_fitting(prepared.inputs), strict=True):
+                        results[i] = result
+                else:  # the processor refused the batch: one image at a time finds the bad one(s)
+                    for i, image in zip(prepared.indices, prepared.images, strict=True):
+                        results[i] = self._caption_one(image)
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
+
+    def _prepare(self, images: Sequence[bytes], chunk: list[int]) -> _Prepared:
+        """Decode and preprocess one batch (on the preprocessing thread)."""
+        prepared = _Prepared()
+        for i in chunk:
+            try:
+                prepared.images.append(decode_image(images[i]))
+                prepared.indices.append(i)
+            except Exception as e:  # noqa: BLE001  (PIL raises OSError, SyntaxError, ValueError, ...)
+                prepared.failed.append((i, CaptionResult(None, f"cannot decode JPEG: {_describe(e)}")))
+        if prepared.images:
+            try:
+                prepared.inputs = self._preprocess(prepared.images)
+            except Exception:  # noqa: BLE001
+                prepared.inputs = None
+        return prepared
+
+    def _caption_one(self, image: Image) -> CaptionResult:
+        try:
+            inputs = self._preprocess([image])
+        except Exception as e:  # noqa: BLE001
+            return CaptionResult(None, f"cannot preprocess image: {_describe(e)}")
+        return self._generate_fitting(inputs)[0]
+
+    def _generate_fitting(self, inputs: dict[str, Any]) -> list[CaptionResult]:
+        """Captions of a preprocessed batch, generated in slices of at most `batch_limit` images;
+        a slice that runs out of memory is halved (results are batch invariant)."""
+        import torch  # noqa: PLC0415
+
+        n = _batch_len(inputs)
+        out: list[CaptionResult] = []
+        start = 0
+        while start < n:
+            size = min(self.batch_limit, n - start)
+            part = _slice(inputs, start, start + size)
+            try:
+                texts = self._generate(part)
+            except torch.OutOfMemoryError as e:
+                if self.device_type == "cuda":
+                    torch.cuda.empty_cache()
+                if size == 1:
+                    raise RuntimeError(f"captioner {self.cfg.model!r} runs out of memory on a single image on "
+                                       f"{self.device}: {_describe(e)}") from e
+                self.batch_limit = max(1, size // 2)
+                logger.warning("captioner out of memory on a batch of %d images; now %d per batch", size,
+                               self.batch_limit)
+                continue
+            out += [CaptionResult(text, None) for text in texts]
+            start += size
+        return out
 
     # ----------------------------------------------------------------------------------------
 
@@ -335,20 +263,6 @@ class FrameCaptioner:
             if "attention_mask" in inputs:
                 inputs["attention_mask"] = inputs["attention_mask"][:, :-1]
         return inputs
-
-    def _caption_batch(self, images: list[Image]) -> list[CaptionResult]:
-        try:
-            inputs = self._preprocess(images)
-        except Exception as e:  # noqa: BLE001
-            if len(images) == 1:
-                return [CaptionResult(None, f"cannot preprocess image: {_describe(e)}")]
-            # Find the image(s) the processor rejects; caption the rest (results are batch
-            # invariant, so splitting changes nothing).
-            out: list[CaptionResult] = []
-            for image in images:
-                out.extend(self._caption_batch([image]))
-            return out
-        return [CaptionResult(text, None) for text in self._generate(inputs)]
 
     def _generate(self, inputs: dict[str, Any]) -> list[str]:
         import torch  # noqa: PLC0415
@@ -380,6 +294,27 @@ class FrameCaptioner:
                 prompt_text = self._processor.decode(prompt_ids[0], skip_special_tokens=True).strip()
         texts = self._processor.batch_decode(output_ids.cpu(), skip_special_tokens=True)
         return [_strip_prefix(text.strip(), prompt_text) for text in texts]
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """One batch after the preprocessing thread: decoded images, processor output (None when the
+    processor refused the batch), and the inputs that failed to decode."""
+
+    indices: list[int] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)
+    inputs: dict[str, Any] | None = None
+    failed: list[tuple[int, CaptionResult]] = field(default_factory=list)
+
+
+def _batch_len(inputs: dict[str, Any]) -> int:
+    return next(len(v) for v in inputs.values() if hasattr(v, "shape"))
+
+
+def _slice(inputs: dict[str, Any], start: int, end: int) -> dict[str, Any]:
+    if start == 0 and end == _batch_len(inputs):
+        return inputs
+    return {k: v[start:end] if hasattr(v, "shape") else v for k, v in inputs.items()}
 
 
 def _describe(error: BaseException) -> str:

@@ -9,7 +9,7 @@
     driver   progress line per shard, index rows as fragments; the compacted set index, then
              caption_set.json (complete, written last) and every complete set in manifest.json
 
-The stage is prepare's own caption actor (`build.ShardCaptionStage` around
+The stage is prepare's own caption actor (`caption_stage.ShardCaptionStage` around
 `captions.caption_shard`), so both jobs caption, resume and quarantine the same way. Frames are
 only read, never decoded from video or rewritten. Resume is "run the same command again": parts
 whose sidecars exist are skipped. A root grown by later prepare runs is caught up: only its new
@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import schema
-from pipeline.config import RecaptionJobConfig, to_dict
+from pipeline.config import RecaptionJobConfig
 from pipeline.data import captions as capsets
 from pipeline.data.index import FRAMES, IndexWriter, captions_kind, captions_row, read_index
 from pipeline.data.root import DatasetRoot, RootNotReady
@@ -167,24 +167,28 @@ def run_recaption(cfg: RecaptionJobConfig, log=print, opened: Opened | None = No
 
 def _caption(cfg: RecaptionJobConfig, root: DatasetRoot, capset: dict[str, Any], todo: list[tuple[str, int]],
              writer: IndexWriter, summary: RecaptionSummary, t0: float, log) -> None:
+    import ray  # noqa: PLC0415
     import ray.data  # noqa: PLC0415
 
-    from pipeline.data.build import ShardCaptionStage, caption_resources  # noqa: PLC0415
+    from pipeline.data.build import MAX_UNIT_BLOCKS  # noqa: PLC0415
+    from pipeline.data.caption_stage import WaitingForGpus, add_caption_stage, caption_pool  # noqa: PLC0415
 
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
     items = [{"unit": json.dumps({"part": p, "unit": u})} for p, u in todo]
-    from pipeline.data.build import MAX_UNIT_BLOCKS  # noqa: PLC0415
-
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_UNIT_BLOCKS))
-    remote_args, max_actors = caption_resources(cfg.caption)
-    ds = ds.map_batches(
-        ShardCaptionStage,
-        fn_constructor_kwargs={"caption_cfg": to_dict(cfg.caption), "root": root.uri,
-                               "set_fp": capset["fingerprint"], "s3": asdict(root.opts),
-                               "frames_per_clip": cfg.frames_per_clip},
-        batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors), **remote_args)
+    pool = caption_pool(cfg.caption, float(ray.cluster_resources().get("GPU", 0)))
+    log(f"[recaption] {pool.describe()}")
+    ds = add_caption_stage(ds, cfg.caption, pool, root, capset["fingerprint"], cfg.frames_per_clip)
+    with WaitingForGpus(pool, log, "recaption") as watch:
+        _drain(ds, todo, writer, summary, t0, log, watch)
+
+
+def _drain(ds: Any, todo: list[tuple[str, int]], writer: IndexWriter, summary: RecaptionSummary, t0: float, log,
+           watch: Any) -> None:
+    """Index rows and progress lines from the caption stage's results, as they arrive."""
     rows = 0
     for done, row in enumerate(ds.iter_rows(), start=1):
+        watch.seen()
         side = json.loads(row["caption_json"])
         writer.add(captions_row(side))
         rows += side["rows"]

@@ -24,16 +24,14 @@ import json
 import os
 import shutil
 import sqlite3
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 
 import psutil
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
+from tests.raycluster import TIMEOUT_S, LocalCluster, wait_for
 
 TOKEN = uuid.uuid4().hex[:12]
 PLANTED = {
@@ -43,126 +41,9 @@ PLANTED = {
     "MLFLOW_TRACKING_URI": f"http://planted-user:planted-uri-pass-{TOKEN}@127.0.0.1:9/",
 }
 NEEDLES = [v for k, v in PLANTED.items() if k != "MLFLOW_TRACKING_URI"] + [f"planted-uri-pass-{TOKEN}"]
-RAY = [sys.executable, "-m", "ray.scripts.scripts"]
-JOIN = [sys.executable, "-c", "import sys, ray._private.ray_constants as c, ray._private.services as s; "
-        "c.ENABLE_RAY_CLUSTER = True; s.resolve_ip_for_localhost = lambda h: h; "
-        "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()"]
-TIMEOUT_S = 300
 # The first job is stopped once step CKPT_EVERY + 1 is logged (report() is a barrier, so the step
 # CKPT_EVERY checkpoint is committed): the ~40 quick steps left keep it from finishing first.
 STEPS, CKPT_EVERY = 50, 10
-
-
-def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-
-class LocalCluster:
-    """A head and a worker node started by `ray start`, owned by this test module only: its
-    processes are found by a marker in their environment (never `ray stop`, which would also
-    stop other Ray instances of the test session or of other users)."""
-
-    def __init__(self) -> None:
-        self.marker = uuid.uuid4().hex
-        self.temp_dir = tempfile.mkdtemp(prefix="cvray")  # short: Ray's unix socket paths are length-capped
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        self.env = dict(os.environ, **PLANTED, CLIPVIP_TEST_CLUSTER=self.marker, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-                        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-                        RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", CUDA_VISIBLE_DEVICES="")
-
-    def _ray_start(self, node: str, cmd: list[str]) -> None:
-        """`ray start` one node. Ray 2.60's raylet aborts when its dashboard agent has not published
-        its port within 15 s, which the agent's imports can exceed on a busy 2-core machine; `ray
-        start` then hangs for minutes on GCS retries. So the raylet log is watched, and a crashed
-        start is cleaned up (that node's processes only) and tried again."""
-        for attempt in (1, 2, 3):
-            t0 = time.time()
-            proc = subprocess.Popen(cmd, env=dict(self.env, CLIPVIP_TEST_NODE=node), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
-            while proc.poll() is None and time.time() - t0 < TIMEOUT_S and not self._raylet_crashed(since=t0):
-                time.sleep(0.5)
-            if proc.poll() is None:
-                proc.kill()
-            out = proc.communicate()[0]
-            if proc.returncode == 0:
-                print(f"[cluster] {node} up in {time.time() - t0:.1f}s (attempt {attempt})")
-                return
-            self.stop(node)
-        raise AssertionError(f"ray start ({node}) failed 3 times:\n{out[-4000:]}")
-
-    def _raylet_crashed(self, since: float) -> bool:
-        for log in glob.glob(os.path.join(self.temp_dir, "session_*", "logs", "raylet*.out")):
-            with contextlib.suppress(OSError):
-                if os.path.getmtime(log) >= since and "Check failed" in open(log, errors="replace").read():
-                    return True
-        return False
-
-    def start(self) -> None:
-        # Every agent port is given: with port 0 the raylet waits for each agent to publish its port
-        # before joining, and a slow (loaded) machine then misses `ray start`'s fixed 30 s window.
-        agent_ports = []
-
-        def node_ports() -> list[str]:
-            agent_ports.append(free_port())
-            return [f"--dashboard-agent-listen-port={agent_ports[-1]}", f"--dashboard-agent-grpc-port={free_port()}",
-                    f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-                    "--num-cpus=2", "--disable-usage-stats"]
-
-        self._ray_start("head", [*RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
-                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                                 f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
-                                 *node_ports()])
-        # Both nodes share one session directory here, so the head's log monitor already streams the
-        # worker node's logs; a second monitor would only print every line twice.
-        self._ray_start("worker", [*JOIN, "start", f"--address=127.0.0.1:{self.gcs_port}",
-                                   "--node-ip-address=127.0.0.1", "--include-log-monitor=false", *node_ports()])
-        # Jobs run through the head's dashboard agent: wait until both nodes' agents serve.
-        t0 = time.monotonic()
-        _wait_for(lambda: {self.dashboard_port, *agent_ports} <= {port for _, _, port in self.listening()},
-                  TIMEOUT_S, "the dashboard and both dashboard agents", poll_s=0.5)
-        print(f"[cluster] agents up after {time.monotonic() - t0:.1f}s more")
-
-    def processes(self, node: str | None = None) -> list[psutil.Process]:
-        """The node's daemons (found by the marker in their environment) and all their descendants:
-        agents and workers rename themselves, which can clobber their /proc environ."""
-        roots = []
-        for p in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                env = p.environ()
-                if env.get("CLIPVIP_TEST_CLUSTER") == self.marker and node in (None, env.get("CLIPVIP_TEST_NODE")):
-                    roots.append(p)
-        found = {p.pid: p for p in roots}
-        for p in roots:
-            with contextlib.suppress(psutil.Error):
-                found.update({c.pid: c for c in p.children(recursive=True)})
-        return list(found.values())
-
-    def listening(self) -> list[tuple[str, str, int]]:
-        """(process name, address, port) of every listening socket of the cluster's processes."""
-        rows = []
-        for p in self.processes():
-            with contextlib.suppress(psutil.Error):
-                rows += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
-                         if c.status == psutil.CONN_LISTEN]
-        return rows
-
-    def stop(self, node: str | None = None) -> None:
-        procs = self.processes(node)
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=5)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=10)
 
 
 def is_loopback(ip: str) -> bool:
@@ -190,12 +71,12 @@ def sets(*items: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    lc = LocalCluster()
+    lc = LocalCluster(extra_env=PLANTED)
     with pytest.MonkeyPatch.context() as mp:
         for k, v in PLANTED.items():
             mp.setenv(k, v)
         try:
-            lc.start()
+            lc.start(dashboard=True)
             yield lc
         finally:
             lc.stop()
@@ -274,7 +155,7 @@ def pretrained(cluster, prepared, workdir):
             listening.extend(cluster.listening())  # mid-training: Train workers and their store are up
         return f"[pretrain] step {CKPT_EVERY + 1}/" in logs
 
-    _wait_for(checkpointed, TIMEOUT_S, "the first checkpoint", poll_s=0.2)
+    wait_for(checkpointed, TIMEOUT_S, "the first checkpoint", poll_s=0.2)
     print(f"[submit] first pretrain job checkpointed step {CKPT_EVERY} after {time.monotonic() - t0:.1f}s")
     rc_stop, stopped = clipvip("job", "stop", first_id, "--address", cluster.address)
     first_logs = client.get_job_logs(first_id)

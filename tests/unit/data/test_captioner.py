@@ -149,6 +149,70 @@ def test_image_rejected_by_processor_is_isolated(monkeypatch: pytest.MonkeyPatch
     assert captions([results[0], results[2], results[3]]) == captions(clean)
 
 
+class TightMemory:
+    """Wraps a real model's generate(): a batch over `limit` images runs out of memory, as a GPU
+    does when caption.batch_size is too big for it (CPU tensors never do)."""
+
+    def __init__(self, inner: object, limit: int) -> None:
+        self.inner, self.limit, self.sizes = inner, limit, []
+
+    def __call__(self, **kwargs: object) -> object:
+        size = len(kwargs["pixel_values"])  # type: ignore[arg-type]
+        self.sizes.append(size)
+        if size > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory: tried a batch of {size}")
+        return self.inner(**kwargs)
+
+
+def test_a_batch_out_of_memory_is_split_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    captioner = FrameCaptioner(CaptionConfig(model="builtin:tiny-blip", batch_size=7))
+    clean = captioner.caption(IMAGES)
+    tight = TightMemory(captioner._model.generate, limit=2)
+    monkeypatch.setattr(captioner._model, "generate", tight)
+    assert captions(captioner.caption(IMAGES)) == captions(clean)
+    assert tight.sizes == [7, 3, 1, 1, 1, 1, 1, 1, 1] and captioner.batch_limit == 1
+    tight.sizes.clear()
+    assert captions(captioner.caption(IMAGES)) == captions(clean)  # later calls start at the size that fit
+    assert tight.sizes == [1] * 7
+    tight.limit = 0
+    with pytest.raises(RuntimeError, match="out of memory on a single image"):
+        captioner.caption(IMAGES[:1])
+
+
+def test_preprocessing_runs_beside_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    captioner = FrameCaptioner(CaptionConfig(model="builtin:tiny-blip", batch_size=2))
+    clean = captioner.caption(IMAGES)
+    threads: list[str] = []
+    second_batch_started, overlapped = threading.Event(), []
+    prepare, generate = captioner._prepare, captioner._generate
+
+    def prep(*args):
+        threads.append(threading.current_thread().name)
+        if len(threads) == 2:
+            second_batch_started.set()
+        return prepare(*args)
+
+    def gen(*args):
+        if not overlapped:  # the first batch's generation waits for the second batch's preprocessing
+            overlapped.append(second_batch_started.wait(timeout=60))
+        return generate(*args)
+
+    monkeypatch.setattr(captioner, "_prepare", prep)
+    monkeypatch.setattr(captioner, "_generate", gen)
+    assert captions(captioner.caption(IMAGES)) == captions(clean)
+    assert overlapped == [True] and len(threads) == 4
+    assert all(t.startswith("caption-preprocess") for t in threads)
+
+
+def test_cuda_asked_for_and_not_visible_is_refused() -> None:
+    with pytest.raises(RuntimeError, match=r"caption.device=cuda: no CUDA device is visible to the captioner on "
+                                           r"node-7 \(CUDA_VISIBLE_DEVICES="):
+        FrameCaptioner(CaptionConfig(model="builtin:tiny-blip", device="cuda"), where="node-7")
+    assert FrameCaptioner(CaptionConfig(model="builtin:tiny-blip", device="cpu")).device == "cpu"
+
+
 def test_identity_is_stable_and_discriminating() -> None:
     base = CaptionConfig(model="builtin:tiny-blip")
     first, second = FrameCaptioner(base), FrameCaptioner(base)
