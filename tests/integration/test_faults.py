@@ -78,6 +78,7 @@ def test_prepare_and_recaption_through_faults_give_the_same_bytes(ray_local, inp
         r = run_recaption(load_config(RecaptionJobConfig, None, [
             f"root=s3://{BUCKET}/seed{seed}", "caption.set_name=git", "caption.model=builtin:tiny-git",
             f"storage.s3_endpoint_url={proxy.endpoint}", "ray.progress_bars=false", *FAST]), log=quiet)
+    print(f"[faults] seed {seed}: {proxy.requests} requests, faults {dict(proxy.faults)}")
     assert proxy.faults["503"] > 0 and proxy.faults["reset"] > 0, proxy.faults
     assert s.clips_quarantined == 0 and r.failed == 0
     assert digests(local_copy(inputs, f"seed{seed}", tmp_path / "got")) == reference, \

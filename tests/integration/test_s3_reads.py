@@ -52,6 +52,8 @@ def test_videos_are_read_in_large_blocks(s3_counting, sample_data, tmp_path):
         rows, bad = decode_video(c, VideoEntry(vid, "", specs))
         assert rows and not bad, bad
         gets, nbytes = log.bytes_since(mark, f"/reads/videos/{vid}.mp4")
+        print(f"[reads] {vid} {'blocks' if c is blocks else 'whole'}: {size / 2**20:.2f} MiB, {gets} GETs, "
+              f"{nbytes / size:.3f}x its size")
         assert gets <= math.ceil(size / (8 << 20)) + 2, (vid, size, gets)
         assert nbytes <= 1.1 * size, (vid, size, nbytes)
         if vid in frames:

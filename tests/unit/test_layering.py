@@ -17,6 +17,7 @@ FORBIDDEN = {
     "pipeline/model/": {"ray", "deepspeed", "mlflow"},
     "pipeline/data/": {"deepspeed", "mlflow"},
     "pipeline/data/frames.py": {"ray"},
+    "pipeline/data/decoders.py": {"ray", "torch"},
     "pipeline/data/metadata.py": {"ray"},
     "pipeline/data/root.py": {"ray", "torch"},
     "pipeline/data/index.py": {"ray", "torch"},

@@ -134,6 +134,16 @@ def test_frames_are_the_frames_on_screen_at_sampled_times(videos: dict[str, str]
     assert all(1.05 - 1 / FPS < t < 2.9 for t in clip.frame_times_s)
 
 
+def test_pyav_decodes_only_the_segments_it_needs(videos: dict[str, str]) -> None:
+    # 1-s keyframe segments; frames 26-71 sit in segments 1 and 2 (frames 25-74): segment 0 and
+    # 3 are never decoded, and non-reference frames that are not needed are skipped.
+    result = extract_clips(videos["plain"], [SpanRequest("c", 1.05, 2.9)], _cfg(backend="pyav"))
+    assert 11 <= result.frames_decoded < 50
+    short = extract_clips(videos["plain"], [SpanRequest("c", 3.05, 3.3)], _cfg(backend="pyav"))
+    assert short.frames_decoded <= 8  # frames 76-81 need segment 3 from its keyframe (75) on, not 0-74
+    assert extract_clips(videos["plain"], [SpanRequest("c", 1.05, 2.9)], _cfg(backend="decord")).frames_decoded is None
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_middle_frame_is_nearest_to_span_middle(videos: dict[str, str], backend: str) -> None:
     # Middle 1.505 s: frame 38 (1.52 s) is nearest; the frame on screen would be 37 (1.48 s).
