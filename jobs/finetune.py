@@ -1,11 +1,14 @@
 """`clipvip finetune --config FILE`: retrieval fine-tuning on Ray Train + DeepSpeed (spec 4.2).
 
     clipvip finetune --config jobs/configs/tiny_finetune.yaml
-    clipvip finetune --config jobs/configs/msrvtt_finetune_b32.yaml --set model.pretrained=out/runs/pt-export
+    clipvip finetune --config jobs/configs/msrvtt_finetune_b32.yaml --set model.pretrained=out/runs/pt-export \
+        --set data.train.annotations=s3://my-bucket/msrvtt/train9k.jsonl \
+        --set data.train.video_root=s3://my-bucket/msrvtt/videos_6fps
 
 Symmetric InfoNCE with global negatives; validation every `data.val_every_steps` on a held-out
 split picks the best weights (`<storage>/<run_name>-best`); the last weights go to
 `<run_name>-export`. Resubmitting the same run name and storage resumes from its last checkpoint.
+Annotations, videos and `data.batch_groups` may be local or on S3 (reached with `storage`).
 Exit 2 on a bad config or unreadable split before Ray starts, 1 on a failed run.
 """
 
@@ -16,9 +19,16 @@ import json
 import sys
 from dataclasses import asdict
 
-from jobs.common import absolute_tracking, config_parser, init_ray, load_or_exit, local_path
+from jobs.common import (
+    absolute_tracking,
+    config_parser,
+    init_ray,
+    load_or_exit,
+    local_path,
+)
 from pipeline.config import ConfigError
 from pipeline.eval.config import FinetuneJobConfig
+from pipeline.utils import fs
 
 
 def absolutize(cfg: FinetuneJobConfig) -> FinetuneJobConfig:
@@ -44,9 +54,10 @@ def splits(cfg: FinetuneJobConfig):
     from pipeline.eval.formats import read_items  # noqa: PLC0415
     from pipeline.train.retrieval_data import holdout_split  # noqa: PLC0415
 
-    train, skipped = read_items(cfg.data.train)
+    opts = fs.S3Options.of(cfg.storage)
+    train, skipped = read_items(cfg.data.train, opts)
     if cfg.data.val is not None:
-        val, val_skipped = read_items(cfg.data.val)
+        val, val_skipped = read_items(cfg.data.val, opts)
         skipped = [*skipped, *val_skipped]
     else:
         train, val = holdout_split(train, cfg.data.val_holdout, cfg.train.seed)
@@ -60,8 +71,7 @@ def batch_groups(cfg: FinetuneJobConfig, train: list) -> list[list[int]]:
     from pipeline.train.retrieval_data import resolve_groups  # noqa: PLC0415
 
     try:
-        with open(cfg.data.batch_groups, encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = json.loads(fs.read_bytes(cfg.data.batch_groups, fs.S3Options.of(cfg.storage)).decode("utf-8"))
     except (OSError, ValueError) as e:
         raise ConfigError(f"data.batch_groups: cannot read {cfg.data.batch_groups}: {e}") from None
     if not isinstance(raw, list) or not all(isinstance(g, list) and all(isinstance(c, str) for c in g) for g in raw):

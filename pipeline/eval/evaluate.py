@@ -1,6 +1,6 @@
 """`run_evaluate`: one retrieval split, one or more models, metrics side by side (spec 5.1).
 
-Driver side: read and check the split, encode it with every model on the Ray cluster
+Driver side: read and check the split (local or s3://, through `storage`'s S3 options), encode it with every model on the Ray cluster
 (`ray_encode.encode_split`: one decode, one actor pool), rank, write `results.json` + per-model
 similarity matrices under `eval.out/<run_name>/`, log everything to one MLflow run, and return
 a printable summary.
@@ -63,11 +63,11 @@ def run_evaluate(cfg: EvaluateJobConfig, log: Any = print) -> EvalSummary:
 
     t0 = time.perf_counter()
     e = cfg.eval
-    items, skipped = read_items(e.data)
+    opts = fs.S3Options.of(cfg.storage)
+    items, skipped = read_items(e.data, opts)
     texts = eval_texts(items)
     summary = EvalSummary(split=e.data.annotations, num_items=len(items), num_evaluated=len(items),
                           skipped=list(skipped), out_dir=fs.join(e.out, cfg.run_name))
-    opts = fs.S3Options.of(cfg.storage)
     num_frames = e.data.resolved_num_frames()
     log(f"[evaluate] {len(items)} videos x {num_frames} frames at {e.image_size_px}px, "
         f"{len(e.models)} model(s): {', '.join(m.name for m in e.models)}")
@@ -75,7 +75,7 @@ def run_evaluate(cfg: EvaluateJobConfig, log: Any = print) -> EvalSummary:
                            video_format=e.data.video_format, num_frames=num_frames, size_px=e.image_size_px,
                            max_text_len=e.max_text_len, batch_size=e.batch_size, num_encoders=e.num_encoders,
                            encoder_gpus=e.encoder_gpus, decode_cpus=e.decode_cpus,
-                           progress_bars=cfg.ray.progress_bars)
+                           progress_bars=cfg.ray.progress_bars, opts=opts)
     log(f"[evaluate] encoded with {len(e.models)} model(s) in {time.perf_counter() - t0:.0f} s")
     for spec, enc in zip(e.models, encoded, strict=True):
         keep = np.array([i not in enc.failed for i in range(len(items))], dtype=bool)

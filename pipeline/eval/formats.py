@@ -9,10 +9,16 @@ Where the videos are:
     video_format "video":  <video_root>/<clip_id><ext>; lsmdc: ext = .avi (raw LSMDC clips),
                            other formats: the first of .mp4, .avi, .mkv, .webm that exists.
     video_format "frames": <video_root>/<clip_id>/<clip_id>_{i:03d}.jpg, 0-indexed (ActivityNet).
+
+`annotations` and `video_root` are local paths or `s3://` URIs, read as `prepare` reads S3
+(`pipeline/utils/fs.py`, `s3.py`: our retries): the jsonl in one GET, video_root in one
+listing (paginated) whose objects are the video files and whose common prefixes are the frame
+directories, so a split costs a few requests whatever its size, never one per item.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 from pipeline.config import ConfigError
+from pipeline.utils import fs, s3
 
 FORMATS = ("msrvtt", "didemo", "lsmdc", "activitynet")
 VIDEO_FORMATS = ("video", "frames")
@@ -41,9 +48,10 @@ class RetrievalDataConfig:
     format: Literal["msrvtt", "didemo", "lsmdc", "activitynet"] = "msrvtt"
     """Dataset convention: video extension lookup and the paragraph / frame-count defaults."""
     annotations: str
-    """Annotation jsonl (e.g. test1ka.jsonl), one {"clip_id", "text"} object per line."""
+    """Annotation jsonl (e.g. test1ka.jsonl), one {"clip_id", "text"} object per line; local or s3://."""
     video_root: str
-    """Directory of videos, or of per-clip frame directories when video_format is "frames"."""
+    """Directory (or s3:// prefix) of videos, or of per-clip frame directories when video_format
+    is "frames"."""
     video_format: Literal["video", "frames"] = "video"
     """"video": encoded files read with PyAV; "frames": pre-decoded JPEG directories."""
     paragraph: bool | None = None
@@ -89,6 +97,9 @@ class RetrievalItem:
     """Every caption of the video; for paragraph datasets ONE text, the sentences joined by " "."""
     num_frames_hint: int | None = None
     """The jsonl `num_frame` of a frame directory (None when absent or for video files)."""
+    size_bytes: int | None = None
+    """Size of an S3 video object, from the listing, so opening it needs no HEAD (None: local,
+    frame directories, or unknown)."""
 
 
 class ReadResult(NamedTuple):
@@ -116,18 +127,52 @@ def _texts(raw: Any, paragraph: bool) -> tuple[str, ...] | str:
     return (" ".join(kept),) if paragraph else tuple(kept)
 
 
-def _scan(root: str) -> tuple[set[str], set[str]]:
-    """File and directory names directly under root (one listing instead of a stat per item)."""
-    files: set[str] = set()
+def _scan(root: str, opts: fs.S3Options | None) -> tuple[dict[str, int | None], set[str]]:
+    """File names (with their S3 size) and directory names directly under root: one listing
+    instead of a stat or HEAD per item.
+
+    Raises:
+        ValueError: root is not a local directory, or no object is under the S3 prefix.
+    """
+    if fs.is_s3(root):
+        try:
+            objects, prefixes = s3.list_prefix(root, opts or fs.S3Options())
+        except (OSError, ValueError):
+            raise
+        except Exception as e:  # noqa: BLE001  botocore ClientError (AccessDenied, NoSuchBucket ...)
+            raise ValueError(f"video_root {root!r}: cannot list the S3 prefix: {type(e).__name__}: {e}") from e
+        if not objects and not prefixes:
+            raise ValueError(f"video_root {root!r}: no objects under this S3 prefix")
+        sized: dict[str, int | None] = {k.rsplit("/", 1)[-1]: n for k, n in objects}
+        return sized, {p.rstrip("/").rsplit("/", 1)[-1] for p in prefixes}
+    if not os.path.isdir(root):
+        raise ValueError(f"video_root {root!r} is not a directory")
+    files: dict[str, int | None] = {}
     dirs: set[str] = set()
     with os.scandir(root) as entries:
         for e in entries:
-            (dirs if e.is_dir() else files).add(e.name)
+            if e.is_dir():
+                dirs.add(e.name)
+            else:
+                files[e.name] = None
     return files, dirs
 
 
-def _item(cfg: RetrievalDataConfig, row: dict[str, Any], clip_id: str, paragraph: bool, files: set[str],
-          dirs: set[str]) -> RetrievalItem | str:
+def _annotation_lines(uri: str, opts: fs.S3Options | None) -> io.TextIOWrapper:
+    """The jsonl as text lines, read whole (one GET on S3; annotation files are a few MB at
+    most), split as `open()` splits them (universal newlines, so a U+2028 inside a caption does
+    not cut a row as `str.splitlines` would)."""
+    try:
+        data = fs.read_bytes(uri, opts)
+    except (OSError, ValueError):
+        raise
+    except Exception as e:  # noqa: BLE001  botocore ClientError (AccessDenied ...)
+        raise ValueError(f"annotations {uri!r}: cannot read: {type(e).__name__}: {e}") from e
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+
+
+def _item(cfg: RetrievalDataConfig, row: dict[str, Any], clip_id: str, paragraph: bool,
+          files: dict[str, int | None], dirs: set[str]) -> RetrievalItem | str:
     """The row's item, or the reason it is skipped."""
     if "/" in clip_id or os.sep in clip_id or clip_id in (".", ".."):
         return "clip_id is not a plain file name"
@@ -140,19 +185,20 @@ def _item(cfg: RetrievalDataConfig, row: dict[str, Any], clip_id: str, paragraph
         hint = row.get("num_frame")
         if hint is not None and (not isinstance(hint, int) or isinstance(hint, bool) or hint < 1):
             return f"num_frame must be a positive integer, got {hint!r}"
-        return RetrievalItem(clip_id, os.path.join(cfg.video_root, clip_id), texts, hint)
+        return RetrievalItem(clip_id, fs.join(cfg.video_root, clip_id), texts, hint)
     extensions = (".avi",) if cfg.format == "lsmdc" else VIDEO_EXTENSIONS
     name = next((clip_id + ext for ext in extensions if clip_id + ext in files), None)
     if name is None:
         return f"no video file {clip_id}{{{','.join(extensions)}}} under {cfg.video_root}"
-    return RetrievalItem(clip_id, os.path.join(cfg.video_root, name), texts)
+    return RetrievalItem(clip_id, fs.join(cfg.video_root, name), texts, size_bytes=files[name])
 
 
-def read_items(cfg: RetrievalDataConfig) -> ReadResult:
+def read_items(cfg: RetrievalDataConfig, opts: fs.S3Options | None = None) -> ReadResult:
     """Read and check a split's annotation jsonl.
 
     Args:
         cfg: the split's config.
+        opts: how to reach S3 (`fs.S3Options.of(job.storage)`) when a path is s3://; None: defaults.
 
     Returns:
         ReadResult(items, skipped): the usable items in file order (the first `cfg.limit`
@@ -160,16 +206,15 @@ def read_items(cfg: RetrievalDataConfig) -> ReadResult:
 
     Raises:
         FileNotFoundError: the annotation file does not exist.
-        ValueError: video_root is not a directory, or no usable item is left.
+        TransientS3Error: S3 kept failing through the retry budget (an OSError).
+        ValueError: video_root is not a directory (an empty S3 prefix), or no usable item is left.
     """
-    if not os.path.isdir(cfg.video_root):
-        raise ValueError(f"video_root {cfg.video_root!r} is not a directory")
-    files, dirs = _scan(cfg.video_root)
+    files, dirs = _scan(cfg.video_root, opts)
     paragraph = cfg.resolved_paragraph()
     items: list[RetrievalItem] = []
     skipped: list[tuple[int | str, str]] = []
     first_line: dict[str, int] = {}
-    with open(cfg.annotations, encoding="utf-8") as f:
+    with _annotation_lines(cfg.annotations, opts) as f:
         for line_no, line in enumerate(f, start=1):
             if cfg.limit is not None and len(items) >= cfg.limit:
                 break

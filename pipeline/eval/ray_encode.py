@@ -7,19 +7,20 @@ Every model sees the same decoded frames, and a split is decoded once however ma
 compared (on a small split the actor start-up, paid once, is most of the time).
 Rows carry their index, so the driver reassembles exactly N features in input order whatever
 order Ray finishes them in (no padded duplicates, spec 5.1). A video that cannot be decoded
-comes back flagged, never silently replaced.
+(S3 reads included, once our retries are spent) comes back flagged, never silently replaced.
+The decode tasks get the job's S3 options as a plain dict (rebuilt into `fs.S3Options` there).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from pipeline.config import ModelConfig, build_dataclass, to_dict
 from pipeline.eval.formats import RetrievalItem
-
+from pipeline.utils import fs
 
 _DECODE_MEMORY_BYTES = 256 * 2**20  # T frames of one video, resized, plus the decoder's buffers
 
@@ -64,13 +65,17 @@ class ClipEncoder:
         return out
 
 
-def _decode_row(row: dict[str, Any], video_format: str, num_frames: int, size_px: int) -> dict[str, Any]:
+def _decode_row(row: dict[str, Any], video_format: str, num_frames: int, size_px: int,
+                s3_opts: dict[str, Any] | None) -> dict[str, Any]:
     from pipeline.data.sampling import BadSample  # noqa: PLC0415
     from pipeline.eval.video import load_clip  # noqa: PLC0415
 
-    item = RetrievalItem(clip_id=row["clip_id"], video_path=row["video_path"], texts=())
+    size = int(row["size_bytes"])
+    item = RetrievalItem(clip_id=row["clip_id"], video_path=row["video_path"], texts=(),
+                         size_bytes=None if size < 0 else size)
+    opts = fs.S3Options(**s3_opts) if s3_opts else None
     try:
-        frames = load_clip(item, video_format, num_frames, size_px, train=False, rng=None)
+        frames = load_clip(item, video_format, num_frames, size_px, train=False, rng=None, opts=opts)
         error = ""
     except BadSample as e:
         frames, error = np.zeros((num_frames, size_px, size_px, 3), np.uint8), str(e)
@@ -79,10 +84,11 @@ def _decode_row(row: dict[str, Any], video_format: str, num_frames: int, size_px
 
 def encode_split(items: list[RetrievalItem], texts: list[str], *, models: list[tuple[str | None, ModelConfig]],
                  video_format: str, num_frames: int, size_px: int, max_text_len: int, batch_size: int,
-                 num_encoders: int, encoder_gpus: float, decode_cpus: float, progress_bars: bool = True
-                 ) -> list[EncodedSplit]:
+                 num_encoders: int, encoder_gpus: float, decode_cpus: float, progress_bars: bool = True,
+                 opts: fs.S3Options | None = None) -> list[EncodedSplit]:
     """Text and video features of one split for each (weights, model config) of `models`, in
-    that order, computed on the Ray cluster from one decode of the split."""
+    that order, computed on the Ray cluster from one decode of the split; `opts`: how the
+    decode tasks reach S3 for s3:// videos (the job's `storage`)."""
     import ray.data  # noqa: PLC0415
 
     ray.data.DataContext.get_current().enable_progress_bars = progress_bars
@@ -98,11 +104,14 @@ def encode_split(items: list[RetrievalItem], texts: list[str], *, models: list[t
     if len(texts) != len(items):
         raise ValueError(f"one text per video expected, got {len(texts)} texts for {len(items)} videos")
     rows = ray.data.from_items(
-        [{"index": i, "clip_id": it.clip_id, "video_path": it.video_path, "text": t}
+        # size_bytes -1 = unknown: a column of ints Arrow types the same in every block.
+        [{"index": i, "clip_id": it.clip_id, "video_path": it.video_path, "text": t,
+          "size_bytes": -1 if it.size_bytes is None else it.size_bytes}
          for i, (it, t) in enumerate(zip(items, texts))],
         override_num_blocks=max(1, min(len(items), 64)))
     rows = rows.map(_decode_row, fn_kwargs={"video_format": video_format, "num_frames": num_frames,
-                                            "size_px": size_px}, num_cpus=decode_cpus,
+                                            "size_px": size_px, "s3_opts": None if opts is None else asdict(opts)},
+                    num_cpus=decode_cpus,
                     # Differing remote args keep Ray from fusing decode into the encoder actors.
                     memory=_DECODE_MEMORY_BYTES)
     out_rows = rows.map_batches(ClipEncoder, batch_size=batch_size, **encoder).take_all()

@@ -12,6 +12,12 @@ step) and stops after the last one, so memory holds T small frames whatever the 
 If the stream decodes to fewer frames than counted, the indices are drawn again over the
 frames that do decode. Frame directories: `<clip_id>_<i>.jpg` sorted by i.
 
+Paths may be `s3://` URIs (`opts` says how to reach S3), read as `prepare` reads videos
+(`s3.open_read`, our retries): a video is fetched once per load, whole in one GET when small,
+else in 8 MiB blocks with read-ahead, and both passes (count, decode) seek back over that one
+source; a frame directory is one listing plus one GET per chosen frame. A read that still fails
+after the retry budget is a `BadSample` naming the URI and the S3 error, as an unreadable file.
+
 Why not decode once and keep every frame object: on a 90-frame 320x240 clip decoding is ~95%
 of the time (0.46 s of 0.49-0.52 s for T = 12; the demux-only count costs 8 ms), so keeping
 all F frames saves nothing measurable and makes memory grow with the video's length.
@@ -21,15 +27,18 @@ Shape legend: T frames, H = W = size_px, 3 RGB channels.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
 from pipeline.data.sampling import DECODE_ERRORS, BadSample, sample_frame_indices
 from pipeline.eval.formats import RetrievalItem
+from pipeline.utils import fs, s3
 
 
 def resize_rgb(image: Image.Image, size_px: int) -> np.ndarray:
@@ -39,7 +48,8 @@ def resize_rgb(image: Image.Image, size_px: int) -> np.ndarray:
 
 
 def load_clip(item: RetrievalItem, video_format: str, num_frames: int, size_px: int, train: bool,
-              rng: np.random.Generator | None, *, decode_threads: int = 1) -> np.ndarray:
+              rng: np.random.Generator | None, *, decode_threads: int = 1,
+              opts: fs.S3Options | None = None) -> np.ndarray:
     """T frames of one retrieval item, sampled and squash-resized.
 
     Args:
@@ -50,47 +60,50 @@ def load_clip(item: RetrievalItem, video_format: str, num_frames: int, size_px: 
         train: jittered sampling (True, needs rng) or uniform test sampling (False).
         rng: generator of the train jitter; unused at test time.
         decode_threads: FFmpeg decoder threads (1 suits one Ray task per CPU).
+        opts: how to reach S3 when `item.video_path` is s3://; None: defaults (local paths ignore it).
 
     Returns:
         frames_THWC: [T, size_px, size_px, 3] uint8, in time order.
 
     Raises:
-        BadSample: the video or a chosen frame cannot be read, or it has no frames; the message
-            names the path.
+        BadSample: the video or a chosen frame cannot be read (S3 included, after its retries), or
+            it has no frames; the message names the path.
     """
     if video_format == "frames":
-        return _load_frame_dir(item, num_frames, size_px, train, rng)
+        paths = _frame_paths(item, opts)
+        return _read_frames(paths, sample_frame_indices(len(paths), num_frames, train, rng), size_px, opts)
     if video_format == "video":
-        return _load_video(item.video_path, num_frames, size_px, train, rng, decode_threads)
+        return _load_video(item, num_frames, size_px, train, rng, decode_threads, opts)
     raise ValueError(f"video_format must be 'video' or 'frames', got {video_format!r}")
 
 
-def decode_all(item: RetrievalItem, video_format: str, size_px: int, *, decode_threads: int = 1) -> np.ndarray:
+def decode_all(item: RetrievalItem, video_format: str, size_px: int, *, decode_threads: int = 1,
+               opts: fs.S3Options | None = None) -> np.ndarray:
     """Every frame of the item, squash-resized: [F, size, size, 3] uint8.
 
     For callers that keep small clips in memory across epochs (fine-tuning's decoded-frame
     cache) and then sample with `sample_frame_indices` over F = the frames that decoded.
 
     Raises:
-        BadSample: unreadable video / frame directory, or no frames.
+        BadSample: unreadable video / frame directory (S3 included), or no frames.
     """
     if video_format == "frames":
-        paths = list_frame_files(item.video_path, item.clip_id)
-        if not paths:
-            raise BadSample(f"{item.video_path}: no frames named {item.clip_id}_<i>.jpg")
-        return _load_frame_dir(item, len(paths), size_px, False, None)
+        paths = _frame_paths(item, opts)
+        return _read_frames(paths, np.arange(len(paths)), size_px, opts)
     if video_format != "video":
         raise ValueError(f"video_format must be 'video' or 'frames', got {video_format!r}")
     path = item.video_path
+    source: Any = None
     try:
-        container, stream = _open(path)
-        stream.codec_context.thread_count = decode_threads
-        with container:
-            frames = [resize_rgb(frame.to_image(), size_px) for frame in container.decode(stream)]
+        with _open_source(item, opts) as source:
+            container, stream = _open(source, path)
+            stream.codec_context.thread_count = decode_threads
+            with container:
+                frames = [resize_rgb(frame.to_image(), size_px) for frame in container.decode(stream)]
     except BadSample:
         raise
     except Exception as e:  # noqa: BLE001  (any FFmpeg/PIL error here is the file's fault)
-        raise BadSample(f"{path}: unreadable video: {type(e).__name__}: {e}") from e
+        raise _unreadable(path, source, e) from e
     if not frames:
         raise BadSample(f"{path}: no frame decodes")
     return np.stack(frames, axis=0)
@@ -104,33 +117,47 @@ def _stack(idx_T: np.ndarray, frames: dict[int, np.ndarray]) -> np.ndarray:
 # Frame directories
 
 
-def list_frame_files(frame_dir: str, clip_id: str) -> list[str]:
-    """Paths of `<clip_id>_<i>.jpg` under frame_dir, sorted by the integer i (other files ignored).
+def list_frame_files(frame_dir: str, clip_id: str, opts: fs.S3Options | None = None) -> list[str]:
+    """Paths of `<clip_id>_<i>.jpg` under frame_dir (local or s3://, one listing), sorted by the
+    integer i (other files ignored).
 
     Raises:
         BadSample: frame_dir cannot be listed.
     """
     pattern = re.compile(re.escape(clip_id) + r"_(\d+)\.jpe?g", re.IGNORECASE)
     try:
-        names = os.listdir(frame_dir)
-    except OSError as e:
+        if fs.is_s3(frame_dir):
+            objects, _ = s3.list_prefix(frame_dir, opts or fs.S3Options())
+            names = [key.rsplit("/", 1)[-1] for key, _ in objects]
+        else:
+            names = os.listdir(frame_dir)
+    except Exception as e:  # noqa: BLE001  OSError, TransientS3Error, botocore's AccessDenied ...
         raise BadSample(f"{frame_dir}: cannot list frames: {e}") from e
     numbered = [(int(m.group(1)), n) for n in names if (m := pattern.fullmatch(n))]
-    return [os.path.join(frame_dir, n) for _, n in sorted(numbered)]
+    return [fs.join(frame_dir, n) for _, n in sorted(numbered)]
 
 
-def _load_frame_dir(item: RetrievalItem, num_frames: int, size_px: int, train: bool,
-                    rng: np.random.Generator | None) -> np.ndarray:
-    paths = list_frame_files(item.video_path, item.clip_id)
+def _frame_paths(item: RetrievalItem, opts: fs.S3Options | None) -> list[str]:
+    paths = list_frame_files(item.video_path, item.clip_id, opts)
     if not paths:
         raise BadSample(f"{item.video_path}: no frames named {item.clip_id}_<i>.jpg")
-    idx_T = sample_frame_indices(len(paths), num_frames, train, rng)
+    return paths
+
+
+def _read_frames(paths: list[str], idx_T: np.ndarray, size_px: int, opts: fs.S3Options | None) -> np.ndarray:
+    """The frames paths[idx_T], resized; each file read once (one GET on S3) however often chosen."""
     frames: dict[int, np.ndarray] = {}
     for i in idx_T.tolist():
         if i in frames:  # F < T repeats indices; read each once
             continue
+        source: str | io.BytesIO = paths[i]
+        if fs.is_s3(paths[i]):
+            try:
+                source = io.BytesIO(fs.read_bytes(paths[i], opts))
+            except Exception as e:  # noqa: BLE001  missing, TransientS3Error after its retries, AccessDenied
+                raise BadSample(f"{paths[i]}: S3 read failed: {type(e).__name__}: {e}") from e
         try:
-            with Image.open(paths[i]) as image:
+            with Image.open(source) as image:
                 frames[i] = resize_rgb(image, size_px)
         except DECODE_ERRORS as e:
             raise BadSample(f"{paths[i]}: undecodable frame: {type(e).__name__}: {e}") from e
@@ -141,19 +168,49 @@ def _load_frame_dir(item: RetrievalItem, num_frames: int, size_px: int, train: b
 # Video files
 
 
-def _open(path: str) -> tuple[Any, Any]:
+def _open_source(item: RetrievalItem, opts: fs.S3Options | None) -> contextlib.AbstractContextManager[Any]:
+    """What PyAV opens: a local path as is (opening a file twice costs nothing), an S3 object as
+    one seekable file for every pass of this load (`s3.open_read`: one GET when small; the
+    listing's size saves the HEAD)."""
+    if not fs.is_s3(item.video_path):
+        return contextlib.nullcontext(item.video_path)
+    return s3.open_read(item.video_path, opts or fs.S3Options(), item.size_bytes)
+
+
+def _unreadable(path: str, source: Any, error: BaseException) -> BadSample:
+    """The BadSample of a failed load; an S3 read that failed under the decoder is named as such
+    (FFmpeg reports it as its own I/O error)."""
+    read_error = getattr(source, "read_error", None)
+    if read_error is not None or isinstance(error, s3.TransientS3Error):
+        return BadSample(f"{path}: S3 read failed: {read_error or error}")
+    return BadSample(f"{path}: unreadable video: {type(error).__name__}: {error}")
+
+
+def _open(source: str | BinaryIO, path: str) -> tuple[Any, Any]:
+    """(container, video stream) of a path or an open file (read from its start); `path` names it
+    in errors."""
     import av  # noqa: PLC0415  (heavy import, only needed once a video is opened)
 
-    container = av.open(path, mode="r")
+    if not isinstance(source, str):
+        source.seek(0)  # a second pass over the same fetched object
+    container = av.open(source, mode="r")
     if not container.streams.video:
         container.close()
         raise BadSample(f"{path}: no video stream")
     return container, container.streams.video[0]
 
 
-def count_frames(path: str) -> int:
-    """F of a video file: the stored frame count, else the number of non-empty video packets."""
-    container, stream = _open(path)
+def count_frames(source: str | BinaryIO, opts: fs.S3Options | None = None) -> int:
+    """F of a video: the stored frame count, else the number of non-empty video packets.
+
+    Args:
+        source: a local path, an s3:// URI (fetched for this count), or an open seekable file.
+        opts: how to reach S3 for an s3:// URI.
+    """
+    if isinstance(source, str) and fs.is_s3(source):
+        with s3.open_read(source, opts or fs.S3Options()) as f:
+            return count_frames(f)
+    container, stream = _open(source, source if isinstance(source, str) else getattr(source, "uri", "video"))
     with container:
         if stream.frames > 0:
             return int(stream.frames)
@@ -161,7 +218,7 @@ def count_frames(path: str) -> int:
         return sum(1 for packet in container.demux(stream) if packet.size > 0)
 
 
-def _decode_chosen(path: str, idx_T: np.ndarray, size_px: int,
+def _decode_chosen(source: str | BinaryIO, path: str, idx_T: np.ndarray, size_px: int,
                    decode_threads: int) -> tuple[dict[int, np.ndarray], int]:
     """Decode up to the last chosen frame, converting only the chosen ones.
 
@@ -171,7 +228,7 @@ def _decode_chosen(path: str, idx_T: np.ndarray, size_px: int,
     wanted = set(idx_T.tolist())
     last = max(wanted)
     frames: dict[int, np.ndarray] = {}
-    container, stream = _open(path)
+    container, stream = _open(source, path)
     stream.codec_context.thread_count = decode_threads
     num_decoded = 0
     with container:
@@ -184,24 +241,27 @@ def _decode_chosen(path: str, idx_T: np.ndarray, size_px: int,
     return frames, num_decoded
 
 
-def _load_video(path: str, num_frames: int, size_px: int, train: bool, rng: np.random.Generator | None,
-                decode_threads: int) -> np.ndarray:
+def _load_video(item: RetrievalItem, num_frames: int, size_px: int, train: bool, rng: np.random.Generator | None,
+                decode_threads: int, opts: fs.S3Options | None) -> np.ndarray:
+    path = item.video_path
+    source: Any = None
     try:
-        num_counted = count_frames(path)
-        idx_T = sample_frame_indices(num_counted, num_frames, train, rng)
-        frames, num_decoded = _decode_chosen(path, idx_T, size_px, decode_threads)
-        if len(frames) < len(set(idx_T.tolist())):
-            if num_decoded == 0:
-                raise BadSample(f"{path}: no frame decodes ({num_counted} counted)")
-            # The count came from the header or packets; trust what really decodes.
-            idx_T = sample_frame_indices(num_decoded, num_frames, train, rng)
-            frames, _ = _decode_chosen(path, idx_T, size_px, decode_threads)
+        with _open_source(item, opts) as source:
+            num_counted = count_frames(source)
+            idx_T = sample_frame_indices(num_counted, num_frames, train, rng)
+            frames, num_decoded = _decode_chosen(source, path, idx_T, size_px, decode_threads)
             if len(frames) < len(set(idx_T.tolist())):
-                raise BadSample(f"{path}: decoding is not repeatable ({num_decoded} frames, then fewer)")
+                if num_decoded == 0:
+                    raise BadSample(f"{path}: no frame decodes ({num_counted} counted)")
+                # The count came from the header or packets; trust what really decodes.
+                idx_T = sample_frame_indices(num_decoded, num_frames, train, rng)
+                frames, _ = _decode_chosen(source, path, idx_T, size_px, decode_threads)
+                if len(frames) < len(set(idx_T.tolist())):
+                    raise BadSample(f"{path}: decoding is not repeatable ({num_decoded} frames, then fewer)")
     except BadSample as e:
         if str(e).startswith(path):
             raise
         raise BadSample(f"{path}: {e}") from e
     except Exception as e:  # noqa: BLE001  (any FFmpeg/PIL error here is the file's fault)
-        raise BadSample(f"{path}: unreadable video: {type(e).__name__}: {e}") from e
+        raise _unreadable(path, source, e) from e
     return _stack(idx_T, frames)

@@ -6,7 +6,8 @@ a validation pass every `data.val_every_steps` and at the end. Validation runs o
 (each encodes its share of the held-out videos, so ZeRO-3 gathers stay collective), features
 are gathered, rank 0 ranks them; when the selection metric improves the weights are exported
 to `<storage>/<run_name>-best`. Selection never looks at the test split (the official code
-kept `model_best.pt` by test R@1).
+kept `model_best.pt` by test R@1). Videos on S3 are read with `storage`'s options (one fetch per
+load, our retries; a read that still fails skips the video as an undecodable one).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pipeline.train.worker import (
     save_and_report,
     skip_cpu_shm_build,
 )
+from pipeline.utils import fs
 
 TAG = "finetune"
 
@@ -68,7 +70,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
     loader_cfg = RetrievalLoaderConfig(video_format=cfg.data.train.video_format, num_frames=t.num_frames,
                                        size_px=t.image_size_px, max_text_len=cfg.data.max_text_len,
                                        micro_batch=t.micro_batch_size, seed=t.seed,
-                                       decode_threads=cfg.data.decode_threads)
+                                       decode_threads=cfg.data.decode_threads, opts=fs.S3Options.of(cfg.storage))
     cache = FrameCache(cfg.data.cache_decoded_mb * 2**20) if cfg.data.cache_decoded_mb else None
     spe = steps_per_epoch(len(train_items), world, t.micro_batch_size)
     if spe < 1:
@@ -156,6 +158,7 @@ def validate(model, items: list[RetrievalItem], cfg: FinetuneJobConfig, rank: in
     mine = list(range(rank, len(items), world))
     mine += mine[:1] * (per_rank - len(mine))  # padding rows are dropped after the gather
     texts = eval_texts(items)
+    opts = fs.S3Options.of(cfg.storage)
     was_training = model.training
     model.eval()
     rows: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -165,7 +168,7 @@ def validate(model, items: list[RetrievalItem], cfg: FinetuneJobConfig, rank: in
         for i in idx:
             try:
                 clips.append(load_clip(items[i], cfg.data.train.video_format, t.num_frames, t.image_size_px,
-                                       False, None))
+                                       False, None, opts=opts))
                 ok.append(True)
             except BadSample:
                 clips.append(np.zeros((t.num_frames, t.image_size_px, t.image_size_px, 3), np.uint8))
@@ -214,8 +217,6 @@ def _validate_and_keep_best(engine, cfg, loop_config, val_items, state, rank, wo
 
 def _log_best_artifacts(cfg, best_dir: str, tracker) -> None:
     import tempfile  # noqa: PLC0415
-
-    from pipeline.utils import fs  # noqa: PLC0415
 
     def log_best() -> None:
         with tempfile.TemporaryDirectory(prefix="clipvip-best-") as local:

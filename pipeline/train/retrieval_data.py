@@ -13,7 +13,8 @@ current one trains. With a FrameCache (`data.cache_decoded_mb`) a worker keeps e
 frame of the clips it has decoded, until the budget is spent, and samples later visits from
 memory: small splits (the synthetic one, or low-resolution frames) then decode once per run
 instead of once per epoch; large ones fall back to decoding only the sampled frames. A video that fails to decode
-is replaced by the next good one in the epoch's order, and counted.
+(an S3 read that failed through our retries included) is replaced by the next good one in the epoch's order, and
+counted. s3:// videos are read with `RetrievalLoaderConfig.opts` (the job's `storage`).
 
 Shape legend: B micro batch, T frames, H = W = size, N text length.
 """
@@ -33,6 +34,7 @@ from pipeline.data.sampling import BadSample, clip_hash, sample_frame_indices
 from pipeline.eval.formats import RetrievalItem
 from pipeline.eval.video import decode_all, load_clip
 from pipeline.model.tokenizer import tokenize
+from pipeline.utils.fs import S3Options
 
 _STREAM = 0x5EED_F17E
 
@@ -46,6 +48,8 @@ class RetrievalLoaderConfig:
     micro_batch: int
     seed: int
     decode_threads: int = 2
+    opts: S3Options | None = None
+    """How to reach S3 for s3:// videos (`S3Options.of(job.storage)`); None: defaults."""
 
 
 class FrameCache:
@@ -63,9 +67,9 @@ class FrameCache:
             cached = self.frames.get(item.clip_id)
             room = self.used < self.budget
         if cached is None and not room:
-            return load_clip(item, cfg.video_format, cfg.num_frames, cfg.size_px, True, rng)
+            return load_clip(item, cfg.video_format, cfg.num_frames, cfg.size_px, True, rng, opts=cfg.opts)
         if cached is None:
-            cached = decode_all(item, cfg.video_format, cfg.size_px)
+            cached = decode_all(item, cfg.video_format, cfg.size_px, opts=cfg.opts)
             with self.lock:
                 if self.used + cached.nbytes <= self.budget:
                     self.frames[item.clip_id] = cached
@@ -146,7 +150,8 @@ class RankBatches:
                 if self.cache is not None:
                     frames = self.cache.clip(item, self.cfg, rng)
                 else:
-                    frames = load_clip(item, self.cfg.video_format, self.cfg.num_frames, self.cfg.size_px, True, rng)
+                    frames = load_clip(item, self.cfg.video_format, self.cfg.num_frames, self.cfg.size_px, True, rng,
+                                       opts=self.cfg.opts)
             except BadSample as e:
                 print(f"[finetune] skipping {item.clip_id}: {e}", flush=True)
                 continue
