@@ -22,13 +22,13 @@ def main(argv: list[str]) -> int:
     cfg = load_or_exit(PrepareJobConfig, args)
 
     from pipeline.data.build import run_prepare  # noqa: PLC0415
-    from pipeline.data.inputs import EmptyInput, RootConflict, open_root  # noqa: PLC0415
     from pipeline.data.captions import CaptionSetConflict  # noqa: PLC0415
+    from pipeline.data.inputs import EmptyInput, RootConflict, open_root  # noqa: PLC0415
 
     try:
         # Before Ray starts: a wrong path, a changed setting or part costs milliseconds, not a cluster.
         inputs = open_root(cfg)
-    except (ValueError, FileNotFoundError) as e:  # RootConflict, CaptionSetConflict, a bad part name
+    except (ValueError, OSError) as e:  # RootConflict, CaptionSetConflict, a bad part name, S3 refusing
         print(f"prepare refused: {e}", file=sys.stderr)
         return 2
     init_ray(cfg.ray)

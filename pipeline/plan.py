@@ -27,8 +27,9 @@ from pipeline.data.caption_stage import caption_pool
 from pipeline.data.memory import decode_reservation, frame_bytes
 
 # ---- per-clip costs, measured -----------------------------------------------------------------
-DECODE_CLIPS_PER_CORE_S = 2.45
-"""bench/decode.py (full): 720p H.264 clips of 5-13 s at 3 fps, <= 32 frames, 240p JPEG, one core."""
+DECODE_CLIPS_PER_CORE_S = 2.15
+"""bench/decode.py (full, corpus shape): a 7-minute 720p H.264 video of 31 clips of 13 s, 3 fps,
+<= 32 frames, 240p JPEG, one core (2026-12-06)."""
 TRANSFORM_CLIPS_PER_CORE_S = 46.0
 """bench/gpu.py ingest part at 12 frames/224 px on a 2-core dev VM (issue measurement: 38)."""
 VIDEO_BYTES = 76e6
@@ -310,14 +311,14 @@ def _nodes() -> list[dict[str, Any]] | None:
 
 
 def plan_prepare(cfg: Any, results_dir: str, connected: bool) -> Report:
-    from pipeline.data.inputs import open_root  # noqa: PLC0415
     from pipeline.data.index import FRAMES, read_index  # noqa: PLC0415
+    from pipeline.data.inputs import open_root  # noqa: PLC0415
     from pipeline.data.planning import summarize_parts  # noqa: PLC0415
 
     refused, done = None, 0
     try:
         inputs = open_root(cfg, dry_run=True)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: an input S3 refuses (credentials, access)
         refused = str(e)
         return build_prepare_report(cfg, [], 0, refused, resources_from(cfg.ray, _nodes() if connected else None),
                                     measured_gpu(results_dir))
@@ -366,7 +367,7 @@ def plan_pretrain(cfg: Any, results_dir: str, connected: bool) -> Report:
     rows, error = None, None
     try:
         rows = DatasetIndex.open(cfg.train.dataset_root, cfg.train.caption_set, fs.S3Options.of(cfg.storage)).num_rows
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: an input S3 refuses (credentials, access)
         error = str(e)
     config = config_from_model_cfg(cfg.model)
     with torch.device("meta"):  # shapes only: no memory, no init, nothing downloaded

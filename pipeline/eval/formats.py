@@ -135,12 +135,8 @@ def _scan(root: str, opts: fs.S3Options | None) -> tuple[dict[str, int | None], 
         ValueError: root is not a local directory, or no object is under the S3 prefix.
     """
     if fs.is_s3(root):
-        try:
-            objects, prefixes = s3.list_prefix(root, opts or fs.S3Options())
-        except (OSError, ValueError):
-            raise
-        except Exception as e:  # noqa: BLE001  botocore ClientError (AccessDenied, NoSuchBucket ...)
-            raise ValueError(f"video_root {root!r}: cannot list the S3 prefix: {type(e).__name__}: {e}") from e
+        # A refusal (AccessDenied, no credentials) is an s3.S3RequestError: an OSError naming the prefix.
+        objects, prefixes = s3.list_prefix(root, opts or fs.S3Options())
         if not objects and not prefixes:
             raise ValueError(f"video_root {root!r}: no objects under this S3 prefix")
         sized: dict[str, int | None] = {k.rsplit("/", 1)[-1]: n for k, n in objects}
@@ -162,12 +158,7 @@ def _annotation_lines(uri: str, opts: fs.S3Options | None) -> io.TextIOWrapper:
     """The jsonl as text lines, read whole (one GET on S3; annotation files are a few MB at
     most), split as `open()` splits them (universal newlines, so a U+2028 inside a caption does
     not cut a row as `str.splitlines` would)."""
-    try:
-        data = fs.read_bytes(uri, opts)
-    except (OSError, ValueError):
-        raise
-    except Exception as e:  # noqa: BLE001  botocore ClientError (AccessDenied ...)
-        raise ValueError(f"annotations {uri!r}: cannot read: {type(e).__name__}: {e}") from e
+    data = fs.read_bytes(uri, opts)  # OSError naming the object when S3 refuses or keeps failing
     return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
 
 
@@ -206,7 +197,7 @@ def read_items(cfg: RetrievalDataConfig, opts: fs.S3Options | None = None) -> Re
 
     Raises:
         FileNotFoundError: the annotation file does not exist.
-        TransientS3Error: S3 kept failing through the retry budget (an OSError).
+        OSError: S3 refused (s3.S3RequestError) or kept failing through the retries (TransientS3Error).
         ValueError: video_root is not a directory (an empty S3 prefix), or no usable item is left.
     """
     files, dirs = _scan(cfg.video_root, opts)

@@ -39,6 +39,16 @@ class TransientS3Error(OSError):
         self.attempts, self.last = attempts, last
 
 
+class S3RequestError(OSError):
+    """A request that failed permanently (access denied, bad range, no credentials, ...): an
+    OSError naming the object, so every caller that reports unreadable input reports it too."""
+
+    def __init__(self, what: str, error: BaseException) -> None:
+        code = _code(error)
+        super().__init__(f"{what}: {code + ' ' if code else ''}{type(error).__name__}: {error}")
+        self.error = error
+
+
 def _code(error: BaseException) -> str:
     response = getattr(error, "response", None) or {}
     code = str(response.get("Error", {}).get("Code", ""))
@@ -69,7 +79,7 @@ def with_retries(opts: S3Options, what: str, fn: Callable[[], T]) -> T:
     Raises:
         FileNotFoundError: the object does not exist (never retried).
         TransientS3Error: still failing after `opts.retry_attempts` tries.
-        Exception: a permanent error, as raised.
+        S3RequestError: a permanent error (the original as its cause and `.error`).
     """
     attempts = max(1, opts.retry_attempts)
     for attempt in range(attempts):
@@ -80,7 +90,7 @@ def with_retries(opts: S3Options, what: str, fn: Callable[[], T]) -> T:
             if kind == "missing":
                 raise FileNotFoundError(f"no such object: {what}") from None
             if kind == "permanent":
-                raise
+                raise S3RequestError(what, e) from e
             if attempt == attempts - 1:
                 raise TransientS3Error(what, attempts, e) from e
             delay = min(opts.retry_max_s, opts.retry_base_s * 2**attempt)

@@ -77,3 +77,14 @@ def test_large_objects_are_read_in_blocks(moto, size):
         gets = proxy.requests - 1  # the HEAD that sizes the object
         assert gets <= math.ceil(size / (8 << 20)) + 2, (gets, proxy.requests)
         assert fetched <= 1.1 * size
+
+
+def test_a_permanent_failure_is_an_oserror_naming_the_object():
+    from botocore.exceptions import NoCredentialsError
+
+    def no_credentials():
+        raise NoCredentialsError()
+
+    with pytest.raises(s3.S3RequestError, match=r"s3://b/k: NoCredentialsError: Unable to locate credentials") as err:
+        s3.with_retries(fs.S3Options(retry_attempts=5), "s3://b/k", no_credentials)
+    assert isinstance(err.value, OSError) and isinstance(err.value.error, NoCredentialsError)
