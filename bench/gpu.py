@@ -104,7 +104,7 @@ def run_part(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if missing:
             raise gpu_parts.Unavailable(f"needs the project's environment; missing {', '.join(missing)}")
         with tempfile.TemporaryDirectory(prefix="gpu-check-pretrain-") as work:
-            return gpu_data.part_pretrain(sz, work, args.root, args.caption_set, PART_LIMIT_S["pretrain"])
+            return gpu_data.part_pretrain(sz, work, args.root, args.view, PART_LIMIT_S["pretrain"])
     raise ValueError(f"unknown part {name!r}")
 
 
@@ -127,7 +127,7 @@ def isolated(name: str, args: argparse.Namespace, limit_s: float) -> dict[str, A
         out = f.name
     cmd = [sys.executable, os.path.abspath(__file__), "--run-part", name, "--part-out", out]
     for flag, value in (("--peak-tflops", args.peak_tflops), ("--root", args.root), ("--engine", args.engine),
-                        ("--caption-set", args.caption_set)):
+                        ("--view", args.view)):
         if value is not None:
             cmd += [flag, str(value)]
     cmd += ["--smoke"] if args.smoke else []
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", choices=("auto", "deepspeed", "torch"), default="auto",
                     help="train parts: DeepSpeed (auto: when installed) or a plain torch loop, for the ratio")
     ap.add_argument("--root", help="pretrain part: an existing prepared root instead of making one")
-    ap.add_argument("--caption-set", default="tiny_blip", help="pretrain part: the caption set of --root")
+    ap.add_argument("--view", default="tiny", help="pretrain part: the training view of --root (`clipvip pack`)")
     ap.add_argument("--run-part", help=argparse.SUPPRESS)
     ap.add_argument("--part-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

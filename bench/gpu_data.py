@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.gpu_parts import Sizes, Unavailable, is_oom, peak_gib, reset_peak, sync
+from bench.gpu_parts import Sizes, is_oom, peak_gib, reset_peak, sync
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORED_FRAMES = 32  # what prepare keeps per clip at its defaults (3 fps, max_frames 32)
@@ -179,16 +179,18 @@ def _cli(args: list[str], env: dict[str, str], timeout_s: float) -> subprocess.C
 
 
 def make_tiny_root(workdir: str, env: dict[str, str], timeout_s: float) -> tuple[str, str]:
-    """`clipvip sample-data` + `clipvip prepare` with the tiny recipe; returns (root, caption set)."""
+    """`clipvip sample-data` + `clipvip prepare` + `clipvip pack` with the tiny recipes; returns (root, view)."""
     sample, root = os.path.join(workdir, "sample"), os.path.join(workdir, "root")
     _cli(["sample-data", "--out", sample, "--num-videos", "4"], env, timeout_s)
     _cli(["prepare", "--config", "jobs/configs/tiny.yaml", "--set", f"data.root={root}",
           "--set", f"data.metadata=[{sample}/metadata.jsonl]", "--set", f"data.video_root={sample}/videos",
           "--set", f"data.subtitles={sample}/subtitles.jsonl", "--set", "ray.progress_bars=false"], env, timeout_s)
-    return root, "tiny_blip"
+    _cli(["pack", "--config", "jobs/configs/tiny_pack.yaml", "--set", f"root={root}", "--set", "ray.progress_bars=false"],
+         env, timeout_s)
+    return root, "tiny"
 
 
-def part_pretrain(sz: Sizes, workdir: str, root: str | None, caption_set: str, timeout_s: float) -> dict[str, Any]:
+def part_pretrain(sz: Sizes, workdir: str, root: str | None, view: str, timeout_s: float) -> dict[str, Any]:
     """`clipvip pretrain` of the tiny recipe for `pretrain_steps` steps with train.precision=bf16,
     one Ray Train worker on the GPU (NCCL) or a CPU (gloo); the loss must stay finite."""
     from mlflow.tracking import MlflowClient  # noqa: PLC0415
@@ -198,13 +200,13 @@ def part_pretrain(sz: Sizes, workdir: str, root: str | None, caption_set: str, t
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
     t0 = time.perf_counter()
     if root is None:
-        root, caption_set = make_tiny_root(workdir, env, timeout_s)
+        root, view = make_tiny_root(workdir, env, timeout_s)
     made_s = time.perf_counter() - t0
     uri = "sqlite:///" + os.path.join(workdir, "mlflow.db")
     gpu = sz.device.startswith("cuda")
     t0 = time.perf_counter()
     proc = _cli(["pretrain", "--config", "jobs/configs/tiny_pretrain.yaml", "--set", "run_name=gpu-check-bf16",
-                 "--set", f"train.dataset_root={root}", "--set", f"train.caption_set={caption_set}",
+                 "--set", f"train.dataset_root={root}", "--set", f"train.view={view}",
                  "--set", "train.precision=bf16", "--set", f"train.use_gpu={str(gpu).lower()}",
                  "--set", "train.num_workers=1", "--set", f"train.max_steps={sz.pretrain_steps}",
                  "--set", "train.checkpoint_every_steps=1000", "--set", f"train.storage_path={workdir}/runs",

@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 EOT_ID = 49407  # CLIP's <|endoftext|>, also the pad id (pipeline.model.tokenizer)

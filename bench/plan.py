@@ -120,9 +120,9 @@ def run_one(parts: list[str], table: str, work: str) -> dict:
 
 
 def write_corpus_index(out: str, parts: int = 11, clips: int = 103_000_000, clips_per_shard: int = 512) -> None:
-    """An index-only stand-in of a prepared HD-VILA-100M root (manifest, caption_set.json and both
-    shard indexes, no shard files), for `clipvip plan` of the pretrain recipes: planning reads
-    nothing else. Numbers, not data: every shard holds `clips_per_shard` clips."""
+    """An index-only stand-in of a prepared and packed HD-VILA-100M root (manifest, caption_set.json,
+    view.json and the shard and view indexes, no shard files), for `clipvip plan` of the pretrain
+    recipes: planning reads nothing else. Numbers, not data: every shard holds `clips_per_shard` clips."""
     import pyarrow as pa
 
     from pipeline import schema
@@ -154,8 +154,19 @@ def write_corpus_index(out: str, parts: int = 11, clips: int = 103_000_000, clip
         "schema_version": schema.SCHEMA_VERSION, "name": "blip_large", "status": "complete",
         "fingerprint": set_fingerprint(cap, "stand-in"), "frames_fingerprint": "stand-in", "config": cap.identity(),
         "counts": {"shards": shards}})
+    # The view pretrain reads (hdvila_pack.yaml): 1024-row view shards, row groups of 32.
+    view_shards = -(-clips // 1024)
+    view_rows = [1024] * (view_shards - 1) + [clips - 1024 * (view_shards - 1)]
+    views = pa.table({"shard": [f"t{i // 16:05d}-{i % 16:03d}" for i in range(view_shards)], "rows": view_rows,
+                      "row_groups": [-(-r // 32) for r in view_rows], "videos": [1024] * view_shards,
+                      "bytes": [0] * view_shards, "footer_bytes": [0] * view_shards, "sha256": [""] * view_shards,
+                      "clip_ids_sha256": [""] * view_shards}).cast(schema.VIEW_INDEX_SCHEMA)
+    fs.write_bytes_atomic(root.index_uri("view-blip_large_224"), _to_bytes(views))
+    fs.write_json_atomic(root.view_uri("blip_large_224"), {
+        "name": "blip_large_224", "status": "complete", "counts": {"shards": view_shards, "rows": clips},
+        "settings": {"caption_set": "blip_large", "image_size_px": 224, "rows_per_group": 32, "rows_per_shard": 1024}})
     root.write_manifest({"schema_version": schema.SCHEMA_VERSION, "status": "complete", "fingerprint": "stand-in",
-                         "settings": {}, "caption_sets": ["blip_large"],
+                         "settings": {}, "caption_sets": ["blip_large"], "views": ["blip_large_224"],
                          "parts": [{"name": n, "uri": f"{n}.jsonl", "units": min(per_part, shards - i * per_part),
                                     "issues": 0, "clips": 0, "videos": 0} for i, n in enumerate(names)]})
     print(f"[bench] index-only stand-in root of {shards:,} shards x {clips_per_shard} clips at {out}")

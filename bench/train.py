@@ -33,6 +33,7 @@ What is timed, side by side in this one process, alternating (bare, ray, bare, r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import json
 import os
@@ -96,7 +97,8 @@ def ensure_data() -> str:
     base = os.path.join(CACHE_DIR, f"data-{DATA_VERSION}")
     root = os.path.join(base, "root")
     man = os.path.join(root, "manifest.json")
-    if os.path.exists(man) and json.load(open(man)).get("status") == "complete":
+    view = os.path.join(root, "views", "default", "view.json")
+    if os.path.exists(view) and json.load(open(view)).get("status") == "complete":
         return root
     t0 = time.perf_counter()
     spec = SampleDataSpec(num_videos=60, min_duration_s=30.0, max_duration_s=45.0, resolutions=((320, 240),),
@@ -115,8 +117,17 @@ def ensure_data() -> str:
         f"data.root={root}", f"data.metadata={metadata}", f"data.video_root={videos}", f"data.subtitles={subs}",
         "data.clips_per_shard=32", "frames.short_side_px=72", "frames.max_frames=32",
         "caption.model=builtin:tiny-blip", "ray.progress_bars=false"])
-    summary = run_prepare(cfg, log=lambda *_: None)
-    log(f"data ready in {time.perf_counter() - t0:.0f} s: {summary.clips_ok} clips, {summary.units} shards")
+    if not (os.path.exists(man) and json.load(open(man)).get("status") == "complete"):
+        summary = run_prepare(cfg, log=lambda *_: None)
+        log(f"prepared in {time.perf_counter() - t0:.0f} s: {summary.clips_ok} clips, {summary.units} shards")
+    from pipeline.config import PackJobConfig  # noqa: PLC0415
+    from pipeline.data.pack_job import run_pack  # noqa: PLC0415
+
+    run_pack(load_config(PackJobConfig, None, [
+        f"root={root}", "view.name=default", "view.caption_set=default", f"view.image_size_px={IMAGE_PX}",
+        f"view.rows_per_group={MICRO_BATCH}", f"view.rows_per_shard={MICRO_BATCH * 16}", "ray.progress_bars=false"]),
+        log=lambda *_: None)
+    log(f"data ready in {time.perf_counter() - t0:.0f} s (view 'default' packed)")
     return root
 
 
@@ -140,7 +151,7 @@ def job_config(root: str, model_dir: str, storage: str, tracking_uri: str, worke
                run_name: str) -> PretrainJobConfig:
     return load_config(PretrainJobConfig, None, [
         f"run_name={run_name}", f"model.pretrained={model_dir}", f"model.max_text_len={MAX_TEXT_LEN}",
-        "loss.variant=vsc_fc", f"train.dataset_root={root}", "train.caption_set=default",
+        "loss.variant=vsc_fc", f"train.dataset_root={root}", "train.view=default",
         f"train.num_workers={workers}", f"train.micro_batch_size={MICRO_BATCH}", f"train.max_steps={max_steps}",
         "train.lr=1e-4", "train.weight_decay=0.05", "train.warmup_ratio=0.05", "train.grad_clip=5.0",
         "train.zero_stage=1", "train.precision=fp32", f"train.num_frames={NUM_FRAMES}",
@@ -150,14 +161,26 @@ def job_config(root: str, model_dir: str, storage: str, tracking_uri: str, worke
         "tracking.system_metrics=false", "tracking.register_model=null"])
 
 
-def loader_config(cfg: PretrainJobConfig):
-    """Exactly the LoaderConfig `train_loop_per_worker` builds from the job config."""
-    from pipeline.data.loader import LoaderConfig  # noqa: PLC0415
+@dataclasses.dataclass(frozen=True)
+class Loading:
+    """What `train_loop_per_worker` hands the loader for rank 0 of `workers`: the batch spec and
+    the job's `train.loader` knobs."""
+
+    spec: Any
+    loader: Any
+
+    @property
+    def micro_batch(self) -> int:
+        return self.spec.global_batch
+
+
+def loader_config(cfg: PretrainJobConfig) -> Loading:
+    """Exactly the BatchSpec `train_loop_per_worker` builds from the job config (world 1)."""
+    from pipeline.data.loader import BatchSpec  # noqa: PLC0415
 
     t = cfg.train
-    return LoaderConfig(caption_set=t.caption_set, micro_batch=t.micro_batch_size, num_frames=t.num_frames,
-                        image_size_px=t.image_size_px, max_text_len=cfg.model.max_text_len,
-                        prefetch_batches=t.prefetch_batches, num_cpus_per_task=t.data_cpus_per_task)
+    return Loading(BatchSpec(global_batch=t.micro_batch_size, num_frames=t.num_frames, image_size_px=t.image_size_px,
+                             max_text_len=cfg.model.max_text_len), t.loader)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +203,7 @@ def time_pipeline(index, lcfg, epochs: list[int], keep: bool = False) -> dict[st
     for epoch in epochs:
         t0 = time.perf_counter()
         stamps = []
-        for batch in iter_rank_batches(index, lcfg, SEED, epoch, 0, 1):
+        for batch in iter_rank_batches(index, lcfg.spec, lcfg.loader, SEED, epoch, 0, 1):
             stamps.append(time.perf_counter())
             if keep:
                 kept.append({k: v.clone() for k, v in batch.items()})
@@ -332,7 +355,7 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
             inner = MlflowTracker(uri, create_run(uri, "bench-train", "ds-inprocess"))
         tracker = _RecordingTracker(inner)
 
-        def from_memory(index, loader_cfg, seed, epoch, rank, world, start_step=0, device="cpu"):
+        def from_memory(index, spec, loader, seed, epoch, rank, world, start_step=0, device="cpu"):
             for i in range(start_step, n):
                 yield batches[i % len(batches)]
             raise _Stop
@@ -431,7 +454,6 @@ def ray_run(root: str, model_dir: str, workers: int, warmup: int, steps: int, ta
     """One real `make_trainer(...).fit()`; steady-state numbers from the metrics rank 0 logged."""
     from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
-    from pipeline.data.sampling import steps_per_epoch  # noqa: PLC0415
     from pipeline.tracking import create_run  # noqa: PLC0415
     from pipeline.train.launch import make_trainer  # noqa: PLC0415
 
@@ -450,9 +472,9 @@ def ray_run(root: str, model_dir: str, workers: int, warmup: int, steps: int, ta
         stamp = {m.step: m.timestamp for m in client.get_metric_history(run_id, "train/step")}
         if sorted(rate) != list(range(1, total + 1)):
             raise RuntimeError(f"{tag}: expected metrics for steps 1..{total}, got {sorted(rate)}")
-        from pipeline.data.loader import DatasetIndex  # noqa: PLC0415
+        from pipeline.data.loader import ViewIndex  # noqa: PLC0415
 
-        spe = steps_per_epoch(DatasetIndex.open(root, "default").layout, workers, MICRO_BATCH)
+        spe = ViewIndex.open(root, "default").layout.steps(workers * MICRO_BATCH)
         # interval k = (t_{k-1}, t_k]; drop warm-up and each epoch's first step (pipeline restart)
         skip = {k for k in range(2, total + 1) if (k - 1) % spe == 0}
         res = steady_from_rates(rate, wait, MICRO_BATCH * workers, warmup, total, skip)
@@ -507,9 +529,9 @@ def main(argv: list[str]) -> int:
     model_dir = ensure_model()
     threads = worker_threads()
 
-    from pipeline.data.loader import DatasetIndex  # noqa: PLC0415
+    from pipeline.data.loader import ViewIndex  # noqa: PLC0415
 
-    index = DatasetIndex.open(root, "default")
+    index = ViewIndex.open(root, "default")
     cfg1 = job_config(root, model_dir, "/unused", "sqlite:////unused.db", 1, warm_ray + steps_ray, "bench")
     lcfg = loader_config(cfg1)
     log(f"{index.num_rows} clips; micro batch {MICRO_BATCH}, {NUM_FRAMES} frames at {IMAGE_PX} px; "

@@ -16,6 +16,7 @@ COMMANDS = {
     "sample-data": ("jobs.sample_data", "write a synthetic HD-VILA-format dataset (videos, metadata, subtitles)"),
     "prepare": ("jobs.prepare", "videos -> frame shards + auxiliary captions (Ray Data)"),
     "recaption": ("jobs.recaption", "a new caption set for a prepared root with another captioner; frames untouched"),
+    "pack": ("jobs.pack", "a training view of a root and caption set: frames at training size, mixed row groups"),
     "plan": ("jobs.plan", "dry run of a prepare/recaption/pretrain recipe: work, costs, cluster fit (`--json`)"),
     "inspect": ("jobs.inspect_root", "list a dataset root: shards, caption sets, clip counts (`clipvip inspect ROOT`)"),
     "pretrain": ("jobs.pretrain", "omnisource post-pretraining on Ray Train + DeepSpeed, tracked in MLflow"),

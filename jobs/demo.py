@@ -1,7 +1,7 @@
 """`clipvip demo --out DIR`: the embedded default end to end (what `make run` runs).
 
 Synthetic HD-VILA-format data -> `prepare` (decode tasks + tiny captioner actor) -> `recaption`
-(a second caption set) -> `pretrain` CLIP-ViP (2 Ray Train workers, DeepSpeed ZeRO-1 on gloo,
+(a second caption set) -> `pack` (the training view of that set) -> `pretrain` CLIP-ViP (2 Ray Train workers, DeepSpeed ZeRO-1 on gloo,
 MLflow on sqlite) -> `finetune` from its weights both CLIP-ViP and the CLIP4Clip mean-pooling
 baseline on the synthetic retrieval train split (best weights chosen on its val split) ->
 `evaluate` both on the test split, whose clip pairs differ only in frame order. Every stage runs
@@ -19,7 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from jobs.common import init_ray
-from pipeline.config import ConfigError, PrepareJobConfig, PretrainJobConfig, RecaptionJobConfig, load_config
+from pipeline.config import (ConfigError, PackJobConfig, PrepareJobConfig, PretrainJobConfig, RecaptionJobConfig,
+                             load_config)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 MODELS = ("clip-vip", "meanpool-baseline")
@@ -58,9 +59,11 @@ def build_configs(out: str, sample, quick: bool = False) -> dict:
         f"data.root={root}", f"data.metadata={sample.metadata_path}", f"data.video_root={sample.video_root}",
         f"data.subtitles={sample.subtitles_table}"])
     recap = _recipe(RecaptionJobConfig, "tiny_recaption.yaml", [f"root={root}"])
-    cfgs = {"prepare": prep, "recaption": recap}
+    pack = _recipe(PackJobConfig, "tiny_pack.yaml", [f"root={root}", f"view.name={recap.caption.set_name}",
+                                                      f"view.caption_set={recap.caption.set_name}"])
+    cfgs = {"prepare": prep, "recaption": recap, "pack": pack}
     cfgs["pretrain/clip-vip"] = _recipe(PretrainJobConfig, "tiny_pretrain.yaml", [
-        "run_name=demo-pretrain-clip-vip", f"train.dataset_root={root}", f"train.caption_set={recap.caption.set_name}",
+        "run_name=demo-pretrain-clip-vip", f"train.dataset_root={root}", f"train.view={pack.view.name}",
         f"train.storage_path={runs}", mlflow, *(QUICK["pretrain"] if quick else [])])
     for name, extra in (("clip-vip", []), ("meanpool-baseline", BASELINE + BASELINE_START)):
         cfgs[f"finetune/{name}"] = _recipe(FinetuneJobConfig, "tiny_finetune.yaml", [
@@ -90,7 +93,7 @@ def main(argv: list[str]) -> int:
     from pipeline.data.synthetic import make_sample_dataset  # noqa: PLC0415
 
     sample_dir = os.path.join(out, "sample")
-    print(f"[demo] 1/6 synthetic HD-VILA-format data + retrieval splits -> {sample_dir}", flush=True)
+    print(f"[demo] 1/7 synthetic HD-VILA-format data + retrieval splits -> {sample_dir}", flush=True)
     from pipeline.data.synthetic import SampleDataSpec  # noqa: PLC0415
 
     spec = SampleDataSpec(**QUICK_SAMPLE) if args.quick else SampleDataSpec()
@@ -117,6 +120,7 @@ def run_stages(cfgs: dict) -> dict:
     from jobs import pretrain as pretrain_job  # noqa: PLC0415
     from jobs.evaluate import absolutize as abs_eval  # noqa: PLC0415
     from pipeline.data.build import run_prepare  # noqa: PLC0415
+    from pipeline.data.pack_job import run_pack  # noqa: PLC0415
     from pipeline.data.recaption import run_recaption  # noqa: PLC0415
     from pipeline.eval.evaluate import run_evaluate  # noqa: PLC0415
     from pipeline.train.launch import make_trainer  # noqa: PLC0415
@@ -131,26 +135,32 @@ def run_stages(cfgs: dict) -> dict:
 
     init_ray(cfgs["pretrain/clip-vip"].ray)
     lap("ray-start")
-    print(f"[demo] 2/6 prepare -> {cfgs['prepare'].data.root}", flush=True)
+    print(f"[demo] 2/7 prepare -> {cfgs['prepare'].data.root}", flush=True)
     prep = run_prepare(cfgs["prepare"])
     print(prep.render(), flush=True)
     lap("prepare")
     report["prepare"] = {"clips": prep.clips_ok, "quarantined": prep.clips_quarantined, "captions": prep.captions_ok,
                          "caption_set": cfgs["prepare"].caption.set_name, "root": cfgs["prepare"].data.root}
-    print(f"[demo] 3/6 recaption -> caption set {cfgs['recaption'].caption.set_name!r}", flush=True)
+    print(f"[demo] 3/7 recaption -> caption set {cfgs['recaption'].caption.set_name!r}", flush=True)
     recap = run_recaption(cfgs["recaption"])
     print(recap.render(), flush=True)
     lap("recaption")
     report["recaption"] = {"caption_set": recap.caption_set, "captioned": recap.captioned, "failed": recap.failed}
+    print(f"[demo] 4/7 pack -> training view {cfgs['pack'].view.name!r} (frames at "
+          f"{cfgs['pack'].view.image_size_px} px, row groups of {cfgs['pack'].view.rows_per_group} shards)", flush=True)
+    packed = run_pack(cfgs["pack"])
+    print(packed.render(), flush=True)
+    lap("pack")
+    report["pack"] = {"view": packed.view, "rows": packed.rows, "videos_per_group": packed.videos_per_group}
     cfg = pretrain_job.absolutize(cfgs["pretrain/clip-vip"])
-    print(f"[demo] 4/6 pretrain clip-vip (tiny, 2 workers, DeepSpeed ZeRO-{cfg.train.zero_stage}, MLflow)", flush=True)
+    print(f"[demo] 5/7 pretrain clip-vip (tiny, 2 workers, DeepSpeed ZeRO-{cfg.train.zero_stage}, MLflow)", flush=True)
     run_id = pretrain_job.mlflow_run(cfg)
     result = make_trainer(cfg, run_id).fit()
     report["pretrain"]["clip-vip"] = {"steps": (result.metrics or {}).get("step"), "mlflow_run": run_id,
                                       "final_loss": _last_metric(cfg.tracking.tracking_uri, run_id, "train/loss")}
     lap("pretrain")
     ft_cfgs = {name: finetune_job.absolutize(cfgs[f"finetune/{name}"]) for name in MODELS}
-    print(f"[demo] 5/6 finetune {' and '.join(MODELS)} from the CLIP-ViP pretrain, side by side, on the retrieval "
+    print(f"[demo] 6/7 finetune {' and '.join(MODELS)} from the CLIP-ViP pretrain, side by side, on the retrieval "
           f"train split (best on val; runs {', '.join(c.run_name for c in ft_cfgs.values())})", flush=True)
     for name, (result, run_id) in _side_by_side(lambda name: finetune_job.run(ft_cfgs[name]), MODELS).items():
         uri = ft_cfgs[name].tracking.tracking_uri
@@ -158,7 +168,7 @@ def run_stages(cfgs: dict) -> dict:
                                     "final_loss": _last_metric(uri, run_id, "train/loss"),
                                     "best_val_t2v_R1": _best_metric(uri, run_id, "val/t2v/R1")}
     lap("finetune")
-    print("[demo] 6/6 evaluate on the test split: CLIP-ViP vs mean pooling", flush=True)
+    print("[demo] 7/7 evaluate on the test split: CLIP-ViP vs mean pooling", flush=True)
     summary = run_evaluate(abs_eval(cfgs["evaluate"]))
     print(summary.render(), flush=True)
     report["evaluate"] = {"results": summary.results, "chance": summary.chance(), "num": summary.num_evaluated,
@@ -201,6 +211,8 @@ def render(report: dict, cfgs: dict) -> str:
         "demo report",
         f"  data            {p['clips']} clips prepared ({p['quarantined']} quarantined), {p['captions']} captions "
         f"in {p['caption_set']!r}, {report['recaption']['captioned']} in {report['recaption']['caption_set']!r}",
+        *([f"  view            {report['pack']['view']!r}: {report['pack']['rows']} clips, "
+           f"{report['pack']['videos_per_group']:.2f} videos a row group"] if "pack" in report else []),
         *(f"  pretrain        {n}: {r['steps']} steps, final loss {_fmt(r['final_loss'])}"
           for n, r in report["pretrain"].items()),
         *(f"  finetune        {n}: {r['steps']} steps, final loss {_fmt(r['final_loss'])}, best val t2v R@1 "

@@ -38,12 +38,13 @@ def _short(text: Any, width: int = 24) -> str:
 
 
 def render(root: str, opts: fs.S3Options) -> str:
-    """The root's manifest, parts, shards and caption sets, from the manifest and the shard
-    indexes only (a constant number of reads, whatever the number of shards)."""
+    """The root's manifest, parts, shards, caption sets and views, from the manifest, the shard
+    indexes and the sets' and views' json (a constant number of reads, whatever the number of shards)."""
     from pipeline.data.captions import describe_caption_sets  # noqa: PLC0415
     from pipeline.data.index import FRAMES, read_index  # noqa: PLC0415
     from pipeline.data.retry import effective_counts  # noqa: PLC0415
     from pipeline.data.root import DatasetRoot  # noqa: PLC0415
+    from pipeline.data.view import describe_views  # noqa: PLC0415
 
     droot = DatasetRoot(root, opts)
     manifest = droot.open(require_complete=False)
@@ -94,6 +95,16 @@ def render(root: str, opts: fs.S3Options) -> str:
                          m.get("status"), "yes" if m["name"] in listed else "no"])
     out.append(table(["name", "model", "revision", "prompt", "k", "captioned", "failed", "parts", "status",
                       "in manifest"], set_rows))
+    views = describe_views(droot)
+    out += ["", f"training views ({len(views)})"]
+    view_rows = []
+    for m in views:
+        st, c = m.get("settings", {}), m.get("counts", {})
+        stale = " (root grew since)" if st.get("frame_shards") not in (None, len(rows)) else ""
+        view_rows.append([m["name"], st.get("caption_set"), st.get("image_size_px") or "stored",
+                          st.get("rows_per_group"), c.get("rows", "-"), c.get("shards", "-"),
+                          f"{c['bytes'] / 1e6:.2f}" if "bytes" in c else "-", f"{m.get('status')}{stale}"])
+    out.append(table(["name", "caption set", "px", "group", "clips", "shards", "MB", "status"], view_rows))
     return "\n".join(out)
 
 

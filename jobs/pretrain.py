@@ -47,18 +47,19 @@ def main(argv: list[str]) -> int:
     args = config_parser("clipvip pretrain", __doc__.splitlines()[0]).parse_args(argv)
     cfg = absolutize(load_or_exit(PretrainJobConfig, args))
 
-    from pipeline.data.loader import DatasetIndex  # noqa: PLC0415
+    from pipeline.data.loader import ViewIndex  # noqa: PLC0415
     from pipeline.train.launch import export_dir, make_trainer, run_dir  # noqa: PLC0415
     from pipeline.utils.fs import S3Options  # noqa: PLC0415
 
-    try:  # fail before Ray starts: missing root, missing/incomplete caption set, schema mismatch
-        index = DatasetIndex.open(cfg.train.dataset_root, cfg.train.caption_set,
-                                  S3Options.of(cfg.storage))
-    except (ValueError, FileNotFoundError) as e:
+    try:  # fail before Ray starts: missing root or view, an unfinished view, another frame size
+        index = ViewIndex.open(cfg.train.dataset_root, cfg.train.view, S3Options.of(cfg.storage))
+        index.check_size(cfg.train.image_size_px)
+    except (ValueError, OSError) as e:
         print(f"pretrain refused: {e}", file=sys.stderr)
         return 2
     run_id = mlflow_run(cfg)
-    print(f"[pretrain] {index.num_rows} clips in {cfg.train.dataset_root} (caption set {cfg.train.caption_set!r}); "
+    print(f"[pretrain] {index.num_rows} clips in view {cfg.train.view!r} of {cfg.train.dataset_root} (caption set "
+          f"{index.caption_set!r}); "
           f"run {cfg.run_name!r} in {run_dir(cfg)}; MLflow run {run_id}")
     init_ray(cfg.ray)
     try:

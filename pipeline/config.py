@@ -269,6 +269,53 @@ class RecaptionJobConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ViewConfig:
+    """A training view (`clipvip pack`): the rows of one caption set as training reads them,
+    frames at training resolution, row groups of clips from different videos (pipeline/data/pack.py)."""
+
+    name: str = "default"
+    """The view's name under <root>/views/; a view is immutable once complete."""
+    caption_set: str = "default"
+    """The caption set joined to the frames (its null-caption rows are left out)."""
+    image_size_px: int = 224
+    """Frames squash-resized to this square size once, as the training transform would (the
+    paper's 224); 0 keeps the stored frames as they are (training then resizes each visit)."""
+    jpeg_quality: int = 95
+    """JPEG quality of resized frames (one more encode than the stored frames went through)."""
+    rows_per_group: int = 32
+    """c: clips per row group = input shards read together, so a row group holds clips of c
+    different shards (hence videos). Training reads whole row groups: choose c dividing the
+    micro batch (bytes read per byte used is 1.0 then)."""
+    rows_per_shard: int = 1024
+    """Rows of a view shard (a multiple of rows_per_group): one object, written in one PUT."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"view.name: must be a non-empty name without '/', got {self.name!r}")
+        if self.image_size_px != 0 and self.image_size_px < 16:
+            raise ConfigError(f"view.image_size_px: must be 0 or >= 16, got {self.image_size_px}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"view.jpeg_quality: must be in [1, 100], got {self.jpeg_quality}")
+        if self.rows_per_group < 1:
+            raise ConfigError(f"view.rows_per_group: must be >= 1, got {self.rows_per_group}")
+        if self.rows_per_shard < self.rows_per_group or self.rows_per_shard % self.rows_per_group:
+            raise ConfigError(f"view.rows_per_shard: must be a multiple of view.rows_per_group "
+                              f"({self.rows_per_group}), got {self.rows_per_shard}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PackJobConfig:
+    """`clipvip pack`: a training view of a prepared root and one of its caption sets."""
+
+    run_name: str = "pack"
+    root: str
+    """Dataset root written by `prepare` (local or s3://)."""
+    view: ViewConfig = field(default_factory=ViewConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
     """CLIP-ViP architecture and initialisation (clipvip_spec.md section 1)."""
 
@@ -340,13 +387,40 @@ class PrepareJobConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class LoaderConfig:
+    """How pretrain's loader tasks run (pipeline/data/loader.py); the defaults keep a 32-rank
+    run at the recipe's shapes fed (bench/ingest.py)."""
+
+    steps_per_task: int = 4
+    """Micro batches one Ray task builds (a task reads its steps' row groups and transforms them)."""
+    cpus_per_task: float = 1.0
+    """CPUs each loader task reserves beside the training workers (JPEG decode, sampling, tokenising)."""
+    max_tasks_in_flight: int | None = None
+    """Loader tasks a rank runs at once (None: as many as Ray Data's backpressure allows)."""
+    prefetch_batches: int = 2
+    """Micro batches ready ahead of the training step."""
+    node_local: bool = True
+    """Run a rank's loader tasks on its own node when it has room (soft affinity), so its micro
+    batches (~58 MB each at the recipe's shapes) do not cross the network."""
+
+    def __post_init__(self) -> None:
+        if self.steps_per_task < 1 or self.prefetch_batches < 1:
+            raise ConfigError("train.loader.steps_per_task and prefetch_batches must be >= 1")
+        if self.cpus_per_task <= 0:
+            raise ConfigError(f"train.loader.cpus_per_task: must be > 0, got {self.cpus_per_task}")
+        if self.max_tasks_in_flight is not None and self.max_tasks_in_flight < 1:
+            raise ConfigError(f"train.loader.max_tasks_in_flight: must be >= 1, got {self.max_tasks_in_flight}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TrainConfig:
     """Post-pretraining on Ray Train + DeepSpeed (clipvip_spec.md section 4.1)."""
 
     dataset_root: str = ""
     """A root written by `prepare` (local or s3://); required by pretrain, unused by finetune."""
-    caption_set: str = "default"
-    """Caption set under <root>/captions/ used for the C and F<->C terms."""
+    view: str = "default"
+    """The training view under <root>/views/ (`clipvip pack`); its caption set gives the C and
+    F<->C terms."""
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -374,9 +448,7 @@ class TrainConfig:
     max_failures: int = 3
     """Worker-group restarts Ray Train attempts from the last checkpoint."""
     log_every_steps: int = 1
-    prefetch_batches: int = 2
-    data_cpus_per_task: float = 1.0
-    """CPUs each loader task (JPEG decode, frame sampling, tokenising) reserves beside the workers."""
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
 
     def __post_init__(self) -> None:
         for name in ("num_workers", "micro_batch_size", "epochs", "num_frames", "checkpoint_every_steps",

@@ -268,7 +268,7 @@ def build_pretrain_report(cfg: Any, rows: int | None, open_error: str | None, pa
     global_batch = t.micro_batch_size * world
     spe = (rows or 0) // global_batch
     total = t.max_steps or spe * t.epochs
-    rep.facts += [("dataset root", t.dataset_root), ("caption set", t.caption_set),
+    rep.facts += [("dataset root", t.dataset_root), ("view", t.view),
                   ("clips", rows if rows is not None else "unknown"), ("workers (ranks)", world),
                   ("GPUs", world if t.use_gpu else 0), ("global batch", global_batch), ("steps per epoch", spe),
                   ("steps", total), ("model parameters", params), ("precision / ZeRO", f"{t.precision} / {t.zero_stage}")]
@@ -284,7 +284,7 @@ def build_pretrain_report(cfg: Any, rows: int | None, open_error: str | None, pa
     if per_gpu:
         hours = total * global_batch / (per_gpu * world) / 3600
         rep.estimates += [("clips/s per GPU", round(per_gpu, 1), basis), ("wall hours", round(hours, 1), basis)]
-    rep.checks.append(Check("dataset opens", open_error is None, open_error or f"{rows:,} clips, 4 object reads"))
+    rep.checks.append(Check("dataset opens", open_error is None, open_error or f"{rows:,} clips, 2 object reads"))
     if rows is not None:
         rep.checks.append(Check("one global batch", spe >= 1, f"{rows:,} clips for a global batch of {global_batch:,}"))
     if t.use_gpu and per_gpu:
@@ -358,7 +358,7 @@ def plan_recaption(cfg: Any, results_dir: str, connected: bool) -> Report:
 def plan_pretrain(cfg: Any, results_dir: str, connected: bool) -> Report:
     import torch  # noqa: PLC0415
 
-    from pipeline.data.loader import DatasetIndex  # noqa: PLC0415
+    from pipeline.data.loader import ViewIndex  # noqa: PLC0415
     from pipeline.model.clip_vip import CLIPViPModel, config_from_model_cfg  # noqa: PLC0415
     from pipeline.model.flops import train_flops_per_clip  # noqa: PLC0415
     from pipeline.model.losses import build_loss  # noqa: PLC0415
@@ -366,7 +366,9 @@ def plan_pretrain(cfg: Any, results_dir: str, connected: bool) -> Report:
 
     rows, error = None, None
     try:
-        rows = DatasetIndex.open(cfg.train.dataset_root, cfg.train.caption_set, fs.S3Options.of(cfg.storage)).num_rows
+        index = ViewIndex.open(cfg.train.dataset_root, cfg.train.view, fs.S3Options.of(cfg.storage))
+        index.check_size(cfg.train.image_size_px)
+        rows = index.num_rows
     except (ValueError, OSError) as e:  # OSError: an input S3 refuses (credentials, access)
         error = str(e)
     config = config_from_model_cfg(cfg.model)

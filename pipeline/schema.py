@@ -17,6 +17,10 @@ Layout (see DESIGN.md; `data/root.py` computes every path). <part> is a metadata
     <root>/quarantine/captions/<set>/<part>/part-00000.parquet   clips whose caption failed
     <root>/plan/<part>/{part.json,units.parquet}      the part's units (byte ranges of its lines)
     <root>/plan/<part>/subtitles/part-00000.parquet   a unit's subtitle-table rows (table subtitles)
+    <root>/views/<view>/view.json                     a training view (`clipvip pack`): settings, status
+    <root>/views/<view>/t00000-000.parquet            view shard: task 0's first piece, VIEW_SCHEMA
+    <root>/views/<view>/t00000-000.json               its sidecar (done marker)
+    <root>/index/view-<view>.parquet                  one row per view shard (VIEW_INDEX_SCHEMA)
 """
 
 from __future__ import annotations
@@ -49,6 +53,31 @@ CAPTION_SCHEMA = pa.schema(
         # Null when the captioner failed on this clip (a quarantine row says why); the row
         # stays so caption parts remain aligned with frame parts row for row.
         pa.field("caption", pa.string(), nullable=True),
+    ]
+)
+
+# A training view's rows: what pretrain reads, joined and resized once (data/pack.py).
+VIEW_SCHEMA = pa.schema(
+    [
+        pa.field("clip_id", pa.string(), nullable=False),
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("subtitle", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("frames", pa.list_(pa.binary()), nullable=False),
+        pa.field("middle_frame", pa.binary(), nullable=False),
+    ]
+)
+
+VIEW_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.string(), nullable=False),  # t<task>-<piece>
+        pa.field("rows", pa.int32(), nullable=False),
+        pa.field("row_groups", pa.int32(), nullable=False),
+        pa.field("videos", pa.int32(), nullable=False),
+        pa.field("bytes", pa.int64(), nullable=False),
+        pa.field("footer_bytes", pa.int64(), nullable=False),  # Parquet footer + 8-byte tail: one ranged GET
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("clip_ids_sha256", pa.string(), nullable=False),
     ]
 )
 

@@ -27,13 +27,14 @@ from typing import Any
 
 from pipeline.config import ConfigError, apply_overrides, load_config, read_yaml_mapping
 
-KINDS = ("prepare", "recaption", "pretrain", "finetune", "evaluate")
+KINDS = ("prepare", "recaption", "pack", "pretrain", "finetune", "evaluate")
 
 # kind -> its config class, imported lazily by name: the eval configs live in another module
 # that changes on its own schedule; when it cannot be imported, only the YAML is checked.
 CONFIG_CLASSES = {
     "prepare": "pipeline.config:PrepareJobConfig",
     "recaption": "pipeline.config:RecaptionJobConfig",
+    "pack": "pipeline.config:PackJobConfig",
     "pretrain": "pipeline.config:PretrainJobConfig",
     "finetune": "pipeline.eval.config:FinetuneJobConfig",
     "evaluate": "pipeline.eval.config:EvaluateJobConfig",
@@ -141,6 +142,8 @@ def infer_kind(raw: Mapping[str, Any]) -> str:
         return "finetune" if "data" in keys else "pretrain"
     if "data" in keys:
         return "prepare"
+    if "view" in keys:
+        return "pack"
     if "root" in keys or "frames_per_clip" in keys:
         return "recaption"
     raise SubmitError(f"cannot tell the job kind from the recipe's sections {sorted(keys)}; "

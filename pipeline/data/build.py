@@ -280,6 +280,7 @@ def _manifest(inputs: Inputs, plan: InputPlan, attempts: list[dict[str, Any]], s
         "schema_version": schema.SCHEMA_VERSION, "status": status, "fingerprint": inputs.fingerprint,
         "settings": inputs.settings, "parts": parts, "subtitles_table": inputs.table,
         "caption_sets": caption_sets if caption_sets is not None else (inputs.manifest or {}).get("caption_sets", []),
+        "views": (inputs.manifest or {}).get("views", []),  # a grown root keeps its views (each covers its own state)
     }
     if frames_index is not None:
         manifest["counts"] = _frame_counts(frames_index, plan)

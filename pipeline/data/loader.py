@@ -1,33 +1,43 @@
-"""Training-side data loading: a dataset root + one caption set -> this rank's micro batches.
+"""Training-side data loading: a training view (`clipvip pack`) -> this rank's micro batches.
 
 Plan of one rank's stream (cardinalities in brackets):
-    driver   DatasetIndex.open: manifest, caption set, shard indexes (4 reads); null-caption rows excluded
-    driver   rank_plan (sampling.py): this rank's (shard, row) entries of the epoch    [steps * m]
-    stage 1  ray.data.range(num_tasks): one row per task of `steps_per_task` steps      [1 per task]
-    stage 2  map_batches task on a Ray worker: read the row groups holding its entries
-             (projected columns), decode + sample frames, tokenise                   [1 : steps_per_task]
-    trainer  iter_torch_batches(batch_size=m, drop_last), preserve_order              [1 batch per step]
-Rows read per row used is about window rows / (steps_per_task * m) when that exceeds 1 (row
-groups hold 32 rows and a window's rows are interleaved), so a task should cover about a window.
+    driver   ViewIndex.open: view.json + the view index (2 reads, whatever the view's size)
+    stage 1  ray.data.from_items(num_tasks): one row per task of `steps_per_task` steps    [1 per task]
+    stage 2  map_batches task, on the rank's node when it can: for each step, the rank's slice
+             of the global batch (`view_order.py`), whole row groups read with one ranged GET
+             each (plus one footer GET per view shard a worker process first touches), frames
+             sampled and decoded, texts tokenised                                           [1 : steps_per_task]
+    trainer  iter_torch_batches(batch_size=m), preserve_order                                [1 batch per step]
 
-Bad rows: a null caption is known up front, so the index excludes the row from the order. A row
-whose needed JPEGs do not decode is found at decode time; its slot takes a copy of the next good
-slot of the same micro batch (cyclic, `sampling.substitute_slots`) or, if the whole micro batch is
-bad, of the next good samples of this rank's plan after that step (cyclic). Batches keep their
-size, their content is a pure function of data + seed and never depends on earlier batches, so a
-stream resumed at step s equals the uninterrupted one. A substituted slot has `skipped = 1`
-(metric `skipped_rows` = the sum) and the donor's `clip_id`, so the loss's duplicate mask makes
+Global batch b is the same G samples at any world size; rank r of W takes the r-th of its W
+slices of m = G / W. Row groups of c rows are read whole and every row of them is used when c
+divides m: bytes read per byte used is 1.0 plus the footers.
+
+Bad rows: a view holds only rows whose frames decoded at pack time (and a caption), so a bad row
+is rare (a view packed with image_size_px 0 keeps stored frames unchecked). A row whose needed
+JPEGs do not decode takes a copy of the next good slot of the same micro batch (cyclic,
+`sampling.substitute_slots`) or, if the whole micro batch is bad, of the next good samples at the
+global positions after it (cyclic over the epoch). Batch content is a pure function of (view,
+seed, epoch, position), so a stream resumed at step s equals the uninterrupted one. A
+substituted slot has `skipped = 1` and the donor's `clip_id`, so the loss's duplicate mask makes
 the copy a positive, not a negative.
 
-Batch layout (B = micro_batch, T = num_frames, H = W = image_size_px, L = max_text_len):
+Where GPU JPEG decoding would go (not built): what a loader task spends its CPU on is decoding the
+T + 1 sampled JPEGs of 224 px a clip (~0.3 ms each, bench/ingest.py). `_transform` is the one
+place that turns stored bytes into pixels; on GPU nodes a loader that ships the sampled frames'
+JPEG bytes and a decode on the trainer's device (nvJPEG, e.g. `torchvision.io.decode_jpeg` with a
+CUDA device) would replace it, leaving the CPUs sampling and tokenising.
+
+Batch layout (B = micro batch m, T = num_frames, H = W = image_size_px, L = max_text_len):
     frames [B, T, 3, H, W] uint8, middle_frame [B, 3, H, W] uint8 (normalise on the trainer with
     `normalize_clip`), subtitle_ids / subtitle_mask / caption_ids / caption_mask [B, L] int64,
-    clip_id [B] int64 (stable hash), position [B] int64 (order position of the slot),
+    clip_id [B] int64 (stable hash), position [B] int64 (global sample index of the slot),
     step [B] int64 (same value in a batch), skipped [B] int64 (0/1).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import uuid
 from collections import OrderedDict
@@ -36,13 +46,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import schema
-from pipeline.data.index import FRAMES, captions_kind, read_index
-from pipeline.data.root import DatasetRoot, Shard
-from pipeline.data.sampling import (BadSample, ShardLayout, clip_hash, jitter_rng, plan_positions, rank_plan,
-                                    substitute_slots, transform_clip)
+from pipeline.config import LoaderConfig
+from pipeline.data import view as views
+from pipeline.data.root import DatasetRoot
+from pipeline.data.sampling import BadSample, clip_hash, jitter_rng, substitute_slots, transform_clip
+from pipeline.data.view_order import ViewLayout, order_entries, rank_positions
 from pipeline.utils import fs
 
 if TYPE_CHECKING:
@@ -51,301 +62,258 @@ if TYPE_CHECKING:
 
 TokenizeFn = Callable[[list[str], int], "tuple[torch.Tensor, torch.Tensor]"]
 
-# Columns the loader reads (projection) and the Arrow types it accepts for them.
-FRAME_COLUMNS = ("clip_id", "subtitle", "frames", "middle_frame")
-CAPTION_COLUMNS = ("clip_id", "caption")
+COLUMNS = ["clip_id", "subtitle", "caption", "frames", "middle_frame"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class LoaderConfig:
-    """Training loader settings (to move into pipeline/config.py as `LoaderConfig`)."""
+class BatchSpec:
+    """What one micro batch holds (from the model and train sections of the job config)."""
 
-    caption_set: str = "default"
-    micro_batch: int = 32
-    """Clips per rank per step; G = micro_batch * world_size is the InfoNCE batch."""
+    global_batch: int
+    """G: samples of one optimizer step over all ranks (the InfoNCE batch)."""
     num_frames: int = 12
     image_size_px: int = 224
     max_text_len: int = 70
     train_sampling: bool = True
-    """Jittered frame sampling (pre-training); False = uniform (eval)."""
-    window_shards: int = 4
-    """Shards whose rows are shuffled jointly; larger mixes more videos per micro batch."""
-    steps_per_task: int = 16
-    """Micro batches per Ray task; aim for steps_per_task * micro_batch ~ rows of a window."""
-    num_cpus_per_task: float = 1.0
-    max_tasks_in_flight: int | None = None
-    prefetch_batches: int = 2
-    row_group_cache: int = 32
-    """Row groups (32 rows each) a worker process keeps read (LRU); ~ one window."""
-
-    def __post_init__(self) -> None:
-        for name in ("micro_batch", "num_frames", "image_size_px", "window_shards", "steps_per_task",
-                     "prefetch_batches", "row_group_cache"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"loader.{name} must be >= 1, got {getattr(self, name)}")
-        if not 2 <= self.max_text_len <= 77:
-            raise ValueError(f"loader.max_text_len must be in [2, 77], got {self.max_text_len}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Index
+    """Jittered frame sampling (post-pretraining); False = uniform."""
 
 
 @dataclass(frozen=True)
-class DatasetIndex:
-    """What the loader knows about a root before reading any frames (plain data, ships to Ray).
-
-    Built from the root's manifest, the caption set's `caption_set.json` and the two shard
-    indexes: four object reads whatever the number of shards, on the driver and on every rank.
+class ViewIndex:
+    """What the loader knows about a view before reading any frames (plain data, ships to Ray).
 
     Attributes:
         root: dataset root (local path or s3://).
-        caption_set: caption set joined to the frames by shard position.
+        view: the view's name.
         opts: how to reach S3.
-        layout: shard ordinals (index order), rows per shard and excluded (null-caption) rows.
-        part_names: metadata parts in registration order.
-        shard_part / shard_unit: [S] part (position in part_names) and unit of each ordinal.
-        num_null_captions: rows excluded because their caption is null.
-        fingerprint: the root's frames fingerprint (from manifest.json).
+        layout: rows of each view shard and the row-group size (view_order.ViewLayout).
+        shards: [S] view shard names, in the order `layout` counts them.
+        shard_bytes / footer_bytes: [S] object size and footer length of each shard.
+        meta: view.json.
         token: unique per open(); keys worker-side caches so they never outlive this index.
     """
 
     root: str
-    caption_set: str
+    view: str
     opts: fs.S3Options
-    layout: ShardLayout
-    part_names: tuple[str, ...]
-    shard_part: np.ndarray
-    shard_unit: np.ndarray
-    num_null_captions: int
-    fingerprint: str
+    layout: ViewLayout
+    shards: tuple[str, ...]
+    shard_bytes: np.ndarray
+    footer_bytes: np.ndarray
+    meta: dict[str, Any]
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def num_rows(self) -> int:
-        """N: rows that take part in the epoch order."""
-        return self.layout.total
+        return self.layout.num_rows
 
-    def shard(self, ordinal: int) -> Shard:
-        return Shard(self.part_names[int(self.shard_part[ordinal])], int(self.shard_unit[ordinal]))
+    @property
+    def caption_set(self) -> str:
+        return str(self.meta["settings"]["caption_set"])
 
     @classmethod
-    def open(cls, root: str, caption_set: str, opts: fs.S3Options | None = None) -> DatasetIndex:
-        """Read manifest, caption set and both shard indexes; fail fast on anything unusable.
+    def open(cls, root: str, view: str, opts: fs.S3Options | None = None) -> ViewIndex:
+        """Read view.json and the view index (two requests).
 
         Raises:
-            ValueError: root not prepared or incomplete; caption set missing (the message lists
-                the sets that exist), incomplete, or made from other frames; a part missing, with
-                another row count or other clip ids than its frame shard.
+            ValueError: no such view (the message lists the existing ones) or an unfinished one.
         """
         droot = DatasetRoot(root, opts)
-        manifest = droot.open()
-        _open_caption_set(droot, caption_set, manifest)
-        order = droot.parts(manifest)
-        frames = read_index(droot, FRAMES, order, pending=False)
-        caps = read_index(droot, captions_kind(caption_set), order, pending=False)
-        f_keys = list(zip(frames.column("part").to_pylist(), frames.column("unit").to_pylist()))
-        c_rows = {k: i for i, k in enumerate(zip(caps.column("part").to_pylist(), caps.column("unit").to_pylist()))}
-        missing = [f"{p}/{schema.part_name(u)}" for p, u in f_keys if (p, u) not in c_rows]
-        if missing:
-            raise ValueError(f"caption set {caption_set!r} is incomplete: no part for {len(missing)} frame shards "
-                             f"(first: {missing[:3]}) under {droot.caption_set_dir(caption_set)}; run recaption")
-        rows = frames.column("rows").to_pylist()
-        f_sha = frames.column("clip_ids_sha256").to_pylist()
-        c_rows_col, c_sha, nulls = (caps.column(c).to_pylist() for c in ("rows", "clip_ids_sha256", "null_rows"))
-        excluded: dict[int, np.ndarray] = {}
-        for ordinal, key in enumerate(f_keys):
-            c = c_rows[key]
-            name = f"{key[0]}/{schema.part_name(key[1])}"
-            if c_rows_col[c] != rows[ordinal]:
-                raise ValueError(f"caption set {caption_set!r} part {name} has {c_rows_col[c]} rows but the frame "
-                                 f"shard has {rows[ordinal]}")
-            if c_sha[c] != f_sha[ordinal]:
-                raise ValueError(f"caption set {caption_set!r} part {name} lists other clip ids (or another order) "
-                                 f"than its frame shard; the set is misaligned, recaption it")
-            if nulls[c]:
-                excluded[ordinal] = np.array(nulls[c], dtype=np.int64)
-        part_pos = {p: i for i, p in enumerate(order)}
-        layout = ShardLayout(shard_ids=np.arange(len(f_keys), dtype=np.int64),
-                             num_rows=np.array(rows, dtype=np.int64), excluded=excluded)
-        return cls(root=root, caption_set=caption_set, opts=droot.opts, layout=layout, part_names=tuple(order),
-                   shard_part=np.array([part_pos[p] for p, _ in f_keys], dtype=np.int32),
-                   shard_unit=np.array([u for _, u in f_keys], dtype=np.int32),
-                   num_null_captions=sum(len(r) for r in excluded.values()),
-                   fingerprint=str(manifest.get("fingerprint", "")))
+        meta = views.open_complete_view(droot, view)
+        table = views.read_view_index(droot, view)
+        return cls(root=root, view=view, opts=droot.opts,
+                   layout=ViewLayout(shard_rows=np.array(table.column("rows").to_pylist(), dtype=np.int64),
+                                     rows_per_group=int(meta["settings"]["rows_per_group"])),
+                   shards=tuple(table.column("shard").to_pylist()),
+                   shard_bytes=np.array(table.column("bytes").to_pylist(), dtype=np.int64),
+                   footer_bytes=np.array(table.column("footer_bytes").to_pylist(), dtype=np.int64), meta=meta)
 
-
-def _open_caption_set(root: DatasetRoot, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    meta = fs.read_json_or_none(root.caption_set_uri(name), root.opts)
-    if meta is None:
-        from pipeline.data.captions import caption_set_names  # noqa: PLC0415
-
-        raise ValueError(f"caption set {name!r} not found under {root.path('captions')}; "
-                         f"existing sets: {caption_set_names(root) or 'none'}")
-    if meta.get("status") != "complete":
-        raise ValueError(f"caption set {name!r} is incomplete (status {meta.get('status')!r}); "
-                         "finish it with prepare/recaption before training")
-    want = manifest.get("fingerprint")
-    if meta.get("frames_fingerprint") not in (None, want):
-        raise ValueError(f"caption set {name!r} was made from other frames "
-                         f"({meta.get('frames_fingerprint')} != {want}); recaption this root")
-    return meta
+    def check_size(self, image_size_px: int) -> None:
+        """Raises ValueError when the view's frames were resized to another training size."""
+        size = int(self.meta["settings"]["image_size_px"])
+        if size not in (0, image_size_px):
+            raise ValueError(f"view {self.view!r} holds frames resized to {size} px but train.image_size_px is "
+                             f"{image_size_px}; pack a view at {image_size_px} px (view.image_size_px)")
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading rows (runs in Ray workers; no Ray import)
+# Reading row groups (runs in Ray workers; no Ray import)
 
 
-class ShardReader:
-    """Reads single rows by (shard, row): only the row groups that hold them, projected columns.
+class _Window(io.RawIOBase):
+    """A file of `size` bytes of which only [start, start + len(data)) is present (one GET)."""
 
-    Keeps the open Parquet files of the last few shards and an LRU of row groups, so the next
-    task on the same window (block shuffle) reuses them. Counts rows read vs rows asked for.
+    def __init__(self, size: int, start: int, data: bytes) -> None:
+        super().__init__()
+        self._size, self.start, self.data, self.pos = size, start, memoryview(data), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else (self.pos + offset if whence == 1 else self._size + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf: Any) -> int:
+        lo = self.pos - self.start
+        n = min(len(buf), self._size - self.pos)
+        if lo < 0 or lo + n > len(self.data):
+            raise OSError(f"read of [{self.pos}, {self.pos + n}) outside the fetched row group")
+        buf[:n] = self.data[lo:lo + n]
+        self.pos += n
+        return n
+
+
+class ViewReader:
+    """Reads whole row groups of a view: one ranged GET each, footers cached per process.
+
+    Counts what the network sees: `requests`, `bytes_fetched` (footers included; `footer_requests`
+    and `footer_bytes` apart), and `bytes_used` (each row's share of its row group's bytes, per row taken).
     """
 
-    def __init__(self, index: DatasetIndex, max_row_groups: int = 64, max_files: int = 16) -> None:
+    def __init__(self, index: ViewIndex, max_footers: int = 256, max_groups: int = 4) -> None:
         self.index = index
-        self.max_row_groups, self.max_files = max_row_groups, max_files
-        self._files: OrderedDict[str, tuple[pq.ParquetFile, np.ndarray]] = OrderedDict()
-        self._groups: OrderedDict[tuple[str, int], dict[str, list[Any]]] = OrderedDict()
-        self.rows_read = 0
-        self.rows_asked = 0
+        self.max_footers, self.max_groups = max_footers, max_groups
+        self._footers: OrderedDict[int, pq.FileMetaData] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, int], tuple[list[dict[str, Any]], int]] = OrderedDict()
+        self.requests = self.bytes_fetched = self.footer_requests = self.footer_bytes = 0
+        self.bytes_used = 0.0
+        self.root = DatasetRoot(index.root, index.opts)
 
-    def _file(self, uri: str) -> tuple[pq.ParquetFile, np.ndarray]:
-        if uri in self._files:
-            self._files.move_to_end(uri)
-            return self._files[uri]
-        filesystem, path = fs.resolve(uri, self.index.opts)
-        pf = pq.ParquetFile(filesystem.open_input_file(path))
-        meta = pf.metadata
-        starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
-        self._files[uri] = (pf, starts)
-        while len(self._files) > self.max_files:
-            self._files.popitem(last=False)
-        return pf, starts
+    def _uri(self, shard: int) -> str:
+        return self.root.view_shard_uri(self.index.view, self.index.shards[shard])
 
-    def _cell(self, uri: str, columns: tuple[str, ...], row: int) -> dict[str, Any]:
-        pf, starts = self._file(uri)
-        rg = int(np.searchsorted(starts, row, side="right")) - 1
-        key = (uri, rg)
-        if key not in self._groups:
-            table = pf.read_row_group(rg, columns=list(columns), use_threads=False)
-            self._groups[key] = {c: table.column(c).to_pylist() for c in columns}
-            self.rows_read += table.num_rows
-            while len(self._groups) > self.max_row_groups:
-                self._groups.popitem(last=False)
-        self._groups.move_to_end(key)
-        group = self._groups[key]
-        return {c: group[c][row - int(starts[rg])] for c in columns}
+    def _footer(self, shard: int) -> pq.FileMetaData:
+        if shard in self._footers:
+            self._footers.move_to_end(shard)
+            return self._footers[shard]
+        size, n = int(self.index.shard_bytes[shard]), int(self.index.footer_bytes[shard])
+        tail = fs.read_bytes(self._uri(shard), self.index.opts, size - n, size)
+        self.requests += 1
+        self.bytes_fetched += len(tail)
+        self.footer_requests += 1
+        self.footer_bytes += len(tail)
+        meta = pq.read_metadata(pa.BufferReader(b"PAR1" + tail))
+        self._footers[shard] = meta
+        while len(self._footers) > self.max_footers:
+            self._footers.popitem(last=False)
+        return meta
 
-    def read(self, shard: int, row: int) -> dict[str, Any]:
-        """One sample's raw fields: clip_id, subtitle, frames (list of JPEG bytes), middle_frame, caption.
+    def _group(self, shard: int, group: int) -> tuple[list[dict[str, Any]], int]:
+        key = (shard, group)
+        if key in self._groups:
+            self._groups.move_to_end(key)
+            return self._groups[key]
+        meta = self._footer(shard)
+        rg = meta.row_group(group)
+        chunks = [rg.column(i) for i in range(rg.num_columns)]
+        start = min(c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset for c in chunks)
+        end = max((c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset)
+                  + c.total_compressed_size for c in chunks)
+        data = fs.read_bytes(self._uri(shard), self.index.opts, start, end)
+        self.requests += 1
+        self.bytes_fetched += len(data)
+        window = _Window(int(self.index.shard_bytes[shard]), start, data)
+        table = pq.ParquetFile(window, metadata=meta).read_row_group(group, columns=COLUMNS, use_threads=False)
+        out = (table.to_pylist(), end - start)
+        self._groups[key] = out
+        while len(self._groups) > self.max_groups:
+            self._groups.popitem(last=False)
+        return out
 
-        Raises:
-            ValueError: the caption part's row is another clip than the frame row (misaligned set).
-        """
-        idx = self.index
-        self.rows_asked += 1
-        droot = DatasetRoot(idx.root, idx.opts)
-        out = self._cell(droot.frames_uri(idx.shard(shard)), FRAME_COLUMNS, row)
-        cap = self._cell(droot.caption_uri(idx.caption_set, idx.shard(shard)), CAPTION_COLUMNS, row)
-        if cap["clip_id"] != out["clip_id"]:
-            raise ValueError(f"caption set {idx.caption_set!r} misaligned at {idx.shard(shard).stem} row {row}: "
-                             f"{cap['clip_id']!r} != {out['clip_id']!r}")
-        out["caption"] = cap["caption"]
+    def rows(self, entries: np.ndarray) -> list[dict[str, Any]]:
+        """The rows at (view shard, row group, row) entries, each row group read once."""
+        out = []
+        for shard, group, row in entries.tolist():
+            rows, nbytes = self._group(shard, group)
+            self.bytes_used += nbytes / len(rows)
+            out.append(rows[row])
         return out
 
 
-_READERS: OrderedDict[tuple[str, int], ShardReader] = OrderedDict()
+_READERS: OrderedDict[str, ViewReader] = OrderedDict()
 
 
-def _shared_reader(index: DatasetIndex, max_row_groups: int) -> ShardReader:
-    # One reader per worker process and opened index, so consecutive tasks share its cache.
-    key = (index.token, max_row_groups)
-    if key not in _READERS:
-        _READERS[key] = ShardReader(index, max_row_groups=max_row_groups)
+def _shared_reader(index: ViewIndex) -> ViewReader:
+    # One reader per worker process and opened index, so consecutive tasks share its footers.
+    if index.token not in _READERS:
+        _READERS[index.token] = ViewReader(index)
         while len(_READERS) > 2:
             _READERS.popitem(last=False)
-    return _READERS[key]
+    return _READERS[index.token]
 
 
 # ---------------------------------------------------------------------------------------------
 # One micro batch (pure given the rows; runs in Ray workers)
 
 
-def _transform_row(row: dict[str, Any], cfg: LoaderConfig, seed: int, epoch: int,
-                   position: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(frames, middle) of one row, or None for a bad row (null caption, undecodable JPEG)."""
-    if row["caption"] is None or not row["frames"]:
-        return None
-    rng = jitter_rng(seed, epoch, position) if cfg.train_sampling else None
+def _transform(row: dict[str, Any], spec: BatchSpec, seed: int, epoch: int,
+               position: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(frames, middle) of one row, or None when a needed JPEG does not decode."""
+    rng = jitter_rng(seed, epoch, position) if spec.train_sampling else None
     try:
-        return transform_clip(row["frames"], row["middle_frame"], cfg.num_frames, cfg.image_size_px,
-                              cfg.train_sampling, rng)
+        return transform_clip(row["frames"], row["middle_frame"], spec.num_frames, spec.image_size_px,
+                              spec.train_sampling, rng)
     except BadSample:
         return None
 
 
-def _fallback_donors(reader: ShardReader, plan: np.ndarray, step: int, cfg: LoaderConfig, seed: int,
-                     epoch: int, positions: np.ndarray) -> list[tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]]:
-    """Up to m good samples scanning this rank's plan forward from step + 1 (cyclic over the epoch).
-
-    Only used when every row of a micro batch is bad. Each donor keeps its own plan position's
-    jitter, so the scan result is the same wherever the stream started.
+def _fallback_donors(reader: ViewReader, spec: BatchSpec, seed: int, epoch: int, after: int,
+                     m: int) -> list[tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]]:
+    """Up to m good samples at the global positions after `after` (cyclic over the epoch).
 
     Raises:
-        RuntimeError: no row of this rank's whole epoch plan decodes.
+        RuntimeError: no row of the epoch decodes.
     """
-    m = cfg.micro_batch
+    n = reader.index.num_rows
     found: list[tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]] = []
-    start = (step + 1) * m
-    for i in range(len(plan) - m):
-        e = (start + i) % len(plan)
-        row = reader.read(int(plan[e, 0]), int(plan[e, 1]))
-        out = _transform_row(row, cfg, seed, epoch, int(positions[e]))
+    for i in range(1, n):
+        p = (after + i) % n
+        (row,) = reader.rows(order_entries(reader.index.layout, seed, epoch, np.array([p])))
+        out = _transform(row, spec, seed, epoch, p)
         if out is not None:
             found.append((row, out))
             if len(found) == m:
                 break
     if not found:
-        raise RuntimeError(f"no row of this rank's epoch plan decodes ({len(plan)} rows tried); "
-                           f"the shards under {reader.index.root} look corrupt")
+        raise RuntimeError(f"no row of view {reader.index.view!r} decodes; the view under {reader.index.root} "
+                           "looks corrupt")
     return found
 
 
-def build_micro_batch(reader: ShardReader, plan: np.ndarray, positions: np.ndarray, step: int,
-                      cfg: LoaderConfig, seed: int, epoch: int, tokenize_fn: TokenizeFn) -> dict[str, np.ndarray]:
-    """Read, decode and tokenise step `step` of a rank plan (bad rows handled per module docstring).
-
-    Args:
-        reader: row source.
-        plan: [steps * m, 2] the rank's whole epoch plan (from step 0).
-        positions: [steps * m] order positions of `plan`.
-        step: which micro batch.
+def build_micro_batch(reader: ViewReader, spec: BatchSpec, seed: int, epoch: int, step: int, rank: int,
+                      world_size: int, tokenize_fn: TokenizeFn) -> dict[str, np.ndarray]:
+    """Rank `rank`'s micro batch of global batch `step` (bad rows per the module docstring).
 
     Returns:
-        Numpy columns of the batch layout in the module docstring, B = m rows.
+        Numpy columns of the batch layout in the module docstring, B = G / world_size rows.
     """
-    m = cfg.micro_batch
-    sl = slice(step * m, (step + 1) * m)
-    rows = [reader.read(int(s), int(r)) for s, r in plan[sl]]
-    outs = [_transform_row(row, cfg, seed, epoch, int(p)) for row, p in zip(rows, positions[sl], strict=True)]
+    positions = rank_positions(step, rank, world_size, spec.global_batch)
+    rows = reader.rows(order_entries(reader.index.layout, seed, epoch, positions))
+    outs = [_transform(r, spec, seed, epoch, int(p)) for r, p in zip(rows, positions, strict=True)]
     good = np.array([o is not None for o in outs])
     donors = substitute_slots(good)
+    m = len(positions)
     if donors[0] < 0:
-        found = _fallback_donors(reader, plan, step, cfg, seed, epoch, positions)
+        found = _fallback_donors(reader, spec, seed, epoch, int(positions[-1]), m)
         samples = [found[j % len(found)] for j in range(m)]
     else:
         samples = [(rows[d], outs[d]) for d in donors.tolist()]
-    sub_ids, sub_mask = tokenize_fn([r["subtitle"] for r, _ in samples], cfg.max_text_len)
-    cap_ids, cap_mask = tokenize_fn([r["caption"] for r, _ in samples], cfg.max_text_len)
+    sub_ids, sub_mask = tokenize_fn([r["subtitle"] for r, _ in samples], spec.max_text_len)
+    cap_ids, cap_mask = tokenize_fn([r["caption"] for r, _ in samples], spec.max_text_len)
     return {
         "frames": np.stack([o[0] for _, o in samples]),
         "middle_frame": np.stack([o[1] for _, o in samples]),
         "subtitle_ids": sub_ids.numpy(), "subtitle_mask": sub_mask.numpy(),
         "caption_ids": cap_ids.numpy(), "caption_mask": cap_mask.numpy(),
         "clip_id": np.array([clip_hash(r["clip_id"]) for r, _ in samples], dtype=np.int64),
-        "position": positions[sl].astype(np.int64),
+        "position": positions.astype(np.int64),
         "step": np.full(m, step, dtype=np.int64),
         "skipped": (~good).astype(np.int64),
     }
@@ -361,42 +329,37 @@ def _default_tokenize(texts: list[str], max_len: int) -> tuple[torch.Tensor, tor
 # Ray Data wrapper
 
 
-def make_rank_dataset(index: DatasetIndex, loader_cfg: LoaderConfig, seed: int, epoch: int, rank: int,
-                      world_size: int, start_step: int = 0,
-                      tokenize_fn: TokenizeFn | None = None) -> ray.data.Dataset:
+def make_rank_dataset(index: ViewIndex, spec: BatchSpec, loader: LoaderConfig, seed: int, epoch: int, rank: int,
+                      world_size: int, start_step: int = 0, tokenize_fn: TokenizeFn | None = None) -> ray.data.Dataset:
     """This rank's stream from `start_step` to the end of `epoch`, one micro batch per step, in order.
 
-    Works on a plain driver and inside a Ray Train worker (the pipeline runs on the connected
-    cluster either way). Consume it with `iter_rank_batches` or `iter_torch_batches(batch_size=m)`.
-
-    Args:
-        tokenize_fn: (texts, max_len) -> (ids [B, L], mask [B, L]); default the CLIP tokenizer.
-            Must be picklable (it runs on Ray workers).
+    Works on a plain driver and inside a Ray Train worker; loader tasks prefer this process's
+    node (`loader.node_local`), so micro batches do not cross the network.
 
     Raises:
-        ValueError: fewer rows than one global batch, or start_step past the epoch.
+        ValueError: fewer rows than one global batch, G not a multiple of the world size, or
+            start_step past the epoch.
     """
-    import ray.data  # noqa: PLC0415  keeps `import pipeline.data.loader` light for the pure helpers
+    import ray  # noqa: PLC0415
+    import ray.data  # noqa: PLC0415
 
-    m = loader_cfg.micro_batch
-    plan = rank_plan(index, seed, epoch, rank, world_size, m, 0, loader_cfg.window_shards)
-    steps = len(plan) // m
+    steps = index.layout.steps(spec.global_batch)
     if steps == 0:
-        raise ValueError(f"{index.root}: {index.num_rows} usable rows < one global batch "
-                         f"({m} x {world_size} ranks); lower loader.micro_batch")
+        raise ValueError(f"view {index.view!r}: {index.num_rows} rows < one global batch of {spec.global_batch}; "
+                         "lower train.micro_batch_size")
+    rank_positions(0, rank, world_size, spec.global_batch)  # validates the split
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step {start_step} not in [0, {steps}]")
-    positions = plan_positions(rank, world_size, m, 0, len(plan))
-    spt = loader_cfg.steps_per_task
+    spt = loader.steps_per_task
     num_tasks = math.ceil((steps - start_step) / spt)
     tok = tokenize_fn or _default_tokenize
 
     def run_task(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        reader = _shared_reader(index, loader_cfg.row_group_cache)
+        reader = _shared_reader(index)
         for t in batch["id"].tolist():
             k0 = start_step + int(t) * spt
             for k in range(k0, min(k0 + spt, steps)):
-                yield build_micro_batch(reader, plan, positions, k, loader_cfg, seed, epoch, tok)
+                yield build_micro_batch(reader, spec, seed, epoch, k, rank, world_size, tok)
 
     # from_items, not ray.data.range: a read task would need a CPU of its own, and inside a Ray
     # Train worker on a small node every CPU may already be held by the training workers.
@@ -404,29 +367,32 @@ def make_rank_dataset(index: DatasetIndex, loader_cfg: LoaderConfig, seed: int, 
     if num_tasks == 0:  # resumed exactly at the end of the epoch
         ds = ds.limit(0)
     extra: dict[str, Any] = {}
-    if loader_cfg.max_tasks_in_flight is not None:
-        extra["compute"] = ray.data.TaskPoolStrategy(size=loader_cfg.max_tasks_in_flight)
-    ds = ds.map_batches(run_task, batch_size=1, num_cpus=loader_cfg.num_cpus_per_task, **extra)
-    # Batches must come out in plan order: the step number is the checkpointed data position.
+    if loader.max_tasks_in_flight is not None:
+        extra["compute"] = ray.data.TaskPoolStrategy(size=loader.max_tasks_in_flight)
+    if loader.node_local and ray.is_initialized():
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415
+
+        extra["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                      soft=True)
+    ds = ds.map_batches(run_task, batch_size=1, num_cpus=loader.cpus_per_task, **extra)
+    # Batches must come out in order: the step number is the checkpointed data position.
     ds.context.execution_options.preserve_order = True
     return ds
 
 
-def iter_rank_batches(index: DatasetIndex, loader_cfg: LoaderConfig, seed: int, epoch: int, rank: int,
+def iter_rank_batches(index: ViewIndex, spec: BatchSpec, loader: LoaderConfig, seed: int, epoch: int, rank: int,
                       world_size: int, start_step: int = 0, tokenize_fn: TokenizeFn | None = None,
                       device: str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
     """Torch micro batches of this rank from `start_step` (layout in the module docstring).
 
-    Each batch's `step` column tells the trainer which step it is; after a checkpoint taken
-    once step s is consumed, resume with start_step = s + 1.
-
-    Yields:
-        dict of tensors, B = loader_cfg.micro_batch rows; frames stay uint8 (see normalize_clip).
+    Each batch's `step` column tells the trainer which global batch it is; after a checkpoint
+    taken once step s is consumed, resume with start_step = s + 1.
     """
-    ds = make_rank_dataset(index, loader_cfg, seed, epoch, rank, world_size, start_step, tokenize_fn)
+    ds = make_rank_dataset(index, spec, loader, seed, epoch, rank, world_size, start_step, tokenize_fn)
+    m = spec.global_batch // world_size
     expect = start_step
-    for batch in ds.iter_torch_batches(batch_size=loader_cfg.micro_batch, drop_last=True, device=device,
-                                       prefetch_batches=loader_cfg.prefetch_batches):
+    for batch in ds.iter_torch_batches(batch_size=m, drop_last=True, device=device,
+                                       prefetch_batches=loader.prefetch_batches):
         step = batch["step"]
         # Every task yields whole micro batches in order, so a batch is exactly one step.
         assert bool((step == expect).all()), f"batch misaligned: expected step {expect}, got {step.tolist()}"

@@ -165,6 +165,16 @@ class DatasetRoot:
     def caption_quarantine_uri(self, name: str, shard: Shard) -> str:
         return self.path("quarantine", "captions", name, shard.stem + ".parquet")
 
+    def view_uri(self, name: str) -> str:
+        """A training view's `view.json` (settings, status, counts; written last when complete)."""
+        return self.path("views", name, "view.json")
+
+    def view_shard_uri(self, name: str, shard: str) -> str:
+        return self.path("views", name, shard + ".parquet")
+
+    def view_sidecar_uri(self, name: str, shard: str) -> str:
+        return self.path("views", name, shard + ".json")
+
     def index_uri(self, kind: str) -> str:
         """The compacted shard index `index/<kind>.parquet` (kind "frames" or "captions-<set>")."""
         return self.path("index", kind + ".parquet")

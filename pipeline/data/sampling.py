@@ -1,24 +1,12 @@
-"""Pure cores of the training loader: epoch order, rank plans, frame sampling, decode, substitution.
+"""Pure cores of training data: hash keys, which rows a shard holds, frame sampling, decode,
+substitution of bad rows.
 
-No Ray and no I/O here; `loader.py` wraps these in a Ray Data pipeline. Everything is a pure
-function of its arguments so a resumed run rebuilds exactly the batches it would have seen.
-
-Epoch order (a pure function of seed, epoch, world size W, micro batch m, window size w):
-1. Shards are permuted by 64-bit hash keys of (seed, epoch, shard index).
-2. Consecutive runs of `w` permuted shards form windows; the valid rows of a window are permuted
-   jointly by hash keys of (seed, epoch, shard, row). Concatenating the windows gives the block
-   sequence S (N entries). Keys come from a bijective 64-bit mix (splitmix64), so there are no
-   ties and the order does not depend on numpy's RNG implementation.
-3. With G = m * W and steps = N // G (drop_last), rank r owns the contiguous chunk
-   S[r*L, (r+1)*L), L = steps * m. Global batch k, i.e. order positions [k*G, (k+1)*G), is the
-   concatenation over r of rank r's k-th micro slice S[r*L + k*m, r*L + (k+1)*m). The N - steps*G
-   entries left, S[W*L:], fill the order positions after steps*G and are dropped this epoch.
-   Why contiguous chunks rather than the plain S[k*G + r*m ...] split: each rank then reads its
-   own run of windows (a shard is read by at most two ranks instead of all W), and a global batch
-   mixes W distant windows instead of one, which reduces same-video negatives.
+No Ray and no I/O here. The epoch order over a training view is `view_order.py`; `loader.py`
+wraps both in a Ray Data pipeline. Everything is a pure function of its arguments so a resumed
+run rebuilds exactly the batches it would have seen.
 
 Frame sampling follows CLIP-ViP `get_sample_idx` (clipvip_spec.md 3.2); the jitter's randomness
-comes from a generator seeded by (seed, epoch, order position), so no RNG state is checkpointed.
+comes from a generator seeded by (seed, epoch, global sample index), so no RNG state is checkpointed.
 
 Shape legend: B batch, T frames, C = 3 channels, H x W pixels, N rows, E plan entries.
 """
@@ -29,7 +17,6 @@ import hashlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -37,8 +24,6 @@ from PIL import Image
 
 MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
-_STREAM_SHARDS = 1
-_STREAM_ROWS = 2
 _STREAM_JITTER = 3
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -95,7 +80,7 @@ def clip_hash(clip_id: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Epoch order and rank plans
+# Which rows a shard holds
 
 
 @dataclass(frozen=True)
@@ -126,99 +111,6 @@ class ShardLayout:
     def total(self) -> int:
         """N: rows taking part in the order."""
         return sum(self.num_valid(i) for i in range(len(self.shard_ids)))
-
-
-def _layout(index: Any) -> ShardLayout:
-    return index if isinstance(index, ShardLayout) else index.layout
-
-
-def steps_per_epoch(index: Any, world_size: int, micro_batch: int) -> int:
-    """floor(N / G), G = micro_batch * world_size (drop_last: every batch has exactly G rows)."""
-    if world_size < 1 or micro_batch < 1:
-        raise ValueError(f"world_size and micro_batch must be >= 1, got {world_size}, {micro_batch}")
-    return _layout(index).total // (micro_batch * world_size)
-
-
-def block_sequence(index: Any, seed: int, epoch: int, window_shards: int, lo: int = 0,
-                   hi: int | None = None) -> np.ndarray:
-    """Entries S[lo:hi] of the block-shuffled sequence (module docstring, steps 1-2).
-
-    Only the windows that overlap [lo, hi) are permuted, so a rank pays for its chunk only.
-
-    Returns:
-        [hi - lo, 2] int64 (shard index, row).
-    """
-    lay = _layout(index)
-    if window_shards < 1:
-        raise ValueError(f"window_shards must be >= 1, got {window_shards}")
-    perm = np.argsort(hash_keys(lay.shard_ids, stream_key(seed, epoch, _STREAM_SHARDS)), kind="stable")
-    sizes = np.array([lay.num_valid(int(i)) for i in perm], dtype=np.int64)
-    n = int(sizes.sum())
-    hi = n if hi is None else min(hi, n)
-    if lo >= hi:
-        return np.zeros((0, 2), dtype=np.int64)
-    row_key = stream_key(seed, epoch, _STREAM_ROWS)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    parts = []
-    for w0 in range(0, len(perm), window_shards):
-        w1 = min(w0 + window_shards, len(perm))
-        a, b = int(starts[w0]), int(starts[w1])
-        if b <= lo or a >= hi or a == b:
-            continue
-        shards = np.concatenate([np.full(lay.num_valid(int(i)), lay.shard_ids[i], dtype=np.int64)
-                                 for i in perm[w0:w1]])
-        rows = np.concatenate([lay.valid_rows(int(i)) for i in perm[w0:w1]])
-        uid = (shards << np.int64(32)) | rows  # a row's identity does not depend on other shards
-        within = np.argsort(hash_keys(uid, row_key), kind="stable")
-        win = np.stack([shards[within], rows[within]], axis=1)
-        parts.append(win[max(lo - a, 0):min(hi, b) - a])
-    return np.concatenate(parts, axis=0)
-
-
-def epoch_order(index: Any, seed: int, epoch: int, world_size: int, micro_batch: int,
-                window_shards: int = 4) -> np.ndarray:
-    """The full epoch order (module docstring, step 3): order[p] is the entry at position p.
-
-    Returns:
-        [N, 2] int64 (shard index, row); a permutation of all valid rows.
-    """
-    seq = block_sequence(index, seed, epoch, window_shards)
-    steps = steps_per_epoch(index, world_size, micro_batch)
-    per_rank = steps * micro_batch
-    head = seq[:world_size * per_rank].reshape(world_size, steps, micro_batch, 2)
-    # head[r, k] is rank r's k-th micro slice; global batch k lists them rank after rank.
-    return np.concatenate([head.transpose(1, 0, 2, 3).reshape(-1, 2), seq[world_size * per_rank:]], axis=0)
-
-
-def rank_plan(index: Any, seed: int, epoch: int, rank: int, world_size: int, micro_batch: int,
-              start_step: int = 0, window_shards: int = 4) -> np.ndarray:
-    """The entries rank `rank` consumes from step `start_step` to the end of the epoch.
-
-    Entry i is the sample at order position `plan_positions(...)[i]`; step k's micro batch is
-    entries [(k - start_step) * m, (k - start_step + 1) * m).
-
-    Returns:
-        [(steps - start_step) * m, 2] int64 (shard index, row).
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} not in [0, {world_size})")
-    steps = steps_per_epoch(index, world_size, micro_batch)
-    if not 0 <= start_step <= steps:
-        raise ValueError(f"start_step {start_step} not in [0, {steps}] (steps per epoch)")
-    per_rank = steps * micro_batch
-    return block_sequence(index, seed, epoch, window_shards,
-                          rank * per_rank + start_step * micro_batch, (rank + 1) * per_rank)
-
-
-def plan_positions(rank: int, world_size: int, micro_batch: int, start_step: int, num_entries: int) -> np.ndarray:
-    """Order positions of a rank plan's entries: k*G + rank*m + j for step k, slot j.
-
-    Returns:
-        [num_entries] int64.
-    """
-    i = np.arange(num_entries, dtype=np.int64)
-    k = start_step + i // micro_batch
-    return k * micro_batch * world_size + rank * micro_batch + i % micro_batch
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,8 +138,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         skip_cpu_shm_build()
     import deepspeed  # noqa: PLC0415
 
-    from pipeline.data.loader import DatasetIndex, LoaderConfig, iter_rank_batches  # noqa: PLC0415
-    from pipeline.data.sampling import steps_per_epoch  # noqa: PLC0415
+    from pipeline.data.loader import BatchSpec, ViewIndex, iter_rank_batches  # noqa: PLC0415
     from pipeline.tracking import MlflowTracker, NullTracker  # noqa: PLC0415
     from pipeline.utils.fs import S3Options  # noqa: PLC0415
 
@@ -147,20 +146,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
     engine, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config(cfg))
 
-    opts = S3Options.of(cfg.storage)
-    index = DatasetIndex.open(cfg.train.dataset_root, cfg.train.caption_set, opts)
-    loader_cfg = LoaderConfig(caption_set=cfg.train.caption_set, micro_batch=cfg.train.micro_batch_size,
-                              num_frames=cfg.train.num_frames, image_size_px=cfg.train.image_size_px,
-                              max_text_len=cfg.model.max_text_len, prefetch_batches=cfg.train.prefetch_batches,
-                              num_cpus_per_task=cfg.train.data_cpus_per_task)
+    index = ViewIndex.open(cfg.train.dataset_root, cfg.train.view, S3Options.of(cfg.storage))
+    index.check_size(cfg.train.image_size_px)
+    spec = BatchSpec(global_batch=cfg.train.micro_batch_size * world, num_frames=cfg.train.num_frames,
+                     image_size_px=cfg.train.image_size_px, max_text_len=cfg.model.max_text_len)
     import ray.data  # noqa: PLC0415
 
     # One progress bar per rank per epoch would drown the driver's progress line.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    spe = steps_per_epoch(index.layout, world, cfg.train.micro_batch_size)
+    spe = index.layout.steps(spec.global_batch)
     if spe < 1:
         raise ValueError(f"{index.num_rows} clips cannot fill one global batch of "
-                         f"{cfg.train.micro_batch_size * world}; lower train.micro_batch_size")
+                         f"{spec.global_batch}; lower train.micro_batch_size")
     total = cfg.train.max_steps or spe * cfg.train.epochs
 
     state = TrainState(world_size=world, mlflow_run_id=loop_config.get("mlflow_run_id"))
@@ -185,21 +182,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
               flush=True)
 
     log = RunLog(engine, tracker, rank, world, total, cfg.run_name, samples_at_start=state.samples_seen)
-    _run_steps(log, cfg, loop_config, index, loader_cfg, state, spe, iter_rank_batches)
+    _run_steps(log, cfg, loop_config, index, spec, state, spe, iter_rank_batches)
     # The finish runs on every submission, a finished one too: its steps that a kill cut off are
     # done now, those the run records done are skipped (MlflowTracker.finish_step).
     _export_final(engine, cfg, loop_config, rank, tracker)
     tracker.close("FINISHED")
 
 
-def _run_steps(log: RunLog, cfg, loop_config, index, loader_cfg, state, spe, iter_rank_batches) -> None:
+def _run_steps(log: RunLog, cfg, loop_config, index, spec, state, spe, iter_rank_batches) -> None:
     engine, rank, world, total = log.engine, log.rank, log.world, log.total
     while state.step < total:
         epoch, start = divmod(state.step, spe)
         t_wait0 = time.perf_counter()
         wait_s = 0.0
-        batches = iter_rank_batches(index, loader_cfg, cfg.train.seed, epoch, rank, world, start_step=start,
-                                    device=str(engine.device))
+        batches = iter_rank_batches(index, spec, cfg.train.loader, cfg.train.seed, epoch, rank, world,
+                                    start_step=start, device=str(engine.device))
         for batch in batches:
             t_got = time.perf_counter()
             step_wait_s = t_got - t_wait0

@@ -159,3 +159,15 @@ def checkpoint_committed(snapshot_text: str | None) -> bool:
     except ValueError:
         return False  # being written
     return bool(snapshot.get("checkpoint_results"))
+
+
+def pack_view(root: str, caption_set: str, name: str, *extra: str, storage: dict | None = None):
+    """`clipvip pack` in process (a Ray instance must be up): the view pretrain reads, frames at
+    32 px (the tests' train.image_size_px), row groups of 2 (their micro batch)."""
+    from pipeline.config import PackJobConfig, load_config
+    from pipeline.data.pack_job import run_pack
+
+    sets = [f"root={root}", f"view.name={name}", f"view.caption_set={caption_set}", "view.image_size_px=32",
+            "view.rows_per_group=2", "view.rows_per_shard=8", "ray.progress_bars=false", *extra]
+    sets += [f"storage.{k}={v}" for k, v in (storage or {}).items()]
+    return run_pack(load_config(PackJobConfig, None, sets), log=lambda *_: None)

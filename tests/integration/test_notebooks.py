@@ -47,8 +47,9 @@ def demo_out(tmp_path_factory):
     # One CLIP-ViP pretrain; both models fine-tuned from it side by side, to the quick step counts.
     assert {n: r["steps"] for n, r in report["pretrain"].items()} == {"clip-vip": 2}, log
     assert {n: r["steps"] for n, r in report["finetune"].items()} == {"clip-vip": 4, "meanpool-baseline": 4}, log
-    assert set(report["stage_s"]) == {"sample-data", "ray-start", "prepare", "recaption", "pretrain", "finetune",
-                                      "evaluate"}
+    assert set(report["stage_s"]) == {"sample-data", "ray-start", "prepare", "recaption", "pack", "pretrain",
+                                      "finetune", "evaluate"}
+    assert report["pack"]["view"] == "tiny_git" and report["pack"]["rows"] > 0, log
     assert "took " in proc.stdout and "finetune " in proc.stdout.split("took ")[-1]
     return str(out)
 

@@ -38,8 +38,17 @@ def test_prepare_plan_writes_nothing_and_counts_the_job(sample_data, tmp_path):
 
 def test_pretrain_and_recaption_plans_against_a_root(tmp_path):
     root = build_root("", str(tmp_path / "root"), {"part0": 12})  # 12 shards of 2 clips, local
+    proc, _ = plan("--config", "jobs/configs/tiny_pretrain.yaml", *sets(**{"train.dataset_root": root.uri}))
+    assert proc.returncode == 3 and "view 'tiny' not found" in proc.stderr and "clipvip pack" in proc.stderr
+    packed = clipvip("pack", "--config", "jobs/configs/tiny_pack.yaml", *sets(root=root.uri, **{
+        "view.caption_set": "default", "ray.progress_bars": "false"}))
+    # This root's frames are stand-in bytes: no row decodes, and a view of nothing is refused.
+    assert packed.returncode == 1 and "all 24 rows were left out" in packed.stderr, packed.stderr[-3000:]
+    packed = clipvip("pack", "--config", "jobs/configs/tiny_pack.yaml", *sets(root=root.uri, **{
+        "view.caption_set": "default", "ray.progress_bars": "false", "view.name": "raw", "view.image_size_px": "0"}))
+    assert packed.returncode == 0, packed.stderr[-3000:]
     proc, report = plan("--config", "jobs/configs/tiny_pretrain.yaml", "--json",
-                        *sets(**{"train.dataset_root": root.uri, "train.caption_set": "default"}))
+                        *sets(**{"train.dataset_root": root.uri, "train.view": "raw"}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     facts = report["facts"]
     assert facts["clips"] == 24 and facts["global batch"] == 8 and facts["steps per epoch"] == 3

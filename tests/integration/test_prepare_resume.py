@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from pipeline.data.loader import DatasetIndex
+from pipeline.data.dataset_index import DatasetIndex
 from tests.conftest import ROOT
 from tests.integration.conftest import clipvip
 

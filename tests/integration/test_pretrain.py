@@ -22,7 +22,7 @@ from pipeline.config import PrepareJobConfig, RecaptionJobConfig, load_config
 from pipeline.data.build import run_prepare
 from pipeline.data.recaption import run_recaption
 from tests.conftest import ROOT, free_port
-from tests.integration.conftest import CHECKPOINT_SNAPSHOT, checkpoint_committed, clipvip
+from tests.integration.conftest import CHECKPOINT_SNAPSHOT, checkpoint_committed, clipvip, pack_view
 
 ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
@@ -40,13 +40,14 @@ def root(ray_local, sample_data, tmp_path_factory):
     recap = load_config(RecaptionJobConfig, None, [f"root={path}", "caption.set_name=git",
                                                   "caption.model=builtin:tiny-git", "ray.progress_bars=false"])
     run_recaption(recap, log=lambda *_: None)
+    pack_view(path, "git", "git")
     return path
 
 
 def pretrain_args(root, storage, tracking_uri, run_name, *extra):
     sets = [f"run_name={run_name}", f"train.dataset_root={root}", f"train.storage_path={storage}",
             f"tracking.tracking_uri={tracking_uri}", "tracking.system_metrics=false", "model.preset=tiny",
-            "model.max_text_len=16", "train.caption_set=git", "train.num_workers=2",
+            "model.max_text_len=16", "train.view=git", "train.num_workers=2",
             "train.micro_batch_size=2", "train.max_steps=5", "train.checkpoint_every_steps=2",
             "train.num_frames=4", "train.image_size_px=32", "train.precision=fp32", "train.lr=1e-3",
             "train.warmup_ratio=0.2", "ray.num_cpus=4", *extra]
@@ -218,7 +219,7 @@ def test_bf16_pretrain_through_the_gpu_check(root, tmp_path):
     at every step (read back from MLflow)."""
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--parts", "pretrain", "--root", root,
-                           "--caption-set", "git", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                           "--view", "git", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     part = json.loads(out.read_text())["parts"]["pretrain"]
     assert proc.returncode == 0 and part["status"] == "ok", part

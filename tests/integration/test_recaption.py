@@ -22,7 +22,7 @@ import pytest
 from pipeline.config import PrepareJobConfig, RecaptionJobConfig, load_config
 from pipeline.data.build import run_prepare
 from pipeline.data.captions import spread_indices
-from pipeline.data.loader import DatasetIndex
+from pipeline.data.dataset_index import DatasetIndex
 from pipeline.data.recaption import run_recaption
 from pipeline.utils import fs
 from tests.conftest import ROOT

@@ -1,6 +1,6 @@
 """Opening a dataset root costs a constant number of object reads, whatever its size: a root of
 2,000 shards on S3 (tiny ones, written with the project's own writers) is opened for training
-(the pretrain driver and every rank call `DatasetIndex.open`) and by `clipvip inspect`, counting
+(`clipvip pack` calls `DatasetIndex.open`) and by `clipvip inspect`, counting
 the requests a real S3 endpoint on loopback answers; a 20-shard root costs the same."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pipeline import schema
 from pipeline.config import CaptionConfig
 from pipeline.data.captions import set_fingerprint
 from pipeline.data.index import FRAMES, IndexWriter, captions_kind, captions_row, compact_index, frames_row
-from pipeline.data.loader import DatasetIndex, ShardReader
+from pipeline.data.dataset_index import DatasetIndex
 from pipeline.data.root import DatasetRoot, Shard
 from pipeline.data.shards import clip_ids_digest, table_bytes
 from pipeline.utils import fs
@@ -97,9 +97,8 @@ def test_opening_for_training_costs_a_constant_number_of_requests(roots, s3_coun
     assert all(method == "GET" for method, _, _ in reqs), reqs  # whole-object reads, no HEAD before each
     _, small_reqs = counted(log, lambda: DatasetIndex.open(small.uri, "default", small.opts))
     assert len(small_reqs) == len(reqs), "the cost does not grow with the shard count"
-    # The ordinals map to the right files: the last shard of the second part, read as a rank would.
-    row = ShardReader(index).read(1999, 1)
-    assert (row["clip_id"], row["caption"]) == ("hdvila_part1-799.1.mp4", "cap hdvila_part1-799.1.mp4")
+    # The ordinals map to the right shards: the last one is the last unit of the second part.
+    assert index.shard(1999) == Shard("hdvila_part1", 799) and index.shard(1200) == Shard("hdvila_part1", 0)
 
 
 def test_inspect_costs_a_constant_number_of_requests(roots, s3_counting, capsys):

@@ -116,15 +116,20 @@ def prepared(cluster, sample_data, workdir):
     rc, out = clipvip("submit", os.path.join(ROOT, "jobs", "configs", "tiny.yaml"), "--address", cluster.address,
                       "--follow", *overrides)
     print(f"[submit] prepare job ended in {time.monotonic() - t0:.1f}s (rc {rc})")
+    if rc == 0:  # the training view pretrain reads, submitted like any job (kind inferred: pack)
+        rc, packed = clipvip("submit", os.path.join(ROOT, "jobs", "configs", "tiny_pack.yaml"), "--address",
+                             cluster.address, "--follow", *sets(f"run_name=pack-{TOKEN}", f"root={root}",
+                                                                "view.rows_per_group=2", "ray.progress_bars=false"))
+        out += packed
     return {"root": root, "run": run, "rc": rc, "out": out}
 
 
 def pretrain_sets(root: str, storage: str, db: str, run: str) -> list[str]:
     return sets(f"run_name={run}", f"train.dataset_root={root}", f"train.storage_path={storage}",
                 f"tracking.tracking_uri=sqlite:///{db}", "tracking.system_metrics=false", "model.max_text_len=16",
-                "train.caption_set=tiny_blip", "train.micro_batch_size=2", f"train.max_steps={STEPS}",
+                "train.view=tiny", "train.micro_batch_size=2", f"train.max_steps={STEPS}",
                 f"train.checkpoint_every_steps={CKPT_EVERY}", "train.keep_checkpoints=1", "train.num_frames=4",
-                "train.warmup_ratio=0.2", "train.data_cpus_per_task=0.5",
+                "train.warmup_ratio=0.2", "train.loader.cpus_per_task=0.5",
                 # One Train worker: resume across ranks is test_pretrain's business; here it is the
                 # Jobs API round trip, and a second worker costs ~20 s per job on 2 cores.
                 "train.num_workers=1")

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from pipeline.config import ConfigError, PrepareJobConfig, PretrainJobConfig, RecaptionJobConfig, load_config
+from pipeline.config import (ConfigError, PackJobConfig, PrepareJobConfig, PretrainJobConfig, RecaptionJobConfig,
+                             load_config)
 from pipeline.eval.config import EvaluateJobConfig, FinetuneJobConfig
 from tests.conftest import ROOT
 
@@ -17,7 +18,8 @@ RECIPES = sorted(glob.glob(os.path.join(ROOT, "jobs", "configs", "*.yaml")))
 @pytest.mark.parametrize("path", RECIPES, ids=[os.path.basename(p) for p in RECIPES])
 def test_recipe_is_valid(path):
     loaded = []
-    for cls in (PrepareJobConfig, PretrainJobConfig, RecaptionJobConfig, FinetuneJobConfig, EvaluateJobConfig):
+    for cls in (PrepareJobConfig, PretrainJobConfig, RecaptionJobConfig, PackJobConfig, FinetuneJobConfig,
+                EvaluateJobConfig):
         try:
             loaded.append(load_config(cls, path))
         except ConfigError:
@@ -33,6 +35,10 @@ def test_paper_recipes_match_the_spec():
         assert (t.lr, t.weight_decay, t.grad_clip, t.num_frames, t.image_size_px) == (5e-6, 0.05, 5.0, 12, 224)
         assert cfg.model.max_text_len == 70 and cfg.loss.variant == "vsc_fc"
         assert cfg.model.preset == f"b{v}" and cfg.model.pretrained == f"openai/clip-vit-base-patch{v}"
+    # The view both read: frames at their training size, row groups dividing their micro batch.
+    pack = load_config(PackJobConfig, os.path.join(ROOT, "jobs", "configs", "hdvila_pack.yaml"))
+    assert cfg.train.view == pack.view.name and pack.view.image_size_px == cfg.train.image_size_px
+    assert cfg.train.micro_batch_size % pack.view.rows_per_group == 0
 
 
 @pytest.mark.parametrize("name, epochs, frames, text_len", [

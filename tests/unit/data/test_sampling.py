@@ -1,4 +1,4 @@
-"""Pure loader cores: epoch order, rank plans, resume, frame sampling, bad-row substitution."""
+"""Pure data cores: which rows a shard holds, frame sampling, decode, bad-row substitution."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.sampling import (BadSample, ShardLayout, block_sequence, clip_hash, epoch_order, jitter_rng,
-                                    normalize_clip, plan_positions, rank_plan, sample_frame_indices,
-                                    steps_per_epoch, substitute_slots, transform_clip)
+from pipeline.data.sampling import (BadSample, ShardLayout, clip_hash, jitter_rng, normalize_clip, sample_frame_indices,
+                                    substitute_slots, transform_clip)
 
 
 def layout(rows=(7, 0, 12, 5, 9, 11, 3), excluded=None):
@@ -19,98 +18,10 @@ def layout(rows=(7, 0, 12, 5, 9, 11, 3), excluded=None):
                        excluded=excluded or {})
 
 
-def as_set(entries):
-    return {(int(s), int(r)) for s, r in entries}
-
-
-# ---------------------------------------------------------------------------------------------
-# Order
-
-
-def test_order_is_a_deterministic_permutation():
-    lay = layout()
-    order = epoch_order(lay, seed=3, epoch=0, world_size=2, micro_batch=4, window_shards=2)
-    everything = {(s, r) for s, n in enumerate(lay.num_rows) for r in range(n)}
-    assert len(order) == lay.total == 47 and as_set(order) == everything
-    again = epoch_order(lay, seed=3, epoch=0, world_size=2, micro_batch=4, window_shards=2)
-    assert np.array_equal(order, again)
-
-
-def test_order_differs_across_epochs_and_seeds():
-    lay = layout()
-    base = epoch_order(lay, 3, 0, 2, 4)
-    assert not np.array_equal(base, epoch_order(lay, 3, 1, 2, 4))
-    assert not np.array_equal(base, epoch_order(lay, 4, 0, 2, 4))
-
-
-def test_block_shuffle_keeps_windows_of_shards_together():
-    lay = layout(rows=(10,) * 8)
-    seq = block_sequence(lay, seed=1, epoch=0, window_shards=2)
-    for w in range(4):  # each window of 20 consecutive entries spans exactly 2 shards
-        assert len(set(seq[w * 20:(w + 1) * 20, 0].tolist())) == 2
-    # rows inside a window are interleaved, not shard after shard
-    assert len(set(seq[:10, 0].tolist())) == 2
-
-
-def test_excluded_rows_never_scheduled():
-    lay = layout(excluded={2: np.array([0, 5]), 4: np.array([8])})
-    order = epoch_order(lay, 0, 0, 1, 4)
-    assert len(order) == 44 and not as_set(order) & {(2, 0), (2, 5), (4, 8)}
-
-
-def test_block_sequence_slices_match_full_sequence():
-    lay = layout()
-    full = block_sequence(lay, 5, 2, 3)
-    for lo, hi in [(0, 47), (3, 19), (20, 21), (40, 60), (47, 50)]:
-        assert np.array_equal(block_sequence(lay, 5, 2, 3, lo, hi), full[lo:hi])
-
-
-# ---------------------------------------------------------------------------------------------
-# Rank plans and resume
-
-
-@pytest.mark.parametrize("world_size,micro", [(1, 5), (2, 4), (3, 3), (4, 2)])
-def test_rank_plans_partition_the_first_steps_times_g(world_size, micro):
-    lay = layout()
-    order = epoch_order(lay, 9, 1, world_size, micro, window_shards=2)
-    steps = steps_per_epoch(lay, world_size, micro)
-    g = micro * world_size
-    assert steps == lay.total // g and steps > 0
-    plans = [rank_plan(lay, 9, 1, r, world_size, micro, 0, window_shards=2) for r in range(world_size)]
-    assert all(len(p) == steps * micro for p in plans)
-    union = set()
-    for r, plan in enumerate(plans):
-        assert not as_set(plan) & union, "rank plans overlap"
-        union |= as_set(plan)
-        pos = plan_positions(r, world_size, micro, 0, len(plan))
-        assert np.array_equal(order[pos], plan), "plan entries sit at their documented positions"
-        # rank r takes the r-th micro slice of every global batch
-        for k in range(steps):
-            assert np.array_equal(plan[k * micro:(k + 1) * micro], order[k * g + r * micro:k * g + (r + 1) * micro])
-    assert union == as_set(order[:steps * g])
-
-
-def test_resume_plan_is_the_tail_of_the_uninterrupted_plan():
-    lay = layout()
-    full = rank_plan(lay, 2, 0, 1, 2, 3, 0)
-    steps = steps_per_epoch(lay, 2, 3)
-    for s in (1, 4, steps - 1, steps):
-        tail = rank_plan(lay, 2, 0, 1, 2, 3, s)
-        assert np.array_equal(tail, full[s * 3:])
-        assert np.array_equal(plan_positions(1, 2, 3, s, len(tail)), plan_positions(1, 2, 3, 0, len(full))[s * 3:])
-    with pytest.raises(ValueError, match="start_step"):
-        rank_plan(lay, 2, 0, 1, 2, 3, steps + 1)
-
-
-def test_steps_per_epoch_drop_last_and_rank_range():
-    lay = layout()
-    assert steps_per_epoch(lay, 2, 4) == 5 and steps_per_epoch(lay, 3, 4) == 3
-    with pytest.raises(ValueError, match="rank"):
-        rank_plan(lay, 0, 0, 2, 2, 4)
-
-
-# ---------------------------------------------------------------------------------------------
-# Frame sampling
+def test_excluded_rows_are_not_valid():
+    lay = layout(excluded={2: np.array([0, 5, 11])})
+    assert lay.valid_rows(2).tolist() == [1, 2, 3, 4, 6, 7, 8, 9, 10]
+    assert lay.num_valid(2) == 9 and lay.total == sum((7, 0, 12, 5, 9, 11, 3)) - 3
 
 
 def reference_jitter(F, T, rng):
@@ -200,7 +111,7 @@ def test_substitution_is_a_pure_function_of_which_rows_are_bad():
     rng = np.random.default_rng(0)
     bad_rows = {(int(s), int(r)) for s, r in zip(rng.integers(0, 7, 6), rng.integers(0, 5, 6), strict=True)}
     lay = layout()
-    plan = rank_plan(lay, 1, 0, 0, 1, 4)
+    plan = np.array([(s, r) for s in range(len(lay.shard_ids)) for r in lay.valid_rows(s)])
 
     def batches(start):
         out = []
