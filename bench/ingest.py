@@ -215,6 +215,19 @@ def transform_rates(clips: int) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
+def pack_rate(clips: int) -> float:
+    """Clips/s on one core of `pack`'s resize: 32 frames + middle decoded, resized to 224, re-encoded."""
+    from bench.gpu_data import make_jpegs  # noqa: PLC0415
+    from pipeline.data.pack import resize_jpeg  # noqa: PLC0415
+
+    stored = make_jpegs(33, seed=3)
+    t0 = time.process_time()
+    for _ in range(clips):
+        for f in stored:
+            resize_jpeg(f, 224, 95)
+    return clips / (time.process_time() - t0)
+
+
 def consumption() -> dict[str, float]:
     """Clips/s one GPU trains at the plan's assumed MFU (B/32, B/16 at 12 frames, text 70)."""
     from pipeline.plan import ASSUMED_MFU, ASSUMED_PEAK_TFLOPS  # noqa: PLC0415
@@ -250,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"object reads at open: before {opened[0]} | after {opened[1]}")
     t_old, t_new = transform_rates(clips)
     print(f"transform clips/s/core: before {t_old:.1f} | after {t_new:.1f} -> {t_new / t_old:.2f}x (target >= 2x)")
+    print(f"pack clips/s/core (32 frames + middle, 240p q90 -> 224 q95, once per view): {pack_rate(clips // 10):.1f}")
     cores = 64 / 8 - 2  # gpu node: 64 CPUs, 8 GPUs; train.cpus_per_worker 2
     for model, need in consumption().items():
         have = cores * t_new

@@ -1,4 +1,4 @@
-"""`clipvip plan --config RECIPE [--set ...] [--json]`: a dry run of a prepare, recaption or
+"""`clipvip plan --config RECIPE [--set ...] [--json]`: a dry run of a prepare, recaption, pack or
 pretrain recipe: what the job would do, its costs, and whether the cluster fits it.
 
     clipvip plan --config jobs/configs/hdvila_prepare.yaml
@@ -16,10 +16,12 @@ import os
 import sys
 
 from jobs.common import config_parser, init_ray, load_or_exit
-from pipeline.config import ConfigError, PrepareJobConfig, PretrainJobConfig, RecaptionJobConfig, read_yaml_mapping
+from pipeline.config import (ConfigError, PackJobConfig, PrepareJobConfig, PretrainJobConfig, RecaptionJobConfig,
+                             read_yaml_mapping)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
-CLASSES = {"prepare": PrepareJobConfig, "recaption": RecaptionJobConfig, "pretrain": PretrainJobConfig}
+CLASSES = {"prepare": PrepareJobConfig, "recaption": RecaptionJobConfig, "pack": PackJobConfig,
+           "pretrain": PretrainJobConfig}
 
 
 def main(argv: list[str]) -> int:
@@ -34,15 +36,16 @@ def main(argv: list[str]) -> int:
         print(f"plan: {e}", file=sys.stderr)
         return 2
     if kind not in CLASSES:
-        print(f"plan: {kind} recipes are not planned (prepare, recaption and pretrain are)", file=sys.stderr)
+        print(f"plan: {kind} recipes are not planned (prepare, recaption, pack and pretrain are)", file=sys.stderr)
         return 2
     cfg = load_or_exit(CLASSES[kind], argparse.Namespace(config=args.config, overrides=args.overrides))
     from pipeline import plan  # noqa: PLC0415
+    from pipeline.plan_pack import plan_pack  # noqa: PLC0415
 
     connected = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if kind == "prepare" or connected:  # parts are planned on Ray; a cluster is asked for its shape
         init_ray(cfg.ray)
-    report = {"prepare": plan.plan_prepare, "recaption": plan.plan_recaption,
+    report = {"prepare": plan.plan_prepare, "recaption": plan.plan_recaption, "pack": plan_pack,
               "pretrain": plan.plan_pretrain}[kind](cfg, RESULTS_DIR, connected)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.render())
     if report.failed:

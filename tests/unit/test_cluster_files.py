@@ -255,7 +255,7 @@ def test_rayjobs_cover_the_job_kinds_with_valid_entrypoints():
     from jobs.cli import COMMANDS
 
     jobs = rayjobs()
-    assert {"prepare", "recaption", "pretrain", "finetune"} <= set(jobs)
+    assert {"prepare", "recaption", "pack", "pretrain", "finetune"} <= set(jobs)
     runtime_env = core.read_recipe(os.path.join(CLUSTER, "runtime_env.yaml"))
     for kind, (path, d) in jobs.items():
         spec = d["spec"]
@@ -282,6 +282,9 @@ def test_rayjobs_request_the_gpus_their_recipes_need():
         gpu_groups = [g for g in groups if any(gpus(c) for c in g["template"]["spec"]["containers"])]
         for g in groups:
             assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], f"{path} {g['groupName']}"
+        if kind == "pack":  # CPU work only: a GPU pod would idle
+            assert not gpu_groups, f"{path}: pack needs no GPU"
+            continue
         assert gpu_groups, f"{path}: {kind} needs GPU workers (captioner or training)"
         for g in gpu_groups:
             tolerations = g["template"]["spec"].get("tolerations", [])

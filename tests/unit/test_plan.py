@@ -104,3 +104,19 @@ def test_measured_gpu_reads_the_newest_full_result(tmp_path):
     write("gpu-20261206-smoke.json", "smoke", 1.0)
     got = plan.measured_gpu(str(tmp_path))
     assert got["caption_images_per_s"] == 150.0 and got["train_b32"] == 900.0 and "transform_clips_per_s_per_core" not in got
+
+
+def test_pack_report_at_corpus_scale():
+    from pipeline.config import PackJobConfig
+    from pipeline.plan_pack import build_pack_report
+
+    cfg = load_config(PackJobConfig, "jobs/configs/hdvila_pack.yaml", [])
+    res = plan.resources_from(cfg.ray)
+    rep = build_pack_report(cfg, rows=103_000_000, shards=201_172, frames_per_clip=32.0, task_memory=3 << 30,
+                            refused=None, res=res)
+    facts, est = dict(rep.facts), {k: v for k, v, _ in rep.estimates}
+    assert facts["tasks"] == 12_574 and facts["view shards"] == 12_574 * 8
+    assert 60 < est["output TB"] < 75 and est["pack CPU-hours"] > 1000
+    assert not rep.failed
+    refused = build_pack_report(cfg, 0, 0, 0, 0, "caption set 'x' not found", res)
+    assert [c.name for c in refused.failed] == ["root, caption set and view", "clips to pack"]
