@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.plan import Check, Report, Resources, resources_from
 
-PACK_CLIPS_PER_CORE_S = 9.0
+PACK_CLIPS_PER_CORE_S = 16.0
 """bench/ingest.py: a clip of 32 frames of 426x240 q90 decoded, resized to 224 and re-encoded at q95
 on one core (2-core VM, 2026-12-06)."""
 PACKED_FRAME_BYTES = 19.4 * 1024

@@ -59,7 +59,7 @@ def test_refusal_and_empty_input_fail():
     assert "does NOT fit" in rep.render()
 
 
-def test_pretrain_loader_needs_more_cpus_than_the_recipe_leaves():
+def test_pretrain_loader_cpus_per_gpu():
     cfg = load_config(PretrainJobConfig, "jobs/configs/hdvila_b32.yaml", [])
     res = plan.resources_from(cfg.ray)
     rep = plan.build_pretrain_report(cfg, rows=100_000_000, open_error=None, params=151_000_000,
@@ -68,12 +68,16 @@ def test_pretrain_loader_needs_more_cpus_than_the_recipe_leaves():
     assert facts["global batch"] == 1024 and facts["steps"] == 3 * (100_000_000 // 1024)
     assert est["checkpoint GB"] == 2.42 and "clips/s per GPU" in est
     loader = next(c for c in rep.checks if c.name == "loader CPUs per GPU")
-    assert loader.ok is False and "left per GPU" in loader.detail
+    assert loader.ok is True and "6.0 left per GPU" in loader.detail  # at the assumed MFU, just
+    # The transform on the 240p frames prepare stores (what training decoded before views) does not fit.
+    before = plan.build_pretrain_report(cfg, 100_000_000, None, 151_000_000, 0.371e12, res,
+                                        {"transform_clips_per_s_per_core": 47.0})
+    assert next(c for c in before.checks if c.name == "loader CPUs per GPU").ok is False
     measured = plan.build_pretrain_report(cfg, 100_000_000, None, 151_000_000, 0.371e12, res,
                                           {"train_b32": 120.0, "file": "gpu-x.json"})
     assert next(c for c in measured.checks if c.name == "loader CPUs per GPU").ok is True
     missing = plan.build_pretrain_report(cfg, None, "no manifest.json", 151_000_000, 0.371e12, res, {})
-    assert [c.name for c in missing.failed] == ["dataset opens", "loader CPUs per GPU"]
+    assert [c.name for c in missing.failed] == ["dataset opens"]
 
 
 def test_resources_from_ray_nodes_and_this_machine():
