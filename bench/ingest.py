@@ -122,12 +122,9 @@ def before_overread(steps: int) -> float:
 
 def write_view(layout: ViewLayout, shard_videos: list[np.ndarray], out: str) -> str:
     """A real view of this layout on disk (small payloads), written as `pack` writes one."""
-    import pyarrow as pa  # noqa: PLC0415
-
-    from pipeline import schema  # noqa: PLC0415
     from pipeline.config import ViewConfig  # noqa: PLC0415
     from pipeline.data import view as views  # noqa: PLC0415
-    from pipeline.data.pack import _piece_bytes  # noqa: PLC0415
+    from pipeline.data.pack import piece_bytes  # noqa: PLC0415
     from pipeline.data.root import DatasetRoot  # noqa: PLC0415
     from pipeline.utils import fs  # noqa: PLC0415
 
@@ -138,7 +135,7 @@ def write_view(layout: ViewLayout, shard_videos: list[np.ndarray], out: str) -> 
     for i, vids in enumerate(shard_videos):
         rows = [{"clip_id": f"c{i}-{j}", "video_id": f"v{v}", "subtitle": "s", "caption": "c", "frames": [payload],
                  "middle_frame": payload} for j, v in enumerate(vids.tolist())]
-        data = _piece_bytes(rows, cfg)
+        data = piece_bytes(rows, cfg)
         name = f"t{i:05d}-000"
         fs.write_bytes_atomic(root.view_shard_uri("bench", name), data)
         sides.append({"shard": name, "rows": len(rows), "row_groups": -(-len(rows) // GROUP), "videos": 0,
@@ -147,7 +144,6 @@ def write_view(layout: ViewLayout, shard_videos: list[np.ndarray], out: str) -> 
     meta = {"name": "bench", "status": "in_progress", "settings": {"caption_set": "x", "image_size_px": 224,
                                                                     "rows_per_group": GROUP}}
     views.finish_view(root, meta, sides, len(sides), 0.0)
-    del pa, schema
     return out
 
 

@@ -178,7 +178,7 @@ def _view_row(row: dict[str, Any], cfg: ViewConfig) -> dict[str, Any]:
     return {k: row[k] for k in schema.VIEW_SCHEMA.names}
 
 
-def _piece_bytes(rows: list[dict[str, Any]], cfg: ViewConfig) -> bytes:
+def piece_bytes(rows: list[dict[str, Any]], cfg: ViewConfig) -> bytes:
     table = pa.Table.from_pylist(rows, schema=schema.VIEW_SCHEMA)
     sink = pa.BufferOutputStream()
     # JPEG bytes do not compress: storing them plain keeps reads cheap; the text columns are zstd.
@@ -222,7 +222,7 @@ def pack_task(task: PackTask, root_uri: str, opts: fs.S3Options, cfg: ViewConfig
                 except ValueError as e:  # the view leaves the row out; the sidecar says which and why
                     dropped.append({"clip_id": r["clip_id"], "error": str(e)})
             transform_s += time.perf_counter() - t1
-            data = _piece_bytes(rows, cfg)
+            data = piece_bytes(rows, cfg)
             name = shard_name(task.task, j)
             fs.write_bytes_atomic(root.view_shard_uri(cfg.name, name), data, opts)
             ids = [r["clip_id"] for r in rows]
