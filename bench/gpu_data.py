@@ -112,11 +112,13 @@ def part_captioner(sz: Sizes) -> dict[str, Any]:
 
 
 def transform_rate(num_clips: int, num_frames: int, image_px: int) -> float:
-    """Clips/s of the loader's transform (jittered sampling + JPEG decode + resize) on one core."""
+    """Clips/s of the loader's transform (jittered sampling + JPEG decode) on one core, on frames as a
+    training view stores them (`clipvip pack`: resized to the training size once)."""
     torch.set_num_threads(1)
+    from pipeline.data.pack import resize_jpeg  # noqa: PLC0415
     from pipeline.data.sampling import jitter_rng, transform_clip  # noqa: PLC0415
 
-    frames = make_jpegs(STORED_FRAMES, seed=2)
+    frames = [resize_jpeg(f, image_px, 95) for f in make_jpegs(STORED_FRAMES, seed=2)]
     transform_clip(frames, frames[STORED_FRAMES // 2], num_frames, image_px, True, jitter_rng(0, 0, 0))
     t0 = time.process_time()
     for i in range(num_clips):

@@ -110,8 +110,8 @@ def synthetic_batch(m: int, sz: Sizes, device: str) -> dict[str, torch.Tensor]:
 
     sub_ids, sub_mask = texts()
     cap_ids, cap_mask = texts()
-    batch = {"frames": torch.randint(0, 256, (m, T, 3, px, px), dtype=torch.uint8, generator=g),
-             "middle_frame": torch.randint(0, 256, (m, 3, px, px), dtype=torch.uint8, generator=g),
+    batch = {"frames": torch.randint(0, 256, (m, T, px, px, 3), dtype=torch.uint8, generator=g),
+             "middle_frame": torch.randint(0, 256, (m, px, px, 3), dtype=torch.uint8, generator=g),
              "subtitle_ids": sub_ids, "subtitle_mask": sub_mask, "caption_ids": cap_ids, "caption_mask": cap_mask,
              "clip_id": torch.arange(m, dtype=torch.int64), "skipped": torch.zeros(m, dtype=torch.int64)}
     return {k: v.to(device) for k, v in batch.items()}

@@ -1,13 +1,14 @@
-"""The shard loader's epoch order before training views (the baseline `bench/ingest.py` compares
-against): shards permuted, rows shuffled jointly inside windows of `window_shards` shards, each
-rank reading a contiguous chunk of the resulting sequence. Kept only for that comparison.
+"""The shard loader before training views (the baseline `bench/ingest.py` compares against): its
+epoch order (shards permuted, rows shuffled jointly inside windows of `window_shards` shards, each
+rank reading a contiguous chunk of the resulting sequence) and its transform (PIL decode + resize
+of every sampled frame, channels-first copies, stacked). Kept only for that comparison.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.sampling import ShardLayout, hash_keys, stream_key
+from pipeline.data.sampling import ShardLayout, decode_resize, hash_keys, sample_frame_indices, stream_key
 
 _STREAM_SHARDS = 1
 _STREAM_ROWS = 2
@@ -88,3 +89,11 @@ def rank_plan(index: ShardLayout, seed: int, epoch: int, rank: int, world_size: 
                           rank * per_rank + start_step * micro_batch, (rank + 1) * per_rank)
 
 
+
+
+def transform_clip(frames: list[bytes], middle_frame: bytes, num_frames: int, size_px: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The transform before views: ([T, C, H, W], [C, H, W]) uint8, each frame PIL-decoded and resized."""
+    idx = sample_frame_indices(len(frames), num_frames, True, rng).tolist()
+    decoded = {i: decode_resize(frames[i], size_px).transpose(2, 0, 1).copy() for i in set(idx)}
+    return np.stack([decoded[i] for i in idx]), decode_resize(middle_frame, size_px).transpose(2, 0, 1).copy()

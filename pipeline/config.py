@@ -341,6 +341,11 @@ class ModelConfig:
     attention: Literal["sparse", "dense"] = "sparse"
     """sparse: per-frame + proxy two-branch SDPA; dense: S x S masked reference (tests only)."""
     max_text_len: int = 70
+    vision_heads: int | None = None
+    """Attention heads of the vision tower when loading an official `.pt` whose tower matches no preset
+    (the count is in no tensor shape); unset, such a load fails naming this key."""
+    text_heads: int | None = None
+    """Likewise for the text tower."""
     video_pooling: Literal["proxy", "mean"] = "proxy"
     """proxy: CLIP-ViP (first video proxy token). mean: the CLIP4Clip-MeanP baseline (spec 1.6),
     every frame through plain CLIP, L2-normalised features averaged; needs add_cls_num=0 and
@@ -356,6 +361,9 @@ class ModelConfig:
             raise ConfigError(f"model.temporal_size: must be >= 1, got {self.temporal_size}")
         if self.add_cls_num < 0:
             raise ConfigError(f"model.add_cls_num: must be >= 0, got {self.add_cls_num}")
+        for key in ("vision_heads", "text_heads"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}: must be >= 1, got {getattr(self, key)}")
         if not 0 < self.logit_scale_max <= 10:
             raise ConfigError(f"model.logit_scale_max: must be in (0, 10], got {self.logit_scale_max}")
         if not 0 <= self.logit_scale_init <= self.logit_scale_max:

@@ -30,9 +30,10 @@ from pipeline.data.memory import decode_reservation, frame_bytes
 DECODE_CLIPS_PER_CORE_S = 2.15
 """bench/decode.py (full, corpus shape): a 7-minute 720p H.264 video of 31 clips of 13 s, 3 fps,
 <= 32 frames, 240p JPEG, one core (2026-12-06)."""
-TRANSFORM_CLIPS_PER_CORE_S = 156.0
-"""bench/ingest.py: the training transform at 12 frames + middle on a view's 224 px frames, one core
-(2026-12-06; 47 on the 240p frames prepare stores, what training decoded before views)."""
+TRANSFORM_CLIPS_PER_CORE_S = 310.0
+"""bench/ingest.py: the training transform at 12 frames + middle on a view's 224 px q95 frames, one
+core, libjpeg-turbo into the batch (2026-12-06, 300-321 over three runs; ~43 on the 240p frames
+prepare stores, as training decoded them before views)."""
 VIDEO_BYTES = 76e6
 """HD-VILA-100M: ~250 TB over 3.3M videos (720p)."""
 DRIVER_BASE_GIB, DRIVER_BYTES_PER_UNIT = 0.6, 4096

@@ -23,14 +23,14 @@ substituted slot has `skipped = 1` and the donor's `clip_id`, so the loss's dupl
 the copy a positive, not a negative.
 
 Where GPU JPEG decoding would go (not built): what a loader task spends its CPU on is decoding the
-T + 1 sampled JPEGs of 224 px a clip (~0.3 ms each, bench/ingest.py). `_transform` is the one
+T + 1 sampled JPEGs of 224 px a clip (~0.23 ms each on one core, bench/ingest.py). `_transform` is the one
 place that turns stored bytes into pixels; on GPU nodes a loader that ships the sampled frames'
 JPEG bytes and a decode on the trainer's device (nvJPEG, e.g. `torchvision.io.decode_jpeg` with a
 CUDA device) would replace it, leaving the CPUs sampling and tokenising.
 
 Batch layout (B = micro batch m, T = num_frames, H = W = image_size_px, L = max_text_len):
-    frames [B, T, 3, H, W] uint8, middle_frame [B, 3, H, W] uint8 (normalise on the trainer with
-    `normalize_clip`), subtitle_ids / subtitle_mask / caption_ids / caption_mask [B, L] int64,
+    frames [B, T, H, W, 3] uint8, middle_frame [B, H, W, 3] uint8, channels-last as decoded (the
+    trainer's `normalize_clip` makes them float channels-first on its device), subtitle_ids / subtitle_mask / caption_ids / caption_mask [B, L] int64,
     clip_id [B] int64 (stable hash), position [B] int64 (global sample index of the slot),
     step [B] int64 (same value in a batch), skipped [B] int64 (0/1).
 """
@@ -253,13 +253,14 @@ def _shared_reader(index: ViewIndex) -> ViewReader:
 # One micro batch (pure given the rows; runs in Ray workers)
 
 
-def _transform(row: dict[str, Any], spec: BatchSpec, seed: int, epoch: int,
-               position: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(frames, middle) of one row, or None when a needed JPEG does not decode."""
+def _transform(row: dict[str, Any], spec: BatchSpec, seed: int, epoch: int, position: int,
+               out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(frames, middle) of one row, written into `out` when given, or None when a needed JPEG does
+    not decode."""
     rng = jitter_rng(seed, epoch, position) if spec.train_sampling else None
     try:
         return transform_clip(row["frames"], row["middle_frame"], spec.num_frames, spec.image_size_px,
-                              spec.train_sampling, rng)
+                              spec.train_sampling, rng, *(out or (None, None)))
     except BadSample:
         return None
 
@@ -296,23 +297,30 @@ def build_micro_batch(reader: ViewReader, spec: BatchSpec, seed: int, epoch: int
     """
     positions = rank_positions(step, rank, world_size, spec.global_batch)
     rows = reader.rows(order_entries(reader.index.layout, seed, epoch, positions))
-    outs = [_transform(r, spec, seed, epoch, int(p)) for r, p in zip(rows, positions, strict=True)]
-    good = np.array([o is not None for o in outs])
+    m, px = len(positions), spec.image_size_px
+    # Each slot is decoded straight into the batch's arrays: no per-clip arrays, no stacking copy.
+    frames = np.empty((m, spec.num_frames, px, px, 3), np.uint8)
+    middle = np.empty((m, px, px, 3), np.uint8)
+    good = np.array([_transform(r, spec, seed, epoch, int(p), (frames[j], middle[j])) is not None
+                     for j, (r, p) in enumerate(zip(rows, positions, strict=True))])
     donors = substitute_slots(good)
-    m = len(positions)
     if donors[0] < 0:
         found = _fallback_donors(reader, spec, seed, epoch, int(positions[-1]), m)
-        samples = [found[j % len(found)] for j in range(m)]
+        samples = [found[j % len(found)][0] for j in range(m)]
+        for j in range(m):
+            frames[j], middle[j] = found[j % len(found)][1]
     else:
-        samples = [(rows[d], outs[d]) for d in donors.tolist()]
-    sub_ids, sub_mask = tokenize_fn([r["subtitle"] for r, _ in samples], spec.max_text_len)
-    cap_ids, cap_mask = tokenize_fn([r["caption"] for r, _ in samples], spec.max_text_len)
+        samples = [rows[d] for d in donors.tolist()]
+        for j in np.flatnonzero(~good).tolist():
+            frames[j], middle[j] = frames[donors[j]], middle[donors[j]]
+    sub_ids, sub_mask = tokenize_fn([r["subtitle"] for r in samples], spec.max_text_len)
+    cap_ids, cap_mask = tokenize_fn([r["caption"] for r in samples], spec.max_text_len)
     return {
-        "frames": np.stack([o[0] for _, o in samples]),
-        "middle_frame": np.stack([o[1] for _, o in samples]),
+        "frames": frames,
+        "middle_frame": middle,
         "subtitle_ids": sub_ids.numpy(), "subtitle_mask": sub_mask.numpy(),
         "caption_ids": cap_ids.numpy(), "caption_mask": cap_mask.numpy(),
-        "clip_id": np.array([clip_hash(r["clip_id"]) for r, _ in samples], dtype=np.int64),
+        "clip_id": np.array([clip_hash(r["clip_id"]) for r in samples], dtype=np.int64),
         "position": positions.astype(np.int64),
         "step": np.full(m, step, dtype=np.int64),
         "skipped": (~good).astype(np.int64),

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
@@ -161,7 +162,7 @@ def decode_resize(jpeg: bytes, size_px: int) -> np.ndarray:
     """Decode one JPEG and squash-resize it (bicubic, no aspect-preserving crop), as CLIP-ViP.
 
     Returns:
-        [C, size_px, size_px] uint8.
+        [size_px, size_px, C] uint8.
 
     Raises:
         BadSample: the bytes do not decode.
@@ -171,43 +172,77 @@ def decode_resize(jpeg: bytes, size_px: int) -> np.ndarray:
             rgb = img.convert("RGB").resize((size_px, size_px), Image.Resampling.BICUBIC)
     except DECODE_ERRORS as e:
         raise BadSample(f"undecodable frame: {type(e).__name__}: {e}") from e
-    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
+    return np.asarray(rgb, dtype=np.uint8)
 
 
-def transform_clip(frames: Sequence[bytes], middle_frame: bytes, num_frames: int, size_px: int,
-                   train: bool, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
-    """One clip's model inputs: T sampled frames and the middle frame, uint8 (normalise later).
+def decode_into(jpeg: bytes, out_HWC: np.ndarray) -> None:
+    """Decode one JPEG into `out_HWC` [H, W, C] uint8 (H = W), squash-resizing when its size differs.
 
-    Only the sampled frames are decoded.
+    A frame already at the target size (a training view's) is decoded by libjpeg-turbo straight
+    into `out_HWC` through simplejpeg: no resize, no copy, ~1.5x PIL's decode of the same bytes
+    (bench/ingest.py), and the same pixels (both are libjpeg-turbo with the accurate DCT). Other
+    frames, and JPEGs simplejpeg refuses (CMYK), go through PIL's `decode_resize`.
+
+    Raises:
+        BadSample: the bytes do not decode.
+    """
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
+        if (height, width) == out_HWC.shape[:2]:
+            simplejpeg.decode_jpeg(jpeg, colorspace="RGB", buffer=out_HWC)
+            return
+    except ValueError:
+        pass  # truncated or unsupported: PIL below decides, with its own error
+    out_HWC[...] = decode_resize(jpeg, out_HWC.shape[0])
+
+
+def transform_clip(frames: Sequence[bytes], middle_frame: bytes, num_frames: int, size_px: int, train: bool,
+                   rng: np.random.Generator | None, out_THWC: np.ndarray | None = None,
+                   out_middle_HWC: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One clip's model inputs: T sampled frames and the middle frame, uint8 channels-last.
+
+    Only the sampled frames are decoded, each once (F < T repeats indices). Pixels stay uint8 and
+    channels-last until the trainer (`normalize_clip`): the decoder writes HWC, and the permute to
+    the model's CHW is free on the device but a full copy on a loader core.
+
+    Args:
+        out_THWC / out_middle_HWC: where to write (e.g. a micro batch's slots); allocated when None.
 
     Returns:
-        frames_TCHW: [T, C, H, W] uint8.
-        middle_CHW: [C, H, W] uint8.
+        frames_THWC: [T, H, W, C] uint8.
+        middle_HWC: [H, W, C] uint8.
 
     Raises:
         BadSample: no frames, or a needed JPEG does not decode.
     """
-    idx = sample_frame_indices(len(frames), num_frames, train, rng)
-    decoded: dict[int, np.ndarray] = {}
-    for i in idx.tolist():
-        if i not in decoded:  # F < T repeats indices; decode each once
-            decoded[i] = decode_resize(frames[i], size_px)
-    frames_TCHW = np.stack([decoded[i] for i in idx.tolist()], axis=0)
-    return frames_TCHW, decode_resize(middle_frame, size_px)
+    idx = sample_frame_indices(len(frames), num_frames, train, rng).tolist()
+    if out_THWC is None:
+        out_THWC = np.empty((num_frames, size_px, size_px, 3), np.uint8)
+    if out_middle_HWC is None:
+        out_middle_HWC = np.empty((size_px, size_px, 3), np.uint8)
+    first: dict[int, int] = {}
+    for t, i in enumerate(idx):
+        if i in first:
+            out_THWC[t] = out_THWC[first[i]]
+        else:
+            first[i] = t
+            decode_into(frames[i], out_THWC[t])
+    decode_into(middle_frame, out_middle_HWC)
+    return out_THWC, out_middle_HWC
 
 
 def normalize_clip(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> CLIP-normalised float32, on whatever device x lives (run on the trainer).
+    """uint8 channels-last pixels -> CLIP-normalised float32 channels-first, on x's device.
 
     Args:
-        x_uint8: [..., C, H, W] uint8, C = 3 (e.g. frames [B, T, C, H, W]).
+        x_uint8: [..., H, W, C] uint8, C = 3 (e.g. frames [B, T, H, W, C]).
 
     Returns:
-        Same shape, float32: (x / 255 - mean) / std per channel.
+        [..., C, H, W] float32: (x / 255 - mean) / std per channel.
     """
-    mean = torch.tensor(CLIP_MEAN, device=x_uint8.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x_uint8.device).view(3, 1, 1)
-    return (x_uint8.float() / 255.0 - mean) / std
+    mean = torch.tensor(CLIP_MEAN, device=x_uint8.device)
+    std = torch.tensor(CLIP_STD, device=x_uint8.device)
+    return ((x_uint8.float() / 255.0 - mean) / std).movedim(-1, -3).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

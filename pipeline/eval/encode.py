@@ -69,7 +69,7 @@ def encode_clips(model: CLIPViPModel, clips_NTHWC: np.ndarray | torch.Tensor) ->
     """[N, P] float32 unit video features from uint8 [N, T, H, W, 3] frames."""
     x = torch.as_tensor(clips_NTHWC)
     param = next(model.parameters())
-    pixels_NTCHW = normalize_clip(x.permute(0, 1, 4, 2, 3).to(param.device)).to(param.dtype)
+    pixels_NTCHW = normalize_clip(x.to(param.device)).to(param.dtype)
     return model.encode_video(pixels_NTCHW).float().cpu().numpy()
 
 

@@ -264,7 +264,6 @@ def _config_from_shapes(state: Mapping[str, torch.Tensor], model_cfg: ModelConfi
         hidden_size=v_hidden,
         intermediate_size=shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
         num_hidden_layers=num_layers("vision_model"),
-        num_attention_heads=_num_heads(v_hidden, "vision_config", model_cfg, source),
         num_channels=channels,
         image_size=grid * patch,
         patch_size=patch,
@@ -274,9 +273,10 @@ def _config_from_shapes(state: Mapping[str, torch.Tensor], model_cfg: ModelConfi
         hidden_size=t_hidden,
         intermediate_size=shape("text_model.encoder.layers.0.mlp.fc1.weight")[0],
         num_hidden_layers=num_layers("text_model"),
-        num_attention_heads=_num_heads(t_hidden, "text_config", model_cfg, source),
         max_position_embeddings=shape("text_model.embeddings.position_embedding.weight")[0],
     )
+    vision_config["num_attention_heads"] = _num_heads(vision_config, "vision_config", model_cfg, source)
+    text_config["num_attention_heads"] = _num_heads(text_config, "text_config", model_cfg, source)
     if model_cfg is not None:
         extras = vip_extras(model_cfg)  # disagreement with the tensors surfaces in the strict load
     else:
@@ -295,13 +295,25 @@ def _config_from_shapes(state: Mapping[str, torch.Tensor], model_cfg: ModelConfi
     )
 
 
-def _num_heads(hidden: int, tower: str, model_cfg: ModelConfig | None, source: str) -> int:
-    """Head count is not visible in the shapes: use the preset with this width, else CLIP's 64-d heads."""
-    presets = ([model_cfg.preset] if model_cfg is not None else []) + list(PRESETS)
-    for name in presets:
-        sub = PRESETS[name][tower]
-        if sub["hidden_size"] == hidden:
+_HEAD_KEYS = {"vision_config": "vision_heads", "text_config": "text_heads"}
+_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers")
+
+
+def _num_heads(tower_cfg: dict, tower: str, model_cfg: ModelConfig | None, source: str) -> int:
+    """The tower's head count, which no tensor shape shows: `model.<vision|text>_heads` when set, else
+    the preset whose tower has exactly these shapes (width, MLP width, depth: the released B/32 and
+    B/16 are such), else an error naming the key. Never a guess: a wrong head count loads without
+    complaint and computes another function."""
+    key = _HEAD_KEYS[tower]
+    hidden = tower_cfg["hidden_size"]
+    explicit = getattr(model_cfg, key, None) if model_cfg is not None else None
+    if explicit is not None:
+        if hidden % explicit:
+            raise ValueError(f"{source}: model.{key}={explicit} does not divide the {tower} width {hidden}")
+        return explicit
+    for sub in (p[tower] for p in PRESETS.values()):
+        if all(sub[k] == tower_cfg[k] for k in _SHAPE_KEYS):
             return sub["num_attention_heads"]
-    if hidden % 64 == 0:
-        return hidden // 64  # every OpenAI CLIP uses 64-dim heads
-    raise ValueError(f"{source}: cannot infer {tower} heads for width {hidden}; no preset has this width")
+    shapes = ", ".join(f"{k} {tower_cfg[k]}" for k in _SHAPE_KEYS)
+    raise ValueError(f"{source}: the {tower} head count is not in the tensor shapes and no preset has this tower "
+                     f"({shapes}); set model.{key}")

@@ -173,6 +173,6 @@ class RankBatches:
                     pending = self._batch(pool, step + 1)
                 frames_BTHWC = torch.from_numpy(np.stack([s[0] for s in samples]))
                 ids_BN, mask_BN = tokenize([s[1] for s in samples], self.cfg.max_text_len)
-                yield {"frames": frames_BTHWC.permute(0, 1, 4, 2, 3).contiguous(), "text_ids": ids_BN,
+                yield {"frames": frames_BTHWC, "text_ids": ids_BN,
                        "text_mask": mask_BN, "clip_id": torch.tensor([s[2] for s in samples], dtype=torch.int64),
                        "skipped": torch.tensor([s[3] for s in samples], dtype=torch.int64)}

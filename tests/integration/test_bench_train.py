@@ -25,8 +25,8 @@ B, T, px = bench.MICRO_BATCH, cfg.train.num_frames, cfg.train.image_size_px
 rng = np.random.default_rng(0)
 ids, mask = tokenize([f"clip {i} subtitle" for i in range(B)], cfg.model.max_text_len)
 cap_ids, cap_mask = tokenize([f"clip {i} caption" for i in range(B)], cfg.model.max_text_len)
-batch = {"frames": torch.from_numpy(rng.integers(0, 255, (B, T, 3, px, px), dtype=np.uint8)),
-         "middle_frame": torch.from_numpy(rng.integers(0, 255, (B, 3, px, px), dtype=np.uint8)),
+batch = {"frames": torch.from_numpy(rng.integers(0, 255, (B, T, px, px, 3), dtype=np.uint8)),
+         "middle_frame": torch.from_numpy(rng.integers(0, 255, (B, px, px, 3), dtype=np.uint8)),
          "subtitle_ids": ids, "subtitle_mask": mask, "caption_ids": cap_ids, "caption_mask": cap_mask,
          "clip_id": torch.arange(B, dtype=torch.int64), "skipped": torch.zeros(B, dtype=torch.int64)}
 print("RESULT " + json.dumps(bench.ds_inprocess(cfg, [batch], warmup=1, steps=2, threads=1)))

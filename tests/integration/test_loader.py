@@ -103,8 +103,8 @@ def test_batches_have_documented_layout(root):
     steps = index.layout.steps(SPEC.global_batch)
     assert len(batches) == steps > 1
     for k, b in enumerate(batches):
-        assert b["frames"].shape == (2, 6, 3, 32, 32) and b["frames"].dtype == torch.uint8
-        assert b["middle_frame"].shape == (2, 3, 32, 32) and b["middle_frame"].dtype == torch.uint8
+        assert b["frames"].shape == (2, 6, 32, 32, 3) and b["frames"].dtype == torch.uint8
+        assert b["middle_frame"].shape == (2, 32, 32, 3) and b["middle_frame"].dtype == torch.uint8
         for key in ("subtitle_ids", "subtitle_mask", "caption_ids", "caption_mask"):
             assert b[key].shape == (2, 70) and b[key].dtype == torch.int64
         for key in ("clip_id", "position", "step", "skipped"):

@@ -72,19 +72,22 @@ def jpeg(color, size=(40, 30)):
 def test_transform_shapes_and_squash_resize():
     frames = [jpeg((10 * i, 0, 0)) for i in range(5)]
     out, mid = transform_clip(frames, jpeg((0, 200, 0), (64, 20)), 12, 16, False, None)
-    assert out.shape == (12, 3, 16, 16) and out.dtype == np.uint8 and mid.shape == (3, 16, 16)
+    assert out.shape == (12, 16, 16, 3) and out.dtype == np.uint8 and mid.shape == (16, 16, 3)
     # F < T: indices repeat, frame order preserved
-    reds = out[:, 0, 8, 8].astype(int).tolist()
+    reds = out[:, 8, 8, 0].astype(int).tolist()
     assert reds == sorted(reds) and abs(reds[0] - 0) <= 3 and abs(reds[-1] - 40) <= 3
-    assert abs(int(mid[1, 8, 8]) - 200) <= 3 and int(mid[0, 8, 8]) <= 3
+    assert abs(int(mid[8, 8, 1]) - 200) <= 3 and int(mid[8, 8, 0]) <= 3
     with pytest.raises(BadSample):
         transform_clip([b"\xff\xd8garbage"] * 3, frames[0], 4, 16, False, None)
 
 
 def test_normalize_clip():
-    x = torch.full((2, 3, 3, 4, 4), 255, dtype=torch.uint8)
+    x = torch.full((2, 3, 4, 5, 3), 255, dtype=torch.uint8)
+    x[..., 1] = 0
     y = normalize_clip(x)
-    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert y.dtype == torch.float32 and y.shape == (2, 3, 3, 4, 5) and y.is_contiguous()
+    assert torch.allclose(y[0, 0, 1], torch.full((4, 5), -0.4578275 / 0.26130258)), "channels-last in, first out"
+    y = normalize_clip(torch.full((2, 3, 4, 5, 3), 255, dtype=torch.uint8))
     assert torch.allclose(y[0, 0, :, 0, 0], (1 - torch.tensor([0.48145466, 0.4578275, 0.40821073]))
                           / torch.tensor([0.26862954, 0.26130258, 0.27577711]))
 

@@ -104,6 +104,20 @@ def test_official_architecture_inferred_from_shapes(tmp_path):
     assert loaded.config.vision_config.num_attention_heads == 4
     assert (loaded.config.vision_config.image_size, loaded.config.vision_config.patch_size) == (32, 8)
     assert_same_model(model, loaded)
+    # Heads are in no shape: a tower no preset has is refused naming the key, and loads once it is set.
+    odd = tiny(cfg=dataclasses.replace(TINY, add_cls_num=2, temporal_size=8))
+    odd_cfg = odd.config.to_dict()
+    odd_cfg["vision_config"].update(hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    wide = CLIPViPModel(CLIPViPConfig(**{k: odd_cfg[k] for k in ("text_config", "vision_config", "projection_dim",
+                                                                   "add_cls_num", "temporal_size")}))
+    save_official(wide, str(tmp_path / "wide.pt"))
+    with pytest.raises(ValueError, match=r"vision_config head count .*hidden_size 64, intermediate_size 128, "
+                                         r"num_hidden_layers 2\); set model\.vision_heads"):
+        load_clip_vip(str(tmp_path / "wide.pt"))
+    cfg4 = dataclasses.replace(TINY, add_cls_num=2, temporal_size=8, vision_heads=4)
+    assert load_clip_vip(str(tmp_path / "wide.pt"), cfg4).config.vision_config.num_attention_heads == 4
+    with pytest.raises(ValueError, match=r"model\.vision_heads=5 does not divide the vision_config width 64"):
+        load_clip_vip(str(tmp_path / "wide.pt"), dataclasses.replace(cfg4, vision_heads=5))
     # A model config that disagrees with the checkpoint is an error naming the tensor.
     with pytest.raises(ValueError, match=r"added_cls checkpoint \(2, 32\) vs model \(3, 32\)"):
         load_clip_vip(str(path), TINY)

@@ -55,7 +55,7 @@ def test_ranks_are_disjoint_and_cover_full_batches(items):
     assert len(r0) == len(r1) == spe
     seen = [c for b in ids(r0) + ids(r1) for c in b]
     assert len(set(seen)) == len(seen) == 8
-    assert tuple(r0[0]["frames"].shape) == (2, 3, 3, 16, 16) and r0[0]["frames"].dtype == torch.uint8
+    assert tuple(r0[0]["frames"].shape) == (2, 3, 16, 16, 3) and r0[0]["frames"].dtype == torch.uint8
     assert tuple(r0[0]["text_ids"].shape) == (2, 8)
 
 
