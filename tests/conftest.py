@@ -9,6 +9,8 @@ import os
 import socket
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -28,3 +30,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+DS_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="session")
+def _gloo_group():
+    """One single-rank gloo process group for every in-process DeepSpeed test of the session:
+    DeepSpeed caches its process groups globally, so a group destroyed and made again under it
+    breaks the next engine."""
+    import deepspeed.comm.torch  # noqa: F401
+    import torch.distributed as dist
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # gloo does the allreduce
+    port = free_port()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield port
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def gloo(_gloo_group, monkeypatch):
+    """In-process DeepSpeed on CPU at world size 1 (the env it reads, for this test only)."""
+    for key, value in zip(DS_ENV_KEYS, ("0", "0", "1", "127.0.0.1", str(_gloo_group)), strict=True):
+        monkeypatch.setenv(key, value)

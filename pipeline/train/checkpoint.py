@@ -12,12 +12,18 @@ into one checkpoint directory in `storage_path`:
 The data position is the global step: data order is a pure function of (seed, epoch, world
 size), so step k says exactly which samples every rank has consumed. RNG states are saved too
 (cheap) although nothing random depends on them today: frame jitter is seeded per sample.
+
+Nothing here unpickles code: every file is read with `torch.load(weights_only=True)`, DeepSpeed's
+own reads included (`SafeCheckpointEngine`), with three plain DeepSpeed classes allowed by name. A
+checkpoint bucket anyone can write to would otherwise be code execution on every worker
+(https://pytorch.org/docs/stable/generated/torch.load.html, "weights_only").
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -48,14 +54,66 @@ class TrainState:
     best_step: int = 0
 
 
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file holds something other than tensors and plain values: refused, not loaded."""
+
+
+def safe_load(path: str, map_location: Any = "cpu") -> Any:
+    """`torch.load` that cannot run code: tensors, plain containers and DeepSpeed's three state
+    classes (its ZeRO optimizer files hold a LossScaler, ZeroStageEnum and fragment_address).
+
+    Raises:
+        UnsafeCheckpoint: the file needs any other global (a planted pickle, or a file from
+            elsewhere); the message names the file and the global.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler  # noqa: PLC0415
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415
+    from deepspeed.utils.tensor_fragment import fragment_address  # noqa: PLC0415
+
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                   str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise UnsafeCheckpoint(f"{path}: refused: it needs more than tensors and plain values to load ({why}); "
+                               "checkpoints are data, so a file that carries code was not written by a "
+                               "training run here") from e
+
+
+def install_safe_loading(engine: Any) -> None:
+    """Make DeepSpeed read checkpoints through `safe_load` (its default engine unpickles anything)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: PLC0415
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return safe_load(path, map_location)
+
+    current = engine.checkpoint_engine
+    if type(current) is not TorchCheckpointEngine:  # the decoupled/fast engines have other loads
+        raise ValueError(f"checkpoint engine {type(current).__name__} is not supported (TorchCheckpointEngine only)")
+    safe = SafeCheckpointEngine.__new__(SafeCheckpointEngine)
+    safe.__dict__.update(current.__dict__)
+    engine.checkpoint_engine = safe
+
+
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as tensors and plain values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, mt, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "state": list(mt), "gauss": gauss}}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
 def save(engine: Any, out_dir: str, state: TrainState, rank: int, config: dict[str, Any]) -> None:
@@ -77,9 +135,11 @@ def load(engine: Any, ckpt_dir: str, rank: int, world_size: int, weights_only: b
     Raises:
         ValueError: the checkpoint was written at another world size (ZeRO shards are bound to the
             data-parallel size; convert it with DeepSpeed's ds_to_universal first).
+        UnsafeCheckpoint: a file would need unpickling code (`safe_load`).
     """
     with open(os.path.join(ckpt_dir, STATE_FILE), encoding="utf-8") as f:
         state = TrainState(**json.load(f))
+    install_safe_loading(engine)
     if weights_only:
         engine.load_checkpoint(os.path.join(ckpt_dir, "ds"), tag=DS_TAG, load_module_only=True,
                                load_optimizer_states=False, load_lr_scheduler_states=False)
@@ -93,7 +153,7 @@ def load(engine: Any, ckpt_dir: str, rank: int, world_size: int, weights_only: b
         raise ValueError(f"DeepSpeed found no checkpoint under {ckpt_dir}/ds")
     rng_file = os.path.join(ckpt_dir, f"rng_rank{rank}.pt")
     if os.path.exists(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(safe_load(rng_file))
     return state
 
 

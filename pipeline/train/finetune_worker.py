@@ -23,13 +23,13 @@ from pipeline.config import build_dataclass
 from pipeline.eval.config import FinetuneJobConfig
 from pipeline.eval.formats import RetrievalItem
 from pipeline.train import checkpoint as ckpt_io
+from pipeline.train import finish
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.optim import lr_at, make_adamw, param_groups, set_lr
 from pipeline.train.worker import (
     RunLog,
     build_model,
     ds_config,
-    export_weights,
     quiet_report_lines,
     save_and_report,
     skip_cpu_shm_build,
@@ -124,9 +124,16 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 break
     # Every submission runs the finish; each of its steps happens once per run (finish_step), so
     # a run killed between its last checkpoint and its artifacts gets them when resubmitted.
-    export_weights(engine, loop_config["export_dir"], cfg, rank, tracker, "model", None, TAG)
-    if rank == 0 and tracker.run_id and state.best_metric is not None:
-        _log_best_artifacts(cfg, loop_config["best_dir"], tracker)
+    finish.pause_point("checkpoint", rank)
+    finish.export_once(engine, loop_config["export_dir"], state.step, cfg, rank, world, TAG)
+    finish.pause_point("export", rank)
+    if rank == 0 and tracker.run_id:
+        finish.log_artifacts_once(tracker, loop_config["export_dir"], "model", cfg)
+        if state.best_metric is not None:
+            finish.log_artifacts_once(tracker, loop_config["best_dir"], "best_model", cfg)
+        finish.pause_point("artifacts", rank)
+        if state.best_metric is not None and cfg.tracking.register_model:
+            finish.register_once(tracker, "best_model", cfg.tracking.register_model, cfg, TAG)
     if rank == 0:
         print(f"[{TAG}] best {cfg.data.select_metric} {state.best_metric} at step {state.best_step} -> "
               f"{loop_config['best_dir']}", flush=True)
@@ -212,24 +219,4 @@ def _validate_and_keep_best(engine, cfg, loop_config, val_items, state, rank, wo
         dist.broadcast_object_list(best, src=0)
         state.best_metric, state.best_step = best
     if improved[0] > 0:
-        export_weights(engine, loop_config["best_dir"], cfg, rank, None, "best_model", None, TAG)
-
-
-def _log_best_artifacts(cfg, best_dir: str, tracker) -> None:
-    import tempfile  # noqa: PLC0415
-
-    def log_best() -> None:
-        with tempfile.TemporaryDirectory(prefix="clipvip-best-") as local:
-            fs.download_dir(best_dir, local, fs.S3Options.of(cfg.storage))
-            tracker.log_artifacts(local, "best_model")
-
-    def register() -> str:
-        from pipeline.tracking import register_model  # noqa: PLC0415
-
-        version = register_model(cfg.tracking.tracking_uri, tracker.run_id, "best_model", cfg.tracking.register_model)
-        print(f"[{TAG}] registered best model {cfg.tracking.register_model!r} version {version}", flush=True)
-        return version
-
-    tracker.finish_step("artifacts.best_model", log_best)
-    if cfg.tracking.register_model:
-        tracker.finish_step("registered.best_model", register)
+        finish.write_weights(engine, loop_config["best_dir"], cfg, rank, TAG)

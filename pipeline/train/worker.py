@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from pipeline.config import PretrainJobConfig, build_dataclass
 from pipeline.train import checkpoint as ckpt_io
+from pipeline.train import finish
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.optim import lr_at, make_adamw, param_groups, set_lr
 
@@ -184,8 +185,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     log = RunLog(engine, tracker, rank, world, total, cfg.run_name, samples_at_start=state.samples_seen)
     _run_steps(log, cfg, loop_config, index, spec, state, spe, iter_rank_batches)
     # The finish runs on every submission, a finished one too: its steps that a kill cut off are
-    # done now, those the run records done are skipped (MlflowTracker.finish_step).
-    _export_final(engine, cfg, loop_config, rank, tracker)
+    # done now, those recorded done are skipped (pipeline/train/finish.py).
+    finish.pause_point("checkpoint", rank)
+    finish.export_once(engine, loop_config["export_dir"], state.step, cfg, rank, world, "pretrain")
+    finish.pause_point("export", rank)
+    if rank == 0 and tracker.run_id:
+        finish.log_artifacts_once(tracker, loop_config["export_dir"], "model", cfg)
+        finish.pause_point("artifacts", rank)
+        if cfg.tracking.register_model:
+            finish.register_once(tracker, "model", cfg.tracking.register_model, cfg, "pretrain")
     tracker.close("FINISHED")
 
 
@@ -246,44 +254,3 @@ def save_and_report(engine, cfg, loop_config, state, rank) -> None:
                          checkpoint_dir_name=f"step_{state.step:09d}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _export_final(engine, cfg, loop_config, rank, tracker) -> None:
-    """Final weights in HF format (fp32 masters), logged to MLflow and registered (rank 0)."""
-    export_weights(engine, loop_config["export_dir"], cfg, rank, tracker, "model", cfg.tracking.register_model,
-                   "pretrain")
-
-
-def export_weights(engine, out_uri: str, cfg, rank: int, tracker, artifact_path: str, register_as: str | None,
-                   tag: str) -> None:
-    """Write the module's fp32 weights as an HF-format `CLIPViPModel` to `out_uri` (all ranks call).
-
-    Args:
-        tracker: log the files as MLflow artifacts under `artifact_path` (None: do not log), once
-            per run (a finish step: a resubmitted finished run does only what a kill cut off).
-        register_as: registered-model name for those artifacts (None: do not register), once.
-    """
-    weights = ckpt_io.full_fp32_state_dict(engine)  # all ranks: ZeRO-3 gathers
-    if rank != 0:
-        return
-    from pipeline.model.clip_vip import CLIPViPModel  # noqa: PLC0415
-    from pipeline.utils import fs  # noqa: PLC0415
-
-    model = CLIPViPModel(engine.module.model.config)
-    prefix = "model."
-    model.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
-    with tempfile.TemporaryDirectory(prefix="clipvip-export-") as local:
-        model.save_pretrained(local)
-        fs.upload_dir(local, out_uri, fs.S3Options.of(cfg.storage))
-        print(f"[{tag}] weights (HF format) -> {out_uri}", flush=True)
-        if tracker is not None and tracker.run_id:
-            tracker.finish_step(f"artifacts.{artifact_path}", lambda: tracker.log_artifacts(local, artifact_path))
-            if register_as:
-                from pipeline.tracking import register_model  # noqa: PLC0415
-
-                def register() -> str:
-                    version = register_model(cfg.tracking.tracking_uri, tracker.run_id, artifact_path, register_as)
-                    print(f"[{tag}] registered model {register_as!r} version {version}", flush=True)
-                    return version
-
-                tracker.finish_step(f"registered.{artifact_path}", register)

@@ -226,3 +226,50 @@ def test_bf16_pretrain_through_the_gpu_check(root, tmp_path):
     res = part["result"]
     assert res["precision"] == "bf16" and res["backend"] == "gloo" and res["steps"] == 3
     assert res["final_loss"] == res["final_loss"] and res["samples_per_s"] > 0
+
+
+def test_finish_survives_a_kill_at_each_point_bf16_zero3(root, mlflow_server, tmp_path):
+    """The finish (pipeline/train/finish.py) killed with kill -9 at each of its points and the job
+    resubmitted each time: the run ends with its export, its artifacts and one registered version,
+    each done once. bf16 with ZeRO-3 on 2 ranks: the recipes' precision, and the stage that gathers
+    the weights to export them."""
+    from mlflow.tracking import MlflowClient
+
+    storage = str(tmp_path / "runs")
+    model_name = "clipvip-finish-test"
+    args = pretrain_args(root, storage, mlflow_server, "finish", "train.zero_stage=3", "train.precision=bf16",
+                         "train.max_steps=2", f"tracking.register_model={model_name}")
+    client = MlflowClient(mlflow_server)
+    export = os.path.join(storage, "finish-export")
+    for point in ("checkpoint", "export", "artifacts"):
+        marker = tmp_path / f"paused-at-{point}"
+        log = open(tmp_path / f"{point}.log", "w+")
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT,
+                                env=dict(os.environ, **ENV, CLIPVIP_PAUSE_AT=f"{point}:{marker}"),
+                                stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.time() + 500
+        while time.time() < deadline and proc.poll() is None and not marker.exists():
+            time.sleep(0.1)
+        assert marker.exists(), f"never paused at {point}:\n" + open(tmp_path / f"{point}.log").read()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        run_id = client.search_runs([client.get_experiment_by_name("clipvip").experiment_id],
+                                    filter_string="tags.`mlflow.runName` = 'finish'")[0].info.run_id
+        tags = client.get_run(run_id).data.tags
+        done = sorted(k.split("clipvip.finish.")[1] for k in tags if k.startswith("clipvip.finish."))
+        # What each kill left: nothing of the finish, then the export alone, then the artifacts too.
+        assert os.path.exists(export + ".done.json") == (point != "checkpoint"), point
+        assert done == {"checkpoint": [], "export": [], "artifacts": ["artifacts.model"]}[point], (point, done)
+
+    final = clipvip(*args, env=ENV)
+    assert final.returncode == 0, final.stderr[-4000:]
+    out = final.stdout + final.stderr
+    assert "weights of step 2 already at" in out, "the export was recorded done and not redone"
+    tags = client.get_run(run_id).data.tags
+    assert tags["clipvip.finish.artifacts.model"] == "done" and "clipvip.finish.registered.model" in tags
+    artifacts = {a.path for a in client.list_artifacts(run_id, "model")}
+    assert {"model/model.safetensors", "model/config.json"} <= artifacts
+    versions = client.search_model_versions(f"name = '{model_name}'")
+    assert [v.run_id for v in versions] == [run_id], "one registered version, of this run"
+    weights = final_weights(storage, "finish")
+    assert weights and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())

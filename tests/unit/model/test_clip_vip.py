@@ -27,7 +27,6 @@ from pipeline.model.clip_vip import (
     interpolate_temporal_embedding,
     sequence_length,
 )
-from tests.conftest import free_port
 
 IMAGE = 32  # tiny preset: 32 px, patch 8 -> L = 16
 L = 16
@@ -401,49 +400,36 @@ def test_gradient_checkpointing_gives_same_gradients():
 # DeepSpeed ZeRO-2 on the real module (CPU, gloo, world size 1)
 
 
-def test_deepspeed_zero2_step(monkeypatch):
-    import sys
-
+def test_deepspeed_zero2_step(gloo):  # the session's single-rank gloo group (tests/conftest.py)
     import deepspeed
-    import deepspeed.comm.torch  # noqa: F401
-    import torch.distributed as dist
 
-    # Skip the JIT shm-allreduce build (environment.md section 3); gloo does the allreduce.
-    monkeypatch.setattr(sys.modules["deepspeed.comm.torch"], "build_shm_op", lambda: None)
-    port = free_port()
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        model = tiny(seed=12).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 2,
-            "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": 2},
-            "gradient_clipping": 5.0,
-        }
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-        ids, mask = text_ids(2)
-        pixels = video(2, 3)
-        out = engine(pixels, ids, mask, pixels[:, 1], ids, mask)
-        gamma = out.logit_scale.exp()
-        loss = sum(
-            F.cross_entropy(gamma * a @ b.T, torch.arange(2)) + F.cross_entropy(gamma * b @ a.T, torch.arange(2))
-            for a, b in ((out.video_feats_BP, out.text_feats_BP), (out.frame_feats_BP, out.caption_feats_BP))
-        )
-        assert torch.isfinite(loss)
-        engine.backward(loss)
-        engine.step()
-        after = dict(engine.module.named_parameters())
-        changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
-        for name in ("logit_scale", *VIP_KEYS, "visual_projection.weight", "text_projection.weight"):
-            assert name in changed, name
-        assert len(changed) > 0.9 * len(before)
-        # The clamp lives in forward: logit_scale is still a plain 0-dim parameter after the step.
-        assert engine.module.logit_scale.dim() == 0
-        assert dataclasses.is_dataclass(out)
-    finally:
-        dist.destroy_process_group()
+    model = tiny(seed=12).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 2},
+        "gradient_clipping": 5.0,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    ids, mask = text_ids(2)
+    pixels = video(2, 3)
+    out = engine(pixels, ids, mask, pixels[:, 1], ids, mask)
+    gamma = out.logit_scale.exp()
+    loss = sum(
+        F.cross_entropy(gamma * a @ b.T, torch.arange(2)) + F.cross_entropy(gamma * b @ a.T, torch.arange(2))
+        for a, b in ((out.video_feats_BP, out.text_feats_BP), (out.frame_feats_BP, out.caption_feats_BP))
+    )
+    assert torch.isfinite(loss)
+    engine.backward(loss)
+    engine.step()
+    after = dict(engine.module.named_parameters())
+    changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
+    for name in ("logit_scale", *VIP_KEYS, "visual_projection.weight", "text_projection.weight"):
+        assert name in changed, name
+    assert len(changed) > 0.9 * len(before)
+    # The clamp lives in forward: logit_scale is still a plain 0-dim parameter after the step.
+    assert engine.module.logit_scale.dim() == 0
+    assert dataclasses.is_dataclass(out)
+
