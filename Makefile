@@ -40,6 +40,7 @@ run: $(STAMP)
 	$(BIN)/clipvip demo --out out/demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -x --timeout=900 tests
 
 test-unit: $(STAMP)

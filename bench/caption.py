@@ -43,7 +43,7 @@ def make_root() -> str:
     if os.path.exists(manifest) and fs.read_json(manifest).get("status") == "complete" and \
             fs.read_json(manifest).get("schema_version") == 2:
         return root
-    from pipeline.data.synthetic import make_sample_dataset  # noqa: PLC0415
+    from pipeline.data.synthetic import make_sample_dataset
 
     t0 = time.perf_counter()
     sample = make_sample_dataset(sample_dir, seed=0)
@@ -51,12 +51,12 @@ def make_root() -> str:
         f"data.root={root}", f"data.metadata={sample.metadata_path}", f"data.video_root={sample.video_root}",
         f"data.subtitles={sample.subtitles_table}", "caption.model=builtin:tiny-blip", "caption.max_new_tokens=8",
         "ray.num_cpus=2", "ray.progress_bars=false"])
-    from jobs.common import init_ray  # noqa: PLC0415
-    from pipeline.data.build import run_prepare  # noqa: PLC0415
+    from jobs.common import init_ray
+    from pipeline.data.build import run_prepare
 
     init_ray(cfg.ray)
     run_prepare(cfg, log=lambda *_: None)
-    import ray  # noqa: PLC0415
+    import ray
 
     ray.shutdown()
     print(f"made {root} in {time.perf_counter() - t0:.0f} s")
@@ -65,17 +65,17 @@ def make_root() -> str:
 
 def frame_parts(root: str) -> list[str]:
     """The root's frame shards, found through its index (as every reader does)."""
-    from pipeline import viz  # noqa: PLC0415
-    from pipeline.data.root import DatasetRoot  # noqa: PLC0415
+    from pipeline import viz
+    from pipeline.data.root import DatasetRoot
 
     return [DatasetRoot(root).frames_uri(s) for s in viz.shards(root)]
 
 
 def bench_captions(images: list[bytes], repeats: int) -> list[tuple[str, float, float, int]]:
     """(model, batched img/s, single img/s, captions that differ) per builtin captioner."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from pipeline.data.captioner import FrameCaptioner  # noqa: PLC0415
+    from pipeline.data.captioner import FrameCaptioner
 
     torch.set_num_threads(1)
     out = []
@@ -98,7 +98,7 @@ def bench_captions(images: list[bytes], repeats: int) -> list[tuple[str, float, 
 
 def plain_read_bytes(uri: str, columns: list[str]) -> int:
     """Bytes pyarrow's own projected read_table pulls (footer via its 64 KiB tail read)."""
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow.parquet as pq
 
     filesystem, path = fs.resolve(uri)
     with filesystem.open_input_file(path) as native:
@@ -109,7 +109,7 @@ def plain_read_bytes(uri: str, columns: list[str]) -> int:
 
 def column_bytes(uri: str, column: str) -> int:
     """On-disk (compressed) bytes of one column over all row groups, from the footer."""
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow.parquet as pq
 
     md = pq.ParquetFile(uri).metadata
     return sum(md.row_group(g).column(i).total_compressed_size for g in range(md.num_row_groups)

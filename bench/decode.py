@@ -69,7 +69,7 @@ CORPUS_VIDEO = (420.0, [(0.5 + 13.5 * k, 13.5 + 13.5 * k) for k in range(31)])
 
 def make_video(path: str, duration_s: float, seed: int) -> None:
     """Write a textured pan with moving blocks, so every macroblock changes every frame."""
-    import av  # noqa: PLC0415
+    import av
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:HEIGHT_PX, 0 : WIDTH_PX * 2]
@@ -129,11 +129,11 @@ class S3Source:
     BUCKET = "bench"
 
     def __init__(self, videos: list[tuple[str, list[SpanRequest]]]) -> None:
-        import subprocess  # noqa: PLC0415
+        import subprocess
 
-        import boto3  # noqa: PLC0415
+        import boto3
 
-        from pipeline.utils.fs import S3Options  # noqa: PLC0415
+        from pipeline.utils.fs import S3Options
 
         sock = __import__("socket").socket()
         sock.bind(("127.0.0.1", 0))
@@ -151,7 +151,7 @@ class S3Source:
             try:
                 client.create_bucket(Bucket=self.BUCKET)
                 break
-            except Exception:  # noqa: BLE001  (the server is still starting)
+            except Exception:  # the server is still starting
                 if time.time() > deadline:
                     raise
                 time.sleep(0.2)
@@ -165,7 +165,7 @@ class S3Source:
             os.sched_setaffinity(self.proc.pid, {cpu})
 
     def run(self, videos: list[tuple[str, list[SpanRequest]]], cfg: FramesConfig) -> int:
-        from pipeline.utils import s3  # noqa: PLC0415
+        from pipeline.utils import s3
 
         num_ok = 0
         for path, spans in videos:
@@ -185,10 +185,10 @@ class S3Source:
 
 def must_decode(path: str, spans: list[SpanRequest], cfg: FramesConfig) -> tuple[int, int]:
     """(pictures our pyav pass produced, the least an exact decoder must produce) for one video."""
-    import av  # noqa: PLC0415
+    import av
 
-    from pipeline.data.decoders import open_indexed  # noqa: PLC0415
-    from pipeline.data.frames import _plan_clip  # noqa: PLC0415
+    from pipeline.data.decoders import open_indexed
+    from pipeline.data.frames import _plan_clip
 
     container, stream, index, probe = open_indexed(path)
     plans = [p for s in spans if hasattr(p := _plan_clip(s, probe, cfg), "frame_idx")]
@@ -214,7 +214,7 @@ def must_decode(path: str, spans: list[SpanRequest], cfg: FramesConfig) -> tuple
 
 def run_every_frame(videos: list[tuple[str, list[SpanRequest]]], cfg: FramesConfig) -> int:
     """Baseline (a): every frame of every span, full-size RGB, one decord reader per video."""
-    import decord  # noqa: PLC0415
+    import decord
 
     num_clips = 0
     for path, spans in videos:
@@ -232,8 +232,8 @@ def run_every_frame(videos: list[tuple[str, list[SpanRequest]]], cfg: FramesConf
 
 def run_get_batch(videos: list[tuple[str, list[SpanRequest]]], cfg: FramesConfig) -> int:
     """Baseline (b): per clip, get_batch of the sampled indices (one accurate seek each)."""
-    import decord  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
+    import decord
+    from PIL import Image
 
     num_clips = 0
     for path, spans in videos:

@@ -53,11 +53,11 @@ LIBRARIES = ("torch", "deepspeed", "ray", "transformers", "torchvision", "mlflow
 
 
 def part_env(peak_override: float | None) -> dict[str, Any]:
-    import importlib.metadata as md  # noqa: PLC0415
+    import importlib.metadata as md
 
-    import torch  # noqa: PLC0415
+    import torch
 
-    from pipeline.model.flops import peak_tflops  # noqa: PLC0415
+    from pipeline.model.flops import peak_tflops
 
     out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                            "cuda": torch.version.cuda, "cpus": len(os.sched_getaffinity(0))}
@@ -79,13 +79,13 @@ def part_env(peak_override: float | None) -> dict[str, Any]:
 
 def run_part(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one part in this process; returns its result dict (exceptions propagate)."""
-    from bench import gpu_data, gpu_parts  # noqa: PLC0415
+    from bench import gpu_data, gpu_parts
 
     sz = gpu_parts.SMOKE if args.smoke else gpu_parts.FULL
     if name == "env":
         return part_env(args.peak_tflops)
     if not args.smoke:
-        import torch  # noqa: PLC0415
+        import torch
 
         if not torch.cuda.is_available():
             raise gpu_parts.Unavailable("no CUDA GPU visible (use --smoke on a CPU)")
@@ -98,7 +98,7 @@ def run_part(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if name == "ingest":
         return gpu_data.part_ingest(sz)
     if name == "pretrain":
-        import importlib.util  # noqa: PLC0415
+        import importlib.util
 
         missing = [m for m in ("ray", "deepspeed", "mlflow", "av") if importlib.util.find_spec(m) is None]
         if missing:
@@ -110,7 +110,7 @@ def run_part(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def guarded(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """{"status": ok | unavailable | failed, "result" or "reason" or "error"} of one part, in process."""
-    from bench.gpu_parts import Unavailable  # noqa: PLC0415
+    from bench.gpu_parts import Unavailable
 
     try:
         return {"status": "ok", "result": run_part(name, args)}

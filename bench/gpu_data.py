@@ -28,7 +28,7 @@ STORED_FRAMES = 32  # what prepare keeps per clip at its defaults (3 fps, max_fr
 def make_jpegs(count: int, seed: int = 0, size: tuple[int, int] = (426, 240)) -> list[bytes]:
     """Seeded scenes (gradient, discs, sensor-like noise) as JPEG q90, ~20-40 KB at 426x240,
     the size of the frames `prepare` stores (short side 240)."""
-    from PIL import Image, ImageDraw  # noqa: PLC0415
+    from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
     w, h = size
@@ -55,9 +55,9 @@ def part_captioner(sz: Sizes) -> dict[str, Any]:
     """Images/s and peak memory of `FrameCaptioner` (JPEG decode + processor + generate), per
     captioner, dtype and batch size; random weights never stop early, so every image costs
     exactly `caption_new_tokens` decoder steps (real captions stop at ~10-15 tokens)."""
-    from pipeline.config import CaptionConfig  # noqa: PLC0415
-    from pipeline.data.captioner import FrameCaptioner  # noqa: PLC0415
-    from pipeline.data.captioner_builtin import builtin_model_dir  # noqa: PLC0415
+    from pipeline.config import CaptionConfig
+    from pipeline.data.captioner import FrameCaptioner
+    from pipeline.data.captioner_builtin import builtin_model_dir
 
     device = sz.device
     images = make_jpegs(16, seed=1)
@@ -87,7 +87,7 @@ def part_captioner(sz: Sizes) -> dict[str, Any]:
                     out = cap.caption(batch)
                     sync(device)
                     secs = time.perf_counter() - t0
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     if not is_oom(e):
                         raise
                     rows.append(dict(row, status="out of memory"))
@@ -115,8 +115,8 @@ def transform_rate(num_clips: int, num_frames: int, image_px: int) -> float:
     """Clips/s of the loader's transform (jittered sampling + JPEG decode) on one core, on frames as a
     training view stores them (`clipvip pack`: resized to the training size once)."""
     torch.set_num_threads(1)
-    from pipeline.data.pack import resize_jpeg  # noqa: PLC0415
-    from pipeline.data.sampling import jitter_rng, transform_clip  # noqa: PLC0415
+    from pipeline.data.pack import resize_jpeg
+    from pipeline.data.sampling import jitter_rng, transform_clip
 
     frames = [resize_jpeg(f, image_px, 95) for f in make_jpegs(STORED_FRAMES, seed=2)]
     transform_clip(frames, frames[STORED_FRAMES // 2], num_frames, image_px, True, jitter_rng(0, 0, 0))
@@ -131,7 +131,7 @@ def gpu_jpeg_decode(sz: Sizes) -> dict[str, Any]:
     if not sz.device.startswith("cuda"):
         return {"status": "unavailable", "reason": "no GPU"}
     try:
-        from torchvision.io import decode_jpeg  # noqa: PLC0415
+        from torchvision.io import decode_jpeg
     except ImportError as e:
         return {"status": "unavailable", "reason": f"torchvision not importable ({e})"}
     jpegs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in make_jpegs(32, seed=3)]
@@ -195,7 +195,7 @@ def make_tiny_root(workdir: str, env: dict[str, str], timeout_s: float) -> tuple
 def part_pretrain(sz: Sizes, workdir: str, root: str | None, view: str, timeout_s: float) -> dict[str, Any]:
     """`clipvip pretrain` of the tiny recipe for `pretrain_steps` steps with train.precision=bf16,
     one Ray Train worker on the GPU (NCCL) or a CPU (gloo); the loss must stay finite."""
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    from pipeline.tracking import find_run, metric_history
 
     env = dict(os.environ, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1", HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
                RAY_AUTH_MODE="disabled", HF_HUB_DISABLE_PROGRESS_BARS="1")
@@ -215,16 +215,15 @@ def part_pretrain(sz: Sizes, workdir: str, root: str | None, view: str, timeout_
                  "--set", f"tracking.tracking_uri={uri}", "--set", "tracking.experiment=gpu-check",
                  "--set", "tracking.register_model=null", "--set", "ray.num_cpus=4"], env, timeout_s)
     wall = time.perf_counter() - t0
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("gpu-check").experiment_id])
-    losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    run_id = find_run(uri, "gpu-check", "gpu-check-bf16")
+    losses = {s: v for s, (v, _) in metric_history(uri, run_id, "train/loss").items()}
     if sorted(losses) != list(range(1, sz.pretrain_steps + 1)):
         raise RuntimeError(f"expected train/loss at steps 1..{sz.pretrain_steps}, got {sorted(losses)}")
     bad = [s for s, v in losses.items() if not math.isfinite(v)]
     if bad:
         raise RuntimeError(f"bf16 pretrain loss is not finite at steps {bad}")
-    rate = client.get_metric_history(run.info.run_id, "train/samples_per_s")
+    rate = metric_history(uri, run_id, "train/samples_per_s")
     return {"steps": sz.pretrain_steps, "precision": "bf16", "backend": "nccl" if gpu else "gloo",
             "first_loss": round(losses[1], 4), "final_loss": round(losses[sz.pretrain_steps], 4),
-            "samples_per_s": round(max(rate, key=lambda m: m.step).value, 2), "pretrain_wall_s": round(wall, 1),
+            "samples_per_s": round(rate[max(rate)][0], 2), "pretrain_wall_s": round(wall, 1),
             "root_made_s": round(made_s, 1), "summary": json.dumps(proc.stdout.splitlines()[-6:])}

@@ -119,9 +119,9 @@ def synthetic_batch(m: int, sz: Sizes, device: str) -> dict[str, torch.Tensor]:
 
 def init_single_rank(device: str) -> str:
     """A one-rank process group: NCCL on a GPU (what the cluster runs), gloo on a CPU."""
-    import socket  # noqa: PLC0415
+    import socket
 
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if not dist.is_initialized():
@@ -143,15 +143,15 @@ def make_engine(cfg: Any, device: str, engine: str = "auto") -> tuple[StepFn, An
     """(step function, task module, engine name): the pretrain worker's DeepSpeed engine (same
     task, AdamW groups and `ds_config`), or plain torch (fp32 weights, bf16 autocast, the same
     AdamW and clipping) when asked for or when DeepSpeed is missing ("auto")."""
-    from pipeline.train.optim import make_adamw, param_groups  # noqa: PLC0415
-    from pipeline.train.worker import build_task, ds_config, skip_cpu_shm_build  # noqa: PLC0415
+    from pipeline.train.optim import make_adamw, param_groups
+    from pipeline.train.worker import build_task, ds_config, skip_cpu_shm_build
 
     task = build_task(cfg)
     optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
     deepspeed = None
     if engine != "torch":
         try:
-            import deepspeed  # noqa: PLC0415
+            import deepspeed
         except ImportError:
             if engine == "deepspeed":
                 raise Unavailable("deepspeed is not installed") from None
@@ -185,7 +185,7 @@ def make_engine(cfg: Any, device: str, engine: str = "auto") -> tuple[StepFn, An
 
 
 def train_config(preset: str, sz: Sizes, micro_batch: int, device: str) -> Any:
-    from pipeline.config import PretrainJobConfig, load_config  # noqa: PLC0415
+    from pipeline.config import PretrainJobConfig, load_config
 
     return load_config(PretrainJobConfig, None, [
         f"model.preset={preset}", f"model.max_text_len={sz.text_len}", "train.dataset_root=unused",
@@ -196,7 +196,7 @@ def train_config(preset: str, sz: Sizes, micro_batch: int, device: str) -> Any:
 
 def part_train(sz: Sizes, preset: str, peak_override: float | None, engine: str = "auto") -> dict[str, Any]:
     """Largest micro batch that fits (doubling), then clips/s, step time, peak memory and MFU there."""
-    from pipeline.model.flops import mfu, peak_tflops, train_flops_per_clip  # noqa: PLC0415
+    from pipeline.model.flops import mfu, peak_tflops, train_flops_per_clip
 
     device = sz.device
     backend = init_single_rank(device)
@@ -213,7 +213,7 @@ def part_train(sz: Sizes, preset: str, peak_override: float | None, engine: str 
             sync(device)
             probe.append({"micro_batch": m, "step_s": round(time.perf_counter() - t0, 4), "loss": loss})
             best = m
-        except Exception as e:  # noqa: BLE001  only out-of-memory ends the probe quietly
+        except Exception as e:  # only out-of-memory ends the probe quietly
             if not is_oom(e):
                 raise
             probe.append({"micro_batch": m, "status": "out of memory"})
@@ -263,7 +263,7 @@ _KERNELS = (("cudnn", "cudnn"), ("flash", "flash"), ("efficient", "memory-effici
 def sdpa_kernels(run: Callable[[], None]) -> list[str]:
     """Which SDPA implementations a pass dispatched to (flash, memory-efficient, cudnn, math),
     from the aten op names the profiler records (forward and backward)."""
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile
 
     with _quiet_fds(), profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
@@ -292,10 +292,10 @@ def _quiet_fds() -> Iterator[None]:
 
 def part_attention(sz: Sizes) -> dict[str, Any]:
     """Proxy-guided two-branch SDPA against dense masked SDPA (and the math backend), fwd+bwd."""
-    from transformers import CLIPVisionConfig  # noqa: PLC0415
+    from transformers import CLIPVisionConfig
 
-    from bench.attention import PeakTensorBytes, make_pass  # noqa: PLC0415
-    from pipeline.model.clip_vip import CLIPViPEncoderLayer  # noqa: PLC0415
+    from bench.attention import PeakTensorBytes, make_pass
+    from pipeline.model.clip_vip import CLIPViPEncoderLayer
 
     a, device = sz.attention, sz.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -329,7 +329,7 @@ def part_attention(sz: Sizes) -> dict[str, Any]:
                     mem = counter.peak
                 row.update(ms=round(1000 * statistics.median(times), 3), peak_mib=round(mem / 2**20, 1),
                            kernels=sdpa_kernels(run))
-            except Exception as e:  # noqa: BLE001  dense-math at full size may not fit; say so
+            except Exception as e:  # dense-math at full size may not fit; say so
                 if not is_oom(e):
                     raise
                 row["status"] = "out of memory"

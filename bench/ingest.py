@@ -125,11 +125,11 @@ def before_overread(steps: int) -> float:
 
 def write_view(layout: ViewLayout, shard_videos: list[np.ndarray], out: str) -> str:
     """A real view of this layout on disk (small payloads), written as `pack` writes one."""
-    from pipeline.config import ViewConfig  # noqa: PLC0415
-    from pipeline.data import view as views  # noqa: PLC0415
-    from pipeline.data.pack import piece_bytes  # noqa: PLC0415
-    from pipeline.data.root import DatasetRoot  # noqa: PLC0415
-    from pipeline.utils import fs  # noqa: PLC0415
+    from pipeline.config import ViewConfig
+    from pipeline.data import view as views
+    from pipeline.data.pack import piece_bytes
+    from pipeline.data.root import DatasetRoot
+    from pipeline.utils import fs
 
     root = DatasetRoot(out)
     cfg = ViewConfig(name="bench", rows_per_group=GROUP, rows_per_shard=VIEW_SHARD)
@@ -151,7 +151,7 @@ def write_view(layout: ViewLayout, shard_videos: list[np.ndarray], out: str) -> 
 
 
 def after_overread(root: str, steps: int) -> dict[str, float]:
-    from pipeline.data.loader import ViewIndex, ViewReader  # noqa: PLC0415
+    from pipeline.data.loader import ViewIndex, ViewReader
 
     index = ViewIndex.open(root, "bench")
     readers = [ViewReader(index) for _ in range(WORLD)]
@@ -168,10 +168,10 @@ def after_overread(root: str, steps: int) -> dict[str, float]:
 
 def reads_at_open(view_root: str) -> tuple[int, int]:
     """Object reads of DatasetIndex.open (an index-only root stand-in) and ViewIndex.open."""
-    from bench.plan import write_corpus_index  # noqa: PLC0415
-    from pipeline.data.dataset_index import DatasetIndex  # noqa: PLC0415
-    from pipeline.data.loader import ViewIndex  # noqa: PLC0415
-    from pipeline.utils import fs  # noqa: PLC0415
+    from bench.plan import write_corpus_index
+    from pipeline.data.dataset_index import DatasetIndex
+    from pipeline.data.loader import ViewIndex
+    from pipeline.utils import fs
 
     calls = []
     real = fs.read_bytes
@@ -197,11 +197,11 @@ def reads_at_open(view_root: str) -> tuple[int, int]:
 def transform_rates(clips: int) -> tuple[float, float, float, float]:
     """Clips/s on one core: (before on stored frames, before on packed frames, after on packed, after
     on frames packed at view.jpeg_quality 90)."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from bench.gpu_data import make_jpegs  # noqa: PLC0415
-    from pipeline.data.pack import resize_jpeg  # noqa: PLC0415
-    from pipeline.data.sampling import jitter_rng, transform_clip  # noqa: PLC0415
+    from bench.gpu_data import make_jpegs
+    from pipeline.data.pack import resize_jpeg
+    from pipeline.data.sampling import jitter_rng, transform_clip
 
     torch.set_num_threads(1)
     stored = make_jpegs(32, seed=2)
@@ -223,8 +223,8 @@ def transform_rates(clips: int) -> tuple[float, float, float, float]:
 
 def pack_rate(clips: int) -> float:
     """Clips/s on one core of `pack`'s resize: 32 frames + middle decoded, resized to 224, re-encoded."""
-    from bench.gpu_data import make_jpegs  # noqa: PLC0415
-    from pipeline.data.pack import resize_jpeg  # noqa: PLC0415
+    from bench.gpu_data import make_jpegs
+    from pipeline.data.pack import resize_jpeg
 
     stored = make_jpegs(33, seed=3)
     t0 = time.process_time()
@@ -236,7 +236,7 @@ def pack_rate(clips: int) -> float:
 
 def consumption() -> dict[str, float]:
     """Clips/s one GPU trains at the plan's assumed MFU (B/32, B/16 at 12 frames, text 70)."""
-    from pipeline.plan import ASSUMED_MFU, ASSUMED_PEAK_TFLOPS  # noqa: PLC0415
+    from pipeline.plan import ASSUMED_MFU, ASSUMED_PEAK_TFLOPS
 
     tflop = {"b32": 0.37, "b16": 1.40}  # pipeline/model/flops.py, README "GPU check"
     return {k: ASSUMED_PEAK_TFLOPS * ASSUMED_MFU / v for k, v in tflop.items()}

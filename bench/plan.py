@@ -74,7 +74,8 @@ def make_inputs(total_clips: int, part_clips: int) -> tuple[list[str], str]:
                         t += length + rng.uniform(0, 1)
                     meta.write(json.dumps({"video_id": vid, "url": f"https://www.youtube.com/watch?v={vid}",
                                            "clip": clips}) + "\n")
-    json.dump({"parts": parts}, open(done, "w"))
+    with open(done, "w") as f:
+        json.dump({"parts": parts}, f)
     print(f"[bench] wrote {videos * CLIPS_PER_VIDEO:,} clips in {len(parts)} parts in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     return parts, os.path.join(d, "subtitles.jsonl")
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
           "32-word subtitle table joined")
     print(f"{'clips':>10} {'parts':>5} {'units':>7} {'plan s':>7} {'clips/s':>9} {'RSS after ray.init':>19} "
           f"{'driver peak RSS':>16}")
-    for size, r in results.items():
+    for _size, r in results.items():
         print(f"{r['clips']:>10,} {r['parts']:>5} {r['units']:>7,} {r['plan_s']:>7.1f} {r['clips'] / r['plan_s']:>9,.0f} "
               f"{r['rss_after_ray_gib']:>17.2f} G {r['rss_peak_gib']:>14.2f} G")
     sizes = sorted(results)

@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,14 +92,14 @@ def log(msg: str) -> None:
 
 def ensure_data() -> str:
     """Synthetic videos + prepare (tiny-blip captions); returns the dataset root. Needs Ray up."""
-    from pipeline.data.build import run_prepare  # noqa: PLC0415
-    from pipeline.data.synthetic import SampleDataSpec, make_sample_dataset  # noqa: PLC0415
+    from pipeline.data.build import run_prepare
+    from pipeline.data.synthetic import SampleDataSpec, make_sample_dataset
 
     base = os.path.join(CACHE_DIR, f"data-{DATA_VERSION}")
     root = os.path.join(base, "root")
     man = os.path.join(root, "manifest.json")
     view = os.path.join(root, "views", "default", "view.json")
-    if os.path.exists(view) and json.load(open(view)).get("status") == "complete":
+    if os.path.exists(view) and json.loads(Path(view).read_text()).get("status") == "complete":
         return root
     t0 = time.perf_counter()
     spec = SampleDataSpec(num_videos=60, min_duration_s=30.0, max_duration_s=45.0, resolutions=((320, 240),),
@@ -117,11 +118,11 @@ def ensure_data() -> str:
         f"data.root={root}", f"data.metadata={metadata}", f"data.video_root={videos}", f"data.subtitles={subs}",
         "data.clips_per_shard=32", "frames.short_side_px=72", "frames.max_frames=32",
         "caption.model=builtin:tiny-blip", "ray.progress_bars=false"])
-    if not (os.path.exists(man) and json.load(open(man)).get("status") == "complete"):
+    if not (os.path.exists(man) and json.loads(Path(man).read_text()).get("status") == "complete"):
         summary = run_prepare(cfg, log=lambda *_: None)
         log(f"prepared in {time.perf_counter() - t0:.0f} s: {summary.clips_ok} clips, {summary.units} shards")
-    from pipeline.config import PackJobConfig  # noqa: PLC0415
-    from pipeline.data.pack_job import run_pack  # noqa: PLC0415
+    from pipeline.config import PackJobConfig
+    from pipeline.data.pack_job import run_pack
 
     run_pack(load_config(PackJobConfig, None, [
         f"root={root}", "view.name=default", "view.caption_set=default", f"view.image_size_px={IMAGE_PX}",
@@ -133,7 +134,7 @@ def ensure_data() -> str:
 
 def ensure_model() -> str:
     """The benchmark's CLIP-ViP shape, random init (seeded), saved in HF format once."""
-    from pipeline.model.clip_vip import CLIPViPConfig, CLIPViPModel, vip_extras  # noqa: PLC0415
+    from pipeline.model.clip_vip import CLIPViPConfig, CLIPViPModel, vip_extras
 
     path = os.path.join(CACHE_DIR, f"model-{DATA_VERSION}-v128x4-t128x2-p16-{IMAGE_PX}px")
     if not os.path.exists(os.path.join(path, "config.json")):
@@ -176,7 +177,7 @@ class Loading:
 
 def loader_config(cfg: PretrainJobConfig) -> Loading:
     """Exactly the BatchSpec `train_loop_per_worker` builds from the job config (world 1)."""
-    from pipeline.data.loader import BatchSpec  # noqa: PLC0415
+    from pipeline.data.loader import BatchSpec
 
     t = cfg.train
     return Loading(BatchSpec(global_batch=t.micro_batch_size, num_frames=t.num_frames, image_size_px=t.image_size_px,
@@ -196,7 +197,7 @@ def time_pipeline(index, lcfg, epochs: list[int], keep: bool = False) -> dict[st
     Ray worker processes (imports, tokenizer) with one epoch first, so this is the warm rate,
     including each epoch's plan + task start (conservative).
     """
-    from pipeline.data.loader import iter_rank_batches  # noqa: PLC0415
+    from pipeline.data.loader import iter_rank_batches
 
     kept: list[dict[str, torch.Tensor]] = []
     n, wall, firsts, gaps = 0, 0.0, [], []
@@ -223,8 +224,8 @@ class BareLoop:
     """The minimal single-process loop on the same task, optimizer groups, schedule and clipping."""
 
     def __init__(self, cfg: PretrainJobConfig, total_steps: int) -> None:
-        from pipeline.train.optim import make_adamw, param_groups  # noqa: PLC0415
-        from pipeline.train.worker import build_task  # noqa: PLC0415
+        from pipeline.train.optim import make_adamw, param_groups
+        from pipeline.train.worker import build_task
 
         self.cfg = cfg
         self.task = build_task(cfg)
@@ -233,7 +234,7 @@ class BareLoop:
         self.step_no = 0
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
-        from pipeline.train.optim import lr_at, set_lr  # noqa: PLC0415
+        from pipeline.train.optim import lr_at, set_lr
 
         t = self.cfg.train
         set_lr(self.opt, lr_at(self.step_no % self.total, t.lr, self.total, t.warmup_ratio))
@@ -247,7 +248,7 @@ class BareLoop:
         return float(loss.detach())
 
     def run(self, batches: list, warmup: int, steps: int) -> dict[str, Any]:
-        for i in range(warmup):
+        for _ in range(warmup):
             self.step(batches[(self.step_no) % len(batches)])
         durs = []
         for _ in range(steps):
@@ -316,20 +317,20 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
     """The worker's own `_run_steps` + DeepSpeed engine (ds_config, ZeRO-1, gloo world of 1) in this
     process, fed from memory: the loop's per-step cost without Ray, the loader or a second process.
     With `mlflow_uri`, rank 0's MlflowTracker logs every step into a sqlite DB as in the real run."""
-    import io  # noqa: PLC0415
+    import io
 
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
-    from pipeline.config import to_dict  # noqa: PLC0415
-    from pipeline.train.checkpoint import TrainState  # noqa: PLC0415
-    from pipeline.train.optim import make_adamw, param_groups  # noqa: PLC0415
-    from pipeline.train.worker import RunLog, _run_steps, build_task, ds_config, skip_cpu_shm_build  # noqa: PLC0415
+    from pipeline.config import to_dict
+    from pipeline.train.checkpoint import TrainState
+    from pipeline.train.optim import make_adamw, param_groups
+    from pipeline.train.worker import RunLog, _run_steps, build_task, ds_config, skip_cpu_shm_build
 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         if not dist.is_initialized():
-            import socket  # noqa: PLC0415
+            import socket
 
             with socket.socket() as sk:
                 sk.bind(("127.0.0.1", 0))
@@ -338,7 +339,7 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
                               LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
             dist.init_process_group("gloo", rank=0, world_size=1)
         skip_cpu_shm_build()
-        import deepspeed  # noqa: PLC0415
+        import deepspeed
 
         task = build_task(cfg)
         opt = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
@@ -348,7 +349,7 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
         inner = None
         tmp = None
         if mlflow_uri == "sqlite":
-            from pipeline.tracking import MlflowTracker, create_run  # noqa: PLC0415
+            from pipeline.tracking import MlflowTracker, create_run
 
             tmp = tempfile.mkdtemp(prefix="bench-train-ds-")
             uri = "sqlite:///" + os.path.join(tmp, "mlflow.db")
@@ -378,14 +379,14 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
 
 
 def _consumer_actor_cls():
-    import ray  # noqa: PLC0415
+    import ray
 
     @ray.remote(num_cpus=1, max_concurrency=2)
     class Consumer:
         """The bare loop in a Ray actor holding 1 CPU (the trainer's share), run until halted."""
 
         def __init__(self, cfg_dict: dict, batches: list) -> None:
-            from pipeline.config import build_dataclass  # noqa: PLC0415
+            from pipeline.config import build_dataclass
 
             self.loop = BareLoop(build_dataclass(PretrainJobConfig, cfg_dict), total_steps=10**6)
             self.batches = batches
@@ -410,8 +411,8 @@ def _consumer_actor_cls():
 
 
 def pipeline_contended(cfg, index, lcfg, batches, epochs: list[int]) -> dict[str, Any]:
-    import ray  # noqa: PLC0415
-    from pipeline.config import to_dict  # noqa: PLC0415
+    import ray
+    from pipeline.config import to_dict
 
     actor = _consumer_actor_cls().remote(to_dict(cfg), batches)
     threads = ray.get(actor.warm.remote(3))
@@ -433,11 +434,11 @@ def pipeline_contended(cfg, index, lcfg, batches, epochs: list[int]) -> dict[str
 
 def worker_threads() -> int:
     """torch threads in a Ray process holding 1 CPU (Ray sets OMP_NUM_THREADS from num_cpus)."""
-    import ray  # noqa: PLC0415
+    import ray
 
     @ray.remote(num_cpus=1)
     def probe() -> tuple[int, str | None]:
-        import torch as t  # noqa: PLC0415
+        import torch as t
 
         return t.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
 
@@ -452,10 +453,8 @@ def worker_threads() -> int:
 
 def ray_run(root: str, model_dir: str, workers: int, warmup: int, steps: int, tag: str) -> dict[str, Any]:
     """One real `make_trainer(...).fit()`; steady-state numbers from the metrics rank 0 logged."""
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
-
-    from pipeline.tracking import create_run  # noqa: PLC0415
-    from pipeline.train.launch import make_trainer  # noqa: PLC0415
+    from pipeline.tracking import create_run, metric_history
+    from pipeline.train.launch import make_trainer
 
     tmp = tempfile.mkdtemp(prefix=f"bench-train-{tag}-")
     try:
@@ -466,13 +465,12 @@ def ray_run(root: str, model_dir: str, workers: int, warmup: int, steps: int, ta
         t0 = time.perf_counter()
         make_trainer(cfg, run_id).fit()
         wall = time.perf_counter() - t0
-        client = MlflowClient(uri)
-        rate = {m.step: m.value for m in client.get_metric_history(run_id, "train/samples_per_s")}
-        wait = {m.step: m.value for m in client.get_metric_history(run_id, "train/data_wait_frac")}
-        stamp = {m.step: m.timestamp for m in client.get_metric_history(run_id, "train/step")}
+        rate = {s: v for s, (v, _) in metric_history(uri, run_id, "train/samples_per_s").items()}
+        wait = {s: v for s, (v, _) in metric_history(uri, run_id, "train/data_wait_frac").items()}
+        stamp = {s: t for s, (_, t) in metric_history(uri, run_id, "train/step").items()}
         if sorted(rate) != list(range(1, total + 1)):
             raise RuntimeError(f"{tag}: expected metrics for steps 1..{total}, got {sorted(rate)}")
-        from pipeline.data.loader import ViewIndex  # noqa: PLC0415
+        from pipeline.data.loader import ViewIndex
 
         spe = ViewIndex.open(root, "default").layout.steps(workers * MICRO_BATCH)
         # interval k = (t_{k-1}, t_k]; drop warm-up and each epoch's first step (pipeline restart)
@@ -498,8 +496,8 @@ def ray_run(root: str, model_dir: str, workers: int, warmup: int, steps: int, ta
 
 
 def init_ray(num_cpus: int, verbose: bool) -> None:
-    import ray  # noqa: PLC0415
-    import ray.data  # noqa: PLC0415
+    import ray
+    import ray.data
 
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -520,7 +518,7 @@ def main(argv: list[str]) -> int:
     warm_bare, steps_bare = (3, 20) if quick else (3, 30)
     pipe_epochs = [1] if quick else [1, 2]
 
-    import ray  # noqa: PLC0415
+    import ray
 
     t_all = time.perf_counter()
     os.makedirs(CACHE_DIR, exist_ok=True)
@@ -529,7 +527,7 @@ def main(argv: list[str]) -> int:
     model_dir = ensure_model()
     threads = worker_threads()
 
-    from pipeline.data.loader import ViewIndex  # noqa: PLC0415
+    from pipeline.data.loader import ViewIndex
 
     index = ViewIndex.open(root, "default")
     cfg1 = job_config(root, model_dir, "/unused", "sqlite:////unused.db", 1, warm_ray + steps_ray, "bench")

@@ -197,9 +197,9 @@ def _best_metric(uri: str, run_id: str | None, key: str) -> float | None:
 def _history(uri: str, run_id: str | None, key: str) -> list[float]:
     if not run_id:
         return []
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    from pipeline.tracking import metric_history  # noqa: PLC0415
 
-    return [m.value for m in sorted(MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+    return [value for _, (value, _) in sorted(metric_history(uri, run_id, key).items())]
 
 
 def render(report: dict, cfgs: dict) -> str:

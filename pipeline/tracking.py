@@ -142,6 +142,14 @@ def find_run(tracking_uri: str, experiment: str, run_name: str, tags: Mapping[st
     return runs[0].info.run_id if runs else None
 
 
+def metric_history(tracking_uri: str, run_id: str, key: str) -> dict[int, tuple[float, int]]:
+    """step -> (value, timestamp ms) of one metric of a run (the last value logged at a step)."""
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    return {m.step: (m.value, m.timestamp) for m in sorted(MlflowClient(tracking_uri).get_metric_history(run_id, key),
+                                                           key=lambda m: (m.step, m.timestamp))}
+
+
 class MlflowTracker:
     """Logs into an existing run through MlflowClient (thread-safe, no global active run)."""
 

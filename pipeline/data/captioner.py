@@ -129,7 +129,7 @@ class FrameCaptioner:
                 raise ValueError(f"{type(processor).__name__} has no image processor")
             step = f"weights ({auto_cls.__name__})"
             model = auto_cls.from_pretrained(source, config=config, dtype=self._torch_dtype, **kwargs)
-        except Exception as e:  # noqa: BLE001  (loaders raise OSError, ValueError, KeyError, ...)
+        except Exception as e:  # loaders raise OSError, ValueError, KeyError, ...
             raise ValueError(f"cannot load {where}: {step} failed: {type(e).__name__}: {e}") from e
         model.to(self.device)
         model.eval()

@@ -125,7 +125,7 @@ def hub_commit(repo_id: str, revision: str | None) -> str:
 
     try:
         config_path = cached_file(repo_id, "config.json", revision=revision)
-    except Exception as e:  # noqa: BLE001  (hub/offline/auth errors come in many types)
+    except Exception as e:  # hub/offline/auth errors come in many types
         raise ValueError(
             f"cannot load captioner {repo_id!r} (revision {revision or 'default'}): config.json is not "
             f"reachable (offline and not cached, wrong id, or gated?): {type(e).__name__}: {e}"
@@ -148,7 +148,7 @@ def pick_auto_class(config: Any, trust_remote_code: bool) -> Any:
     for auto_cls in candidates:
         if auto_cls is None:
             continue
-        if type(config) in auto_cls._model_mapping:
+        if type(config) in auto_cls._model_mapping:  # noqa: SLF001  the Auto class's own registry
             return auto_cls
         if trust_remote_code and auto_cls.__name__ in remote_classes:
             return auto_cls

@@ -14,10 +14,11 @@ from __future__ import annotations
 import io
 import json
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
+from collections.abc import Sequence
 
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute  # registers pa.compute
 import pyarrow.parquet as pq
 
 from pipeline import schema

@@ -110,7 +110,7 @@ def resize_jpeg(jpeg: bytes, size_px: int, quality: int) -> bytes:
     try:
         with Image.open(io.BytesIO(jpeg)) as img:
             rgb = img.convert("RGB").resize((size_px, size_px), Image.Resampling.BICUBIC)
-    except Exception as e:  # noqa: BLE001  PIL raises OSError, SyntaxError, ValueError ...
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ...
         raise ValueError(f"undecodable frame: {type(e).__name__}: {e}") from e
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=quality)

@@ -102,7 +102,7 @@ def decode_all(item: RetrievalItem, video_format: str, size_px: int, *, decode_t
                 frames = [resize_rgb(frame.to_image(), size_px) for frame in container.decode(stream)]
     except BadSample:
         raise
-    except Exception as e:  # noqa: BLE001  (any FFmpeg/PIL error here is the file's fault)
+    except Exception as e:  # any FFmpeg/PIL error here is the file's fault
         raise _unreadable(path, source, e) from e
     if not frames:
         raise BadSample(f"{path}: no frame decodes")
@@ -131,7 +131,7 @@ def list_frame_files(frame_dir: str, clip_id: str, opts: fs.S3Options | None = N
             names = [key.rsplit("/", 1)[-1] for key, _ in objects]
         else:
             names = os.listdir(frame_dir)
-    except Exception as e:  # noqa: BLE001  OSError (S3 errors included), a listing bug
+    except Exception as e:  # OSError (S3 errors included), a listing bug
         raise BadSample(f"{frame_dir}: cannot list frames: {e}") from e
     numbered = [(int(m.group(1)), n) for n in names if (m := pattern.fullmatch(n))]
     return [fs.join(frame_dir, n) for _, n in sorted(numbered)]
@@ -154,7 +154,7 @@ def _read_frames(paths: list[str], idx_T: np.ndarray, size_px: int, opts: fs.S3O
         if fs.is_s3(paths[i]):
             try:
                 source = io.BytesIO(fs.read_bytes(paths[i], opts))
-            except Exception as e:  # noqa: BLE001  missing, refused, or failing through the retries
+            except Exception as e:  # missing, refused, or failing through the retries
                 raise BadSample(f"{paths[i]}: S3 read failed: {type(e).__name__}: {e}") from e
         try:
             with Image.open(source) as image:
@@ -262,6 +262,6 @@ def _load_video(item: RetrievalItem, num_frames: int, size_px: int, train: bool,
         if str(e).startswith(path):
             raise
         raise BadSample(f"{path}: {e}") from e
-    except Exception as e:  # noqa: BLE001  (any FFmpeg/PIL error here is the file's fault)
+    except Exception as e:  # any FFmpeg/PIL error here is the file's fault
         raise _unreadable(path, source, e) from e
     return _stack(idx_T, frames)

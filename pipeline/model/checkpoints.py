@@ -78,7 +78,7 @@ def load_clip_vip(source: str, model_cfg: ModelConfig | None = None, clip_only: 
 
 
 def _model_type(path: str) -> str:
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # noqa: PLC0415  transformers only when loading HF weights
 
     return AutoConfig.from_pretrained(path).model_type
 
@@ -130,7 +130,7 @@ def save_official(model: CLIPViPModel, path: str) -> None:
 
 
 def _load_hf_clip(source: str, cfg: ModelConfig) -> CLIPViPModel:
-    from transformers import CLIPModel
+    from transformers import CLIPModel  # noqa: PLC0415  transformers only when loading HF weights
 
     clip, info = CLIPModel.from_pretrained(source, output_loading_info=True, dtype=torch.float32)
     _raise_on_loading_info(source, info)

@@ -520,7 +520,7 @@ class CLIPViPModel(CLIPPreTrainedModel):
         self.projection_dim = config.projection_dim
         self.text_embed_dim = config.text_config.hidden_size
         self.vision_embed_dim = config.vision_config.hidden_size
-        self.text_model = CLIPTextModel._from_config(config.text_config)
+        self.text_model = CLIPTextModel._from_config(config.text_config)  # noqa: SLF001  HF's config-only build
         self.vision_model = CLIPViPVisionTransformer(config.vision_config, config)
         self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
         self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)

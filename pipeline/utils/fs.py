@@ -140,7 +140,7 @@ def open_read(uri: str, opts: S3Options | None = None) -> Any:
     """
     if is_s3(uri):
         return s3.open_read(uri, opts or S3Options())
-    return open(os.path.abspath(uri), "rb")  # noqa: SIM115  the caller owns it
+    return open(os.path.abspath(uri), "rb")  # the caller owns it
 
 
 def open_ranges(uri: str, opts: S3Options | None = None) -> Any:
@@ -149,7 +149,7 @@ def open_ranges(uri: str, opts: S3Options | None = None) -> Any:
     if is_s3(uri):
         opts = opts or S3Options()
         return s3.RangeFile(uri, opts, s3.head(uri, opts)[0])
-    return open(os.path.abspath(uri), "rb")  # noqa: SIM115  the caller owns it
+    return open(os.path.abspath(uri), "rb")  # the caller owns it
 
 
 def read_bytes_or_none(uri: str, opts: S3Options | None = None) -> bytes | None:

@@ -85,7 +85,7 @@ def with_retries(opts: S3Options, what: str, fn: Callable[[], T]) -> T:
     for attempt in range(attempts):
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001  botocore/urllib3 errors, imported lazily
+        except Exception as e:  # botocore/urllib3 errors, imported lazily
             kind = classify(e)
             if kind == "missing":
                 raise FileNotFoundError(f"no such object: {what}") from None

@@ -82,7 +82,7 @@ def test_credentials_in_uris_are_refused(override):
 
 
 def test_clip_only_needs_pretrained_weights():
-    from pipeline.config import ModelConfig  # noqa: PLC0415
+    from pipeline.config import ModelConfig
 
     with pytest.raises(ConfigError, match="model.pretrained_clip_only: set model.pretrained"):
         ModelConfig(pretrained_clip_only=True)

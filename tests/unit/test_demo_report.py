@@ -35,14 +35,14 @@ def test_report_names_numbers_places_runs_and_times():
 
 def test_both_fine_tunes_start_from_the_one_clip_vip_pretrain(tmp_path):
     """The baseline takes the CLIP-ViP pretrain's CLIP weights through the worker's `build_model`."""
-    import dataclasses  # noqa: PLC0415
-    from types import SimpleNamespace  # noqa: PLC0415
+    import dataclasses
+    from types import SimpleNamespace
 
-    import torch  # noqa: PLC0415
+    import torch
 
-    from jobs.demo import build_configs  # noqa: PLC0415
-    from pipeline.model.clip_vip import CLIPViPModel, config_from_model_cfg  # noqa: PLC0415
-    from pipeline.train.worker import build_model  # noqa: PLC0415
+    from jobs.demo import build_configs
+    from pipeline.model.clip_vip import CLIPViPModel, config_from_model_cfg
+    from pipeline.train.worker import build_model
 
     ret = tmp_path / "sample" / "retrieval"
     sample = SimpleNamespace(metadata_path=str(tmp_path / "m.jsonl"), video_root=str(tmp_path / "v"),
