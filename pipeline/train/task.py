@@ -7,6 +7,8 @@ normalises them, runs the four branches (V, S, F, C) and returns the summed loss
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -16,14 +18,21 @@ from pipeline.model.losses import NCELearnableTempLoss, OmnisourceLoss
 
 
 class ClipVipTask(nn.Module):
-    """model + loss; `forward(batch) -> (loss, metrics)`. The loss owns no parameters."""
+    """model + loss; `forward(batch) -> (loss, metrics)`. The loss owns no parameters.
+
+    `forward` is `score(embed(batch))`; `forward(batch, embed_only=True)` is `embed(batch)`, so
+    gradient caching (pipeline/train/gradcache.py) embeds chunks through the module's call (and a
+    DeepSpeed engine's: ZeRO-3 gathers parameters in its forward hooks) and scores them at once.
+    """
 
     def __init__(self, model: CLIPViPModel, loss: OmnisourceLoss) -> None:
         super().__init__()
         self.model = model
         self.loss = loss
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """The loss's inputs for these rows: {video,subtitle,frame,caption}_BD (None where the
+        variant needs none) and the clamped log logit scale."""
         dtype = next(self.model.parameters()).dtype
         needs = set(self.loss.sources)
         out = self.model(
@@ -34,11 +43,17 @@ class ClipVipTask(nn.Module):
             caption_ids_BN=batch["caption_ids"] if "caption" in needs else None,
             caption_mask_BN=batch["caption_mask"] if "caption" in needs else None,
         )
-        terms = self.loss(video_BD=out.video_feats_BP, subtitle_BD=out.text_feats_BP, logit_scale=out.logit_scale,
-                          frame_BD=out.frame_feats_BP, caption_BD=out.caption_feats_BP, clip_ids=batch["clip_id"])
-        metrics = {k: v.detach().float() for k, v in terms.items() if k != "loss"}
-        metrics["logit_scale"] = out.logit_scale.detach().float().exp()
-        return terms["loss"], metrics
+        return {"video_BD": out.video_feats_BP, "subtitle_BD": out.text_feats_BP, "frame_BD": out.frame_feats_BP,
+                "caption_BD": out.caption_feats_BP, "logit_scale": out.logit_scale}
+
+    def score(self, feats: dict[str, torch.Tensor | None], clip_ids: torch.Tensor
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms = self.loss(**feats, clip_ids=clip_ids)
+        return terms["loss"], _metrics(terms, feats["logit_scale"])
+
+    def forward(self, batch: dict[str, torch.Tensor], embed_only: bool = False) -> Any:
+        feats = self.embed(batch)
+        return feats if embed_only else self.score(feats, batch["clip_id"])
 
 
 class RetrievalTask(nn.Module):
@@ -49,12 +64,24 @@ class RetrievalTask(nn.Module):
         self.model = model
         self.loss = loss
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         dtype = next(self.model.parameters()).dtype
         out = self.model(pixel_values_BTCHW=normalize_clip(batch["frames"]).to(dtype),
                          input_ids_BN=batch["text_ids"], attention_mask_BN=batch["text_mask"])
-        terms = self.loss(video_BD=out.video_feats_BP, text_BD=out.text_feats_BP, logit_scale=out.logit_scale,
-                          clip_ids=batch["clip_id"])
-        metrics = {k: v.detach().float() for k, v in terms.items() if k != "loss"}
-        metrics["logit_scale"] = out.logit_scale.detach().float().exp()
-        return terms["loss"], metrics
+        return {"video_BD": out.video_feats_BP, "text_BD": out.text_feats_BP, "logit_scale": out.logit_scale}
+
+    def score(self, feats: dict[str, torch.Tensor | None], clip_ids: torch.Tensor
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms = self.loss(**feats, clip_ids=clip_ids)
+        return terms["loss"], _metrics(terms, feats["logit_scale"])
+
+    def forward(self, batch: dict[str, torch.Tensor], embed_only: bool = False) -> Any:
+        feats = self.embed(batch)
+        return feats if embed_only else self.score(feats, batch["clip_id"])
+
+
+def _metrics(terms: dict[str, torch.Tensor], logit_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    metrics = {k: v.detach().float() for k, v in terms.items() if k != "loss"}
+    assert logit_scale is not None
+    metrics["logit_scale"] = logit_scale.detach().float().exp()
+    return metrics
