@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -35,6 +36,8 @@ class Tracker(Protocol):
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None: ...
 
     def finish_step(self, name: str, fn: Any) -> bool: ...
+
+    def flush(self) -> None: ...
 
     def close(self, status: str | None = None) -> None: ...
 
@@ -61,6 +64,9 @@ class NullTracker:
 
     def finish_step(self, name: str, fn: Any) -> bool:
         return False
+
+    def flush(self) -> None:
+        pass
 
     def close(self, status: str | None = None) -> None:
         pass
@@ -151,9 +157,17 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> dict[int, tuple[
 
 
 class MlflowTracker:
-    """Logs into an existing run through MlflowClient (thread-safe, no global active run)."""
+    """Logs into an existing run through MlflowClient (thread-safe, no global active run).
 
-    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = False) -> None:
+    Metrics leave the caller's thread: `log_metrics` queues them and a background thread sends
+    them in batches every `send_every_s` (a training step never waits on the tracking server).
+    `flush` sends what is queued and returns once the server has it; the training loops flush
+    before every checkpoint and `close` flushes, so a kill loses at most the steps since the last
+    checkpoint, which the resumed run replays and logs (never twice: `replayed_until`).
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = False,
+                 send_every_s: float = 5.0) -> None:
         from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
         self.tracking_uri = tracking_uri
@@ -164,6 +178,15 @@ class MlflowTracker:
         # (from its last checkpoint) and must not log them twice. Later steps may be logged in
         # several calls (training metrics, then validation at the same step).
         self.replayed_until = self.last_step
+        self.batches_sent = 0
+        self._queue: list[Any] = []
+        self._queue_lock = threading.Lock()  # guards _queue
+        self._send_lock = threading.Lock()  # one sender at a time, so batches keep their order
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._sender = threading.Thread(target=self._send_forever, args=(send_every_s,), daemon=True,
+                                        name="mlflow-metrics")
+        self._sender.start()
         self._monitor = None
         if system_metrics:
             self._monitor = self._start_system_metrics()
@@ -198,12 +221,44 @@ class MlflowTracker:
 
         if step <= self.replayed_until:
             return
+        if self._error is not None:
+            self.flush()  # the sender failed: retry now, in the caller's thread, and raise if it still fails
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         if step > self.last_step:
             batch.append(Metric(STEP_METRIC, float(step), ts, step))
-        self.client.log_batch(self.run_id, metrics=batch)
+        with self._queue_lock:
+            self._queue.extend(batch)
         self.last_step = max(self.last_step, step)
+
+    def flush(self) -> None:
+        """Send every queued metric now; returns once the tracking server has them.
+
+        Raises:
+            Exception: the server refused them (they stay queued for the next flush).
+        """
+        self._send()
+        self._error = None
+
+    def _send(self) -> None:
+        with self._send_lock:
+            with self._queue_lock:
+                batch, self._queue = self._queue, []
+            try:
+                for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
+                    self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+                    self.batches_sent += 1
+            except BaseException:
+                with self._queue_lock:
+                    self._queue[:0] = batch[i:]  # keep the order; what was sent stays sent
+                raise
+
+    def _send_forever(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self._send()
+            except Exception as e:  # noqa: BLE001  kept for the training thread's next log or flush
+                self._error = e
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, obj, artifact_file)
@@ -226,6 +281,9 @@ class MlflowTracker:
         return True
 
     def close(self, status: str | None = None) -> None:
+        self._stop.set()
+        self._sender.join()
+        self.flush()
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
