@@ -144,7 +144,8 @@ def make_engine(cfg: Any, device: str, engine: str = "auto") -> tuple[StepFn, An
     task, AdamW groups and `ds_config`), or plain torch (fp32 weights, bf16 autocast, the same
     AdamW and clipping) when asked for or when DeepSpeed is missing ("auto")."""
     from pipeline.train.optim import make_adamw, param_groups
-    from pipeline.train.worker import build_task, ds_config, skip_cpu_shm_build
+    from pipeline.train.session import ds_config, skip_cpu_shm_build
+    from pipeline.train.worker import build_task
 
     task = build_task(cfg)
     optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
@@ -159,7 +160,7 @@ def make_engine(cfg: Any, device: str, engine: str = "auto") -> tuple[StepFn, An
         if not device.startswith("cuda"):
             skip_cpu_shm_build()
         with io.StringIO() as quiet, contextlib.redirect_stdout(quiet):
-            engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config(cfg))
+            engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config(cfg, cfg.train.num_workers))
 
         def ds_step(batch: dict[str, torch.Tensor]) -> float:
             loss, _ = engine(batch)

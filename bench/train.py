@@ -297,8 +297,13 @@ class _RecordingTracker:
     def log_artifacts(self, *a: Any) -> None:
         pass
 
+    def flush(self) -> None:
+        if self.inner is not None:
+            self.inner.flush()
+
     def close(self, *a: Any) -> None:
-        pass
+        if self.inner is not None:
+            self.inner.close()
 
 
 def steady_from_rates(rate: dict[int, float], wait: dict[int, float], per_step: int, first: int, last: int,
@@ -324,7 +329,8 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
     from pipeline.config import to_dict
     from pipeline.train.checkpoint import TrainState
     from pipeline.train.optim import make_adamw, param_groups
-    from pipeline.train.worker import RunLog, _run_steps, build_task, ds_config, skip_cpu_shm_build
+    from pipeline.train.session import RunLog, Session, ds_config, skip_cpu_shm_build
+    from pipeline.train.worker import _run_steps, build_task
 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -344,7 +350,7 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
         task = build_task(cfg)
         opt = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
         with contextlib.redirect_stdout(io.StringIO()):
-            engine, _, _, _ = deepspeed.initialize(model=task, optimizer=opt, config=ds_config(cfg))
+            engine, _, _, _ = deepspeed.initialize(model=task, optimizer=opt, config=ds_config(cfg, cfg.train.num_workers))
         n = warmup + steps  # steps done before _Stop; total n + 1 keeps the final-step checkpoint out
         inner = None
         tmp = None
@@ -365,10 +371,13 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 log = RunLog(engine, tracker, rank=0, world=1, total=n + 1, run_name=cfg.run_name)
-                _run_steps(log, cfg, {"job": to_dict(cfg)}, None, None, TrainState(world_size=1), spe, from_memory)
+                session = Session(rank=0, world=1, engine=engine, state=TrainState(world_size=1), tracker=tracker,
+                                  chunks=1)
+                _run_steps(log, session, cfg, {"job": to_dict(cfg)}, None, None, spe, from_memory)
         except _Stop:
             pass
         finally:
+            tracker.close()
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
         res = steady_from_rates(tracker.rate, tracker.wait, MICRO_BATCH, warmup, n)

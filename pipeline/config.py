@@ -433,7 +433,16 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     micro_batch_size: int = 32
-    """Clips per worker per step; the global batch (InfoNCE negatives) is this x num_workers."""
+    """Clips a worker embeds in one forward (what GPU memory bounds)."""
+    global_batch_size: int | None = None
+    """Clips of one optimizer step: the contrastive batch, every one a negative for the others
+    (1024 in the paper, section 4.1). None: micro_batch_size x num_workers. A multiple of that:
+    each worker embeds its share in chunks of micro_batch_size and the loss still sees the whole
+    global batch (gradient caching, pipeline/train/gradcache.py), so fewer GPUs train the same
+    objective."""
+    activation_checkpointing: bool = False
+    """Recompute each encoder layer's activations in backward: less memory a chunk for ~1/3 more
+    compute (a larger micro_batch_size, fewer chunks)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (None: `epochs` full epochs)."""
     epochs: int = 1
@@ -465,6 +474,11 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps: must be >= 1, got {self.max_steps}")
+        per_step = self.micro_batch_size * self.num_workers
+        if self.global_batch_size is not None and (self.global_batch_size < 1 or self.global_batch_size % per_step):
+            raise ConfigError(f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size x train.num_workers = {self.micro_batch_size} x "
+                              f"{self.num_workers} = {per_step}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.zero_stage == 0 and self.grad_clip > 0:
@@ -479,6 +493,24 @@ class TrainConfig:
             raise ConfigError(f"train.image_size_px: must be >= 16, got {self.image_size_px}")
         if self.max_failures < 0:
             raise ConfigError(f"train.max_failures: must be >= 0, got {self.max_failures}")
+
+    def global_batch(self) -> int:
+        """Clips of one optimizer step (global_batch_size, or micro_batch_size x num_workers)."""
+        return self.global_batch_size or self.micro_batch_size * self.num_workers
+
+    def chunks(self, world_size: int) -> int:
+        """Forwards a worker makes per step at `world_size` workers: its share of the global batch
+        over micro_batch_size.
+
+        Raises:
+            ValueError: the global batch does not split into whole micro batches at this size.
+        """
+        share, left = divmod(self.global_batch(), world_size)
+        if left or share % self.micro_batch_size:
+            raise ValueError(f"a global batch of {self.global_batch()} does not split into micro batches of "
+                             f"{self.micro_batch_size} on {world_size} workers; set train.global_batch_size "
+                             f"to a multiple of {self.micro_batch_size * world_size}")
+        return share // self.micro_batch_size
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -267,12 +267,14 @@ def build_pretrain_report(cfg: Any, rows: int | None, open_error: str | None, pa
     t = cfg.train
     rep = Report("pretrain", cfg.run_name)
     world = t.num_workers
-    global_batch = t.micro_batch_size * world
+    global_batch = t.global_batch()
     spe = (rows or 0) // global_batch
     total = t.max_steps or spe * t.epochs
     rep.facts += [("dataset root", t.dataset_root), ("view", t.view),
                   ("clips", rows if rows is not None else "unknown"), ("workers (ranks)", world),
-                  ("GPUs", world if t.use_gpu else 0), ("global batch", global_batch), ("steps per epoch", spe),
+                  ("GPUs", world if t.use_gpu else 0), ("global batch", global_batch),
+                  ("forwards a worker a step", f"{t.chunks(world)} of {t.micro_batch_size} clips"
+                   + (" (gradient caching)" if t.chunks(world) > 1 else "")), ("steps per epoch", spe),
                   ("steps", total), ("model parameters", params), ("precision / ZeRO", f"{t.precision} / {t.zero_stage}")]
     ckpt = params * CHECKPOINT_BYTES_PER_PARAM
     rep.estimates += [("checkpoint GB", round(ckpt / 1e9, 2), f"{CHECKPOINT_BYTES_PER_PARAM} B a parameter"),

@@ -1,6 +1,7 @@
 """`finetune_loop_per_worker`: what each Ray Train worker runs for `finetune` (spec 4.2).
 
-Same engine, checkpoints, resume and MLflow logging as `pretrain` (`pipeline.train.worker`);
+The same session as `pretrain` (pipeline/train/session.py: engine, checkpoints, resume, MLflow,
+the finish);
 different data (a downstream retrieval split decoded on the fly), loss (symmetric InfoNCE) and
 a validation pass every `data.val_every_steps` and at the end. Validation runs on every rank
 (each encodes its share of the held-out videos, so ZeRO-3 gathers stay collective), features
@@ -22,36 +23,16 @@ import torch.distributed as dist
 from pipeline.config import build_dataclass
 from pipeline.eval.config import FinetuneJobConfig
 from pipeline.eval.formats import RetrievalItem
-from pipeline.train import checkpoint as ckpt_io
-from pipeline.train import finish
-from pipeline.train.checkpoint import TrainState
-from pipeline.train.optim import lr_at, make_adamw, param_groups, set_lr
-from pipeline.train.worker import (
-    RunLog,
-    build_model,
-    ds_config,
-    quiet_report_lines,
-    save_and_report,
-    skip_cpu_shm_build,
-)
+from pipeline.train import finish, gradcache
+from pipeline.train.optim import lr_at, set_lr
+from pipeline.train.session import RunLog, build_model, finish_session, save_checkpoint, start_session
 from pipeline.utils import fs
 
 TAG = "finetune"
 
 
 def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train  # noqa: PLC0415
-
-    cfg = build_dataclass(FinetuneJobConfig, loop_config["job"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    quiet_report_lines()
-    if not cfg.train.use_gpu:
-        skip_cpu_shm_build()
-    import deepspeed  # noqa: PLC0415
-
     from pipeline.model.losses import NCELearnableTempLoss  # noqa: PLC0415
-    from pipeline.tracking import MlflowTracker, NullTracker  # noqa: PLC0415
     from pipeline.train.retrieval_data import (  # noqa: PLC0415
         FrameCache,
         RankBatches,
@@ -60,41 +41,27 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     from pipeline.train.task import RetrievalTask  # noqa: PLC0415
 
+    cfg = build_dataclass(FinetuneJobConfig, loop_config["job"])
+    s = start_session(cfg, loop_config, RetrievalTask(build_model(cfg), NCELearnableTempLoss(gather=True)))
+    engine, rank, world, state, tracker = s.engine, s.rank, s.world, s.state, s.tracker
     train_items = [RetrievalItem(**it) for it in loop_config["train_items"]]
     val_items = [RetrievalItem(**it) for it in loop_config["val_items"]]
     groups = loop_config.get("train_groups", [])
-    task = RetrievalTask(build_model(cfg), NCELearnableTempLoss(gather=True))
-    optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
-    engine, optimizer, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config(cfg))
     t = cfg.train
+    share = t.micro_batch_size * s.chunks  # this rank's rows of a global batch
     loader_cfg = RetrievalLoaderConfig(video_format=cfg.data.train.video_format, num_frames=t.num_frames,
                                        size_px=t.image_size_px, max_text_len=cfg.data.max_text_len,
-                                       micro_batch=t.micro_batch_size, seed=t.seed,
+                                       micro_batch=share, seed=t.seed,
                                        decode_threads=cfg.data.decode_threads, opts=fs.S3Options.of(cfg.storage))
     cache = FrameCache(cfg.data.cache_decoded_mb * 2**20) if cfg.data.cache_decoded_mb else None
-    spe = steps_per_epoch(len(train_items), world, t.micro_batch_size)
+    spe = steps_per_epoch(len(train_items), world, share)
     if spe < 1:
         raise ValueError(f"{len(train_items)} training videos cannot fill one global batch of "
-                         f"{t.micro_batch_size * world}; lower train.micro_batch_size")
+                         f"{t.global_batch()}; lower train.global_batch_size or train.micro_batch_size")
     total = t.max_steps or spe * t.epochs
-
-    state = TrainState(world_size=world, mlflow_run_id=loop_config.get("mlflow_run_id"))
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as d:
-            state = ckpt_io.load(engine, d, rank, world)
-    state.mlflow_run_id = state.mlflow_run_id or loop_config.get("mlflow_run_id")
-
-    tracker: Any = NullTracker()
-    if rank == 0 and cfg.tracking.enabled and state.mlflow_run_id:
-        tracker = MlflowTracker(cfg.tracking.tracking_uri, state.mlflow_run_id, cfg.tracking.system_metrics)
-        if state.step == 0:
-            tracker.log_params(loop_config["job"])
-            tracker.log_dict(loop_config["job"], "config/job.json")
-            tracker.log_dict(ds_config(cfg), "config/deepspeed.json")
     if rank == 0:
         print(f"[{TAG}] {'resumed at step ' + str(state.step) if state.step else 'starting'}; {total} steps, "
-              f"{spe} per epoch, global batch {t.micro_batch_size * world}, {len(train_items)} train / "
+              f"{spe} per epoch, global batch {t.global_batch()}, {len(train_items)} train / "
               f"{len(val_items)} val videos ({cfg.run_name})", flush=True)
 
     log = RunLog(engine, tracker, rank, world, total, cfg.run_name, samples_at_start=state.samples_seen)
@@ -105,39 +72,27 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
             wait_s = time.perf_counter() - t_wait0
             lr = lr_at(state.step, t.lr, total, t.warmup_ratio)
             set_lr(engine.optimizer, lr)
-            loss, metrics = engine(batch)
-            engine.backward(loss)
-            engine.step()
+            loss, metrics = gradcache.train_step(engine, batch, s.chunks)
             state.step += 1
             state.epoch, state.step_in_epoch = divmod(state.step, spe)
             state.samples_seen += int(batch["frames"].shape[0]) * world
             state.skipped_rows += int(batch["skipped"].sum()) * world
             if state.step % t.log_every_steps == 0 or state.step == total:
-                metrics = dict(metrics, loss=loss.detach(), data_wait_s=torch.tensor(wait_s))
+                metrics = dict(metrics, loss=loss, data_wait_s=torch.tensor(wait_s))
                 _log_train(log, metrics, state, lr)
             if state.step % cfg.data.val_every_steps == 0 or state.step == total:
                 _validate_and_keep_best(engine, cfg, loop_config, val_items, state, rank, world, tracker)
             if state.step % t.checkpoint_every_steps == 0 or state.step == total:
-                save_and_report(engine, cfg, loop_config, state, rank)
+                save_checkpoint(s, cfg, loop_config)
             t_wait0 = time.perf_counter()
             if state.step >= total:
                 break
-    # Every submission runs the finish; each of its steps happens once per run (finish_step), so
-    # a run killed between its last checkpoint and its artifacts gets them when resubmitted.
-    finish.pause_point("checkpoint", rank)
-    finish.export_once(engine, loop_config["export_dir"], state.step, cfg, rank, world, TAG)
-    finish.pause_point("export", rank)
-    if rank == 0 and tracker.run_id:
-        finish.log_artifacts_once(tracker, loop_config["export_dir"], "model", cfg)
-        if state.best_metric is not None:
-            finish.log_artifacts_once(tracker, loop_config["best_dir"], "best_model", cfg)
-        finish.pause_point("artifacts", rank)
-        if state.best_metric is not None and cfg.tracking.register_model:
-            finish.register_once(tracker, "best_model", cfg.tracking.register_model, cfg, TAG)
     if rank == 0:
         print(f"[{TAG}] best {cfg.data.select_metric} {state.best_metric} at step {state.best_step} -> "
               f"{loop_config['best_dir']}", flush=True)
-    tracker.close("FINISHED")
+    best = [(loop_config["best_dir"], "best_model")] if state.best_metric is not None else []
+    finish_session(s, cfg, loop_config["export_dir"], [(loop_config["export_dir"], "model"), *best],
+                   "best_model" if best else None, TAG)
 
 
 def _log_train(log: RunLog, metrics, state, lr: float) -> None:

@@ -87,3 +87,19 @@ def test_clip_only_needs_pretrained_weights():
     with pytest.raises(ConfigError, match="model.pretrained_clip_only: set model.pretrained"):
         ModelConfig(pretrained_clip_only=True)
     assert ModelConfig(pretrained="out/runs/x-export", pretrained_clip_only=True).pretrained_clip_only
+
+
+def test_global_batch_and_gradient_caching_chunks():
+    from pipeline.config import PretrainJobConfig
+
+    def train(*sets):
+        return load_config(PretrainJobConfig, None, ["train.dataset_root=/data", *sets]).train
+
+    plain = train("train.num_workers=4", "train.micro_batch_size=8")
+    assert plain.global_batch() == 32 and plain.chunks(4) == 1
+    cached = train("train.num_workers=4", "train.micro_batch_size=8", "train.global_batch_size=128")
+    assert cached.global_batch() == 128 and cached.chunks(4) == 4 and cached.chunks(2) == 8 and cached.chunks(16) == 1
+    with pytest.raises(ValueError, match="does not split into micro batches of 8 on 3 workers"):
+        cached.chunks(3)
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: 100 is not a multiple of .* = 8 x 4 = 32"):
+        train("train.num_workers=4", "train.micro_batch_size=8", "train.global_batch_size=100")

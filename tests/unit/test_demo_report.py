@@ -42,7 +42,7 @@ def test_both_fine_tunes_start_from_the_one_clip_vip_pretrain(tmp_path):
 
     from jobs.demo import build_configs
     from pipeline.model.clip_vip import CLIPViPModel, config_from_model_cfg
-    from pipeline.train.worker import build_model
+    from pipeline.train.session import build_model
 
     ret = tmp_path / "sample" / "retrieval"
     sample = SimpleNamespace(metadata_path=str(tmp_path / "m.jsonl"), video_root=str(tmp_path / "v"),

@@ -14,7 +14,7 @@ import json, sys
 import torch
 import torch.distributed as dist
 from pipeline.train.checkpoint import TrainState
-from pipeline.train.worker import RunLog
+from pipeline.train.session import RunLog
 
 rank, port = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)

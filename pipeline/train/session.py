@@ -1,0 +1,211 @@
+"""What every training worker does around its steps, pretrain and finetune alike.
+
+`start_session` is everything before the first step: rank and world size from Ray Train, the
+model and loss wrapped in a DeepSpeed engine built from `train.*` (`ds_config`), the state of the
+latest checkpoint (or a warm start), the MLflow tracker (rank 0). `train_step`
+(pipeline/train/gradcache.py) is one optimizer step; `save_checkpoint` a checkpoint, every rank
+together (`ray.train.report` is a barrier); `finish_session` the once-only finish
+(pipeline/train/finish.py). What differs between the jobs (data, loss, validation, what is
+exported) stays in `worker.py` and `finetune_worker.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.train import checkpoint as ckpt_io
+from pipeline.train import finish
+from pipeline.train.checkpoint import TrainState
+from pipeline.train.optim import make_adamw, param_groups
+
+
+def ds_config(cfg: Any, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config, built from TrainConfig (the one source of truth; no JSON file)."""
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        # One accumulation step per chunk of gradient caching (gradcache.py): the loss of every
+        # chunk sees the whole global batch, unlike plain accumulation, which would shrink the
+        # InfoNCE negatives to one micro batch.
+        "gradient_accumulation_steps": t.chunks(world_size),
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def skip_cpu_shm_build() -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory allreduce op on first use (~1 min cold);
+    gloo's allreduce is fine for CPU runs, so skip the build (environment.md section 3)."""
+    import deepspeed.comm.torch  # noqa: F401,PLC0415
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def quiet_report_lines() -> None:
+    """Ray Train 2.60 logs every `ray.train.report` at INFO, one long line per rank, from a logger
+    named after its source file: neither RunConfig's log level nor the `ray.train` logger covers it."""
+    import logging  # noqa: PLC0415
+
+    try:  # a private module: if a Ray release moves it, the lines merely come back
+        from ray.train.v2._internal.execution import context  # noqa: PLC0415
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def build_model(cfg: Any):
+    """The model a run starts from: warm start > model.pretrained > random init (same on every rank)."""
+    from pipeline.model.checkpoints import load_clip_vip  # noqa: PLC0415
+    from pipeline.model.clip_vip import CLIPViPModel, config_from_model_cfg  # noqa: PLC0415
+
+    torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's)
+    warm = cfg.train.warm_start
+    if warm and not os.path.isdir(os.path.join(warm, "ds")):
+        model = load_clip_vip(warm, cfg.model)
+    elif cfg.model.pretrained:
+        model = load_clip_vip(cfg.model.pretrained, cfg.model, clip_only=cfg.model.pretrained_clip_only)
+    else:
+        model = CLIPViPModel(config_from_model_cfg(cfg.model))
+    model.set_attention(cfg.model.attention)
+    if cfg.train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # loaders return eval-mode models; training must not depend on that
+    return model
+
+
+def global_mean(metrics: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    """Each rank's loss covers its own rows; the mean over ranks is the global-batch loss."""
+    keys = sorted(metrics)
+    vec = torch.stack([metrics[k].float().reshape(()) for k in keys])
+    if world > 1:
+        dist.all_reduce(vec)
+        vec /= world
+    return {k: float(v) for k, v in zip(keys, vec.tolist(), strict=True)}
+
+
+@dataclass
+class RunLog:
+    """What the training loops' progress logging needs besides each step's own values: rank 0
+    prints the line, `tracker` is a NullTracker on the other ranks."""
+
+    engine: Any
+    tracker: Any
+    rank: int
+    world: int
+    total: int
+    run_name: str
+    samples_at_start: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
+
+    def train_metrics(self, metrics: dict[str, torch.Tensor], state: TrainState, lr: float,
+                      sums: tuple[str, ...] = ()) -> tuple[dict[str, float], float, float]:
+        """(MLflow `train/` metrics, seconds since start, samples/s): the step's metrics averaged
+        over ranks (those in `sums` summed), lr, throughput, epoch and the global grad norm."""
+        logged = global_mean(metrics, self.world)
+        for key in sums:
+            logged[key] *= self.world
+        elapsed = time.perf_counter() - self.t_start
+        rate = (state.samples_seen - self.samples_at_start) / elapsed if elapsed > 0 else 0.0
+        out = {f"train/{k}": v for k, v in logged.items()}
+        out.update({"train/lr": lr, "train/samples_per_s": rate, "train/epoch": float(state.epoch)})
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            out["train/grad_norm"] = float(grad_norm)
+        return out, elapsed, rate
+
+
+@dataclass
+class Session:
+    """A worker's training run: its place in the group, its engine and where the run is."""
+
+    rank: int
+    world: int
+    engine: Any
+    state: TrainState
+    tracker: Any
+    """MlflowTracker on rank 0 (when tracking), NullTracker elsewhere."""
+    chunks: int
+    """Forwards per step (gradient caching; 1 without)."""
+
+
+def start_session(cfg: Any, loop_config: dict[str, Any], task: torch.nn.Module) -> Session:
+    """Engine, resumed state and tracker of this worker (call first in a Ray Train loop)."""
+    import ray.train  # noqa: PLC0415
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    quiet_report_lines()
+    if not cfg.train.use_gpu:
+        skip_cpu_shm_build()
+    import deepspeed  # noqa: PLC0415
+
+    from pipeline.tracking import MlflowTracker, NullTracker  # noqa: PLC0415
+
+    optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
+    engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config(cfg, world))
+    state = TrainState(world_size=world, mlflow_run_id=loop_config.get("mlflow_run_id"))
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            state = ckpt_io.load(engine, d, rank, world)
+    elif cfg.train.warm_start and os.path.isdir(os.path.join(cfg.train.warm_start, "ds")):
+        ckpt_io.load(engine, cfg.train.warm_start, rank, world, weights_only=True)
+    state.mlflow_run_id = state.mlflow_run_id or loop_config.get("mlflow_run_id")
+    tracker: Any = NullTracker()
+    if rank == 0 and cfg.tracking.enabled and state.mlflow_run_id:
+        tracker = MlflowTracker(cfg.tracking.tracking_uri, state.mlflow_run_id, cfg.tracking.system_metrics)
+        if state.step == 0:
+            tracker.log_params(loop_config["job"])
+            tracker.log_dict(loop_config["job"], "config/job.json")
+            tracker.log_dict(ds_config(cfg, world), "config/deepspeed.json")
+    return Session(rank=rank, world=world, engine=engine, state=state, tracker=tracker,
+                   chunks=cfg.train.chunks(world))
+
+
+def save_checkpoint(s: Session, cfg: Any, loop_config: dict[str, Any]) -> None:
+    """Metrics flushed, then a checkpoint of every rank reported to Ray Train."""
+    s.tracker.flush()  # the metrics up to a checkpoint are in MLflow before it is recorded
+    save_and_report(s.engine, cfg, loop_config, s.state, s.rank)
+
+
+def finish_session(s: Session, cfg: Any, export_dir: str, artifacts: list[tuple[str, str]],
+                   register: str | None, tag: str) -> None:
+    """The finish (pipeline/train/finish.py) on every submission, a finished run's too: the final
+    weights exported to `export_dir`, each (uri, artifact path) of `artifacts` logged, the artifact
+    path `register` registered as `tracking.register_model`; each once. Closes the tracker."""
+    finish.pause_point("checkpoint", s.rank)
+    finish.export_once(s.engine, export_dir, s.state.step, cfg, s.rank, s.world, tag)
+    finish.pause_point("export", s.rank)
+    if s.rank == 0 and s.tracker.run_id:
+        for uri, path in artifacts:
+            finish.log_artifacts_once(s.tracker, uri, path, cfg)
+        finish.pause_point("artifacts", s.rank)
+        if register and cfg.tracking.register_model:
+            finish.register_once(s.tracker, register, cfg.tracking.register_model, cfg, tag)
+    s.tracker.close("FINISHED")
+
+
+def save_and_report(engine, cfg, loop_config, state, rank) -> None:
+    import ray.train  # noqa: PLC0415
+
+    tmp = tempfile.mkdtemp(prefix=f"clipvip-ckpt-r{rank}-")
+    try:
+        ckpt_io.save(engine, tmp, state, rank, loop_config["job"])
+        ray.train.report({"step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step_{state.step:09d}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
