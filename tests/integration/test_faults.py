@@ -149,7 +149,7 @@ def test_retry_quarantined_recovers_the_clips_exactly_once(inputs, down, referen
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     opts = fs.S3Options(endpoint_url=inputs)
-    deadline = time.time() + 300
+    deadline = time.time() + 800  # an event wait; the bound is for a retry that never starts
     while time.time() < deadline and proc.poll() is None and not [
             u for d in fs.list_dirs(f"s3://{BUCKET}/down2/frames", opts) if "~r1" in d
             for u in fs.list_files(f"s3://{BUCKET}/down2/frames/{d}", opts, ".json")]:
