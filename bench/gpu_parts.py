@@ -143,24 +143,22 @@ def make_engine(cfg: Any, device: str, engine: str = "auto") -> tuple[StepFn, An
     """(step function, task module, engine name): the pretrain worker's DeepSpeed engine (same
     task, AdamW groups and `ds_config`), or plain torch (fp32 weights, bf16 autocast, the same
     AdamW and clipping) when asked for or when DeepSpeed is missing ("auto")."""
+    import importlib.metadata
+    import importlib.util
+
     from pipeline.train.optim import make_adamw, param_groups
-    from pipeline.train.session import ds_config, skip_cpu_shm_build
+    from pipeline.train.session import build_engine, skip_cpu_shm_build
     from pipeline.train.worker import build_task
 
     task = build_task(cfg)
-    optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
-    deepspeed = None
-    if engine != "torch":
-        try:
-            import deepspeed
-        except ImportError:
-            if engine == "deepspeed":
-                raise Unavailable("deepspeed is not installed") from None
-    if deepspeed is not None:
+    have_deepspeed = engine != "torch" and importlib.util.find_spec("deepspeed") is not None
+    if engine == "deepspeed" and not have_deepspeed:
+        raise Unavailable("deepspeed is not installed")
+    if have_deepspeed:
         if not device.startswith("cuda"):
             skip_cpu_shm_build()
         with io.StringIO() as quiet, contextlib.redirect_stdout(quiet):
-            engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config(cfg, cfg.train.num_workers))
+            engine = build_engine(cfg, task, cfg.train.num_workers)
 
         def ds_step(batch: dict[str, torch.Tensor]) -> float:
             loss, _ = engine(batch)
@@ -168,7 +166,9 @@ def make_engine(cfg: Any, device: str, engine: str = "auto") -> tuple[StepFn, An
             engine.step()
             return float(loss.detach())
 
-        return ds_step, engine.module, f"deepspeed {deepspeed.__version__} ZeRO-{cfg.train.zero_stage}"
+        version = importlib.metadata.version("deepspeed")
+        return ds_step, engine.module, f"deepspeed {version} ZeRO-{cfg.train.zero_stage}"
+    optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
     task.to(device)
     amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 

@@ -328,8 +328,7 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
 
     from pipeline.config import to_dict
     from pipeline.train.checkpoint import TrainState
-    from pipeline.train.optim import make_adamw, param_groups
-    from pipeline.train.session import RunLog, Session, ds_config, skip_cpu_shm_build
+    from pipeline.train.session import RunLog, Session, build_engine, skip_cpu_shm_build
     from pipeline.train.worker import _run_steps, build_task
 
     prev = torch.get_num_threads()
@@ -345,12 +344,9 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
                               LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
             dist.init_process_group("gloo", rank=0, world_size=1)
         skip_cpu_shm_build()
-        import deepspeed
-
         task = build_task(cfg)
-        opt = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
         with contextlib.redirect_stdout(io.StringIO()):
-            engine, _, _, _ = deepspeed.initialize(model=task, optimizer=opt, config=ds_config(cfg, cfg.train.num_workers))
+            engine = build_engine(cfg, task, cfg.train.num_workers)
         n = warmup + steps  # steps done before _Stop; total n + 1 keeps the final-step checkpoint out
         inner = None
         tmp = None

@@ -141,6 +141,16 @@ class Session:
     """Forwards per step (gradient caching; 1 without)."""
 
 
+def build_engine(cfg: Any, task: torch.nn.Module, world_size: int) -> Any:
+    """`task` in a DeepSpeed engine built from `train.*` (`ds_config`) with AdamW and the official
+    weight-decay groups: what every worker trains, and what the benches time."""
+    import deepspeed  # noqa: PLC0415
+
+    optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
+    engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config(cfg, world_size))
+    return engine
+
+
 def start_session(cfg: Any, loop_config: dict[str, Any], task: torch.nn.Module) -> Session:
     """Engine, resumed state and tracker of this worker (call first in a Ray Train loop)."""
     import ray.train  # noqa: PLC0415
@@ -150,12 +160,9 @@ def start_session(cfg: Any, loop_config: dict[str, Any], task: torch.nn.Module) 
     quiet_report_lines()
     if not cfg.train.use_gpu:
         skip_cpu_shm_build()
-    import deepspeed  # noqa: PLC0415
-
     from pipeline.tracking import MlflowTracker, NullTracker  # noqa: PLC0415
 
-    optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
-    engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config(cfg, world))
+    engine = build_engine(cfg, task, world)
     state = TrainState(world_size=world, mlflow_run_id=loop_config.get("mlflow_run_id"))
     resume = ray.train.get_checkpoint()
     if resume is not None:
