@@ -185,8 +185,9 @@ def test_job_killed_and_resubmitted_zero2_on_s3(root, reference_zero1, s3_server
     common = ("train.zero_stage=2", f"storage.s3_endpoint_url={s3_server}")
 
     args = pretrain_args(root, "s3://runs/kill", db, "kill-job", *common)
+    first_log = open(tmp_path / "first.log", "w+")  # a file, not a pipe: a full pipe would stall the run
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=dict(os.environ, **ENV),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=first_log, stderr=subprocess.STDOUT, start_new_session=True)
     s3 = boto3.client("s3", endpoint_url=s3_server)
 
     def snapshot() -> str | None:
@@ -198,12 +199,12 @@ def test_job_killed_and_resubmitted_zero2_on_s3(root, reference_zero1, s3_server
     deadline = time.time() + 800  # an event wait; the bound is for a run that never gets there
     while time.time() < deadline and proc.poll() is None and not checkpoint_committed(snapshot()):
         time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + open(tmp_path / "first.log").read()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(1)
 
-    again = clipvip(*args, env=ENV)
+    again = clipvip(*args, env=ENV, timeout=840)  # beside two busy processes a resubmission took over 600 s
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resumed at step" in again.stdout + again.stderr
 
@@ -265,7 +266,7 @@ def test_finish_survives_a_kill_at_each_point_bf16_zero3(root, mlflow_server, tm
         assert os.path.exists(export + ".done.json") == (point != "checkpoint"), point
         assert done == {"checkpoint": [], "export": [], "artifacts": ["artifacts.model"]}[point], (point, done)
 
-    final = clipvip(*args, env=ENV)
+    final = clipvip(*args, env=ENV, timeout=840)
     assert final.returncode == 0, final.stderr[-4000:]
     out = final.stdout + final.stderr
     assert "weights of step 2 already at" in out, "the export was recorded done and not redone"

@@ -100,8 +100,9 @@ def finetune_args(split, storage, db, run_name, *extra):
 def test_finetune_killed_and_resubmitted_resumes(split, tmp_path):
     storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
     args = finetune_args(split, storage, db, "ft")
+    first_log = open(tmp_path / "first.log", "w+")  # a file, not a pipe: a full pipe would stall the run
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=dict(os.environ, **ENV),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=first_log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 800  # an event wait; the bound is for a run that never checkpoints
     snapshot = storage / "ft" / CHECKPOINT_SNAPSHOT
 
@@ -110,12 +111,12 @@ def test_finetune_killed_and_resubmitted_resumes(split, tmp_path):
 
     while time.time() < deadline and proc.poll() is None and not committed():
         time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + open(tmp_path / "first.log").read()[-3000:]
     assert committed(), "no checkpoint recorded within 800 s"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
 
-    again = clipvip(*args, env=ENV)
+    again = clipvip(*args, env=ENV, timeout=840)
     assert again.returncode == 0, again.stderr[-4000:]
     log = again.stdout + again.stderr
     assert "[finetune] resumed at step " in log, log[-3000:]
