@@ -17,13 +17,33 @@ from pipeline.model.clip_vip import CLIPViPModel
 from pipeline.model.losses import NCELearnableTempLoss, OmnisourceLoss
 
 
-class ClipVipTask(nn.Module):
+class _ContrastiveTask(nn.Module):
     """model + loss; `forward(batch) -> (loss, metrics)`. The loss owns no parameters.
 
     `forward` is `score(embed(batch))`; `forward(batch, embed_only=True)` is `embed(batch)`, so
     gradient caching (pipeline/train/gradcache.py) embeds chunks through the module's call (and a
     DeepSpeed engine's: ZeRO-3 gathers parameters in its forward hooks) and scores them at once.
+    Subclasses define `embed`: the loss's keyword inputs for a batch, logit_scale among them.
     """
+
+    model: CLIPViPModel
+    loss: nn.Module
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def score(self, feats: dict[str, torch.Tensor | None], clip_ids: torch.Tensor
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms = self.loss(**feats, clip_ids=clip_ids)
+        return terms["loss"], _metrics(terms, feats["logit_scale"])
+
+    def forward(self, batch: dict[str, torch.Tensor], embed_only: bool = False) -> Any:
+        feats = self.embed(batch)
+        return feats if embed_only else self.score(feats, batch["clip_id"])
+
+
+class ClipVipTask(_ContrastiveTask):
+    """CLIP-ViP post-pretraining: the omnisource loss over V, S, F, C (spec 2.2)."""
 
     def __init__(self, model: CLIPViPModel, loss: OmnisourceLoss) -> None:
         super().__init__()
@@ -46,17 +66,8 @@ class ClipVipTask(nn.Module):
         return {"video_BD": out.video_feats_BP, "subtitle_BD": out.text_feats_BP, "frame_BD": out.frame_feats_BP,
                 "caption_BD": out.caption_feats_BP, "logit_scale": out.logit_scale}
 
-    def score(self, feats: dict[str, torch.Tensor | None], clip_ids: torch.Tensor
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        terms = self.loss(**feats, clip_ids=clip_ids)
-        return terms["loss"], _metrics(terms, feats["logit_scale"])
 
-    def forward(self, batch: dict[str, torch.Tensor], embed_only: bool = False) -> Any:
-        feats = self.embed(batch)
-        return feats if embed_only else self.score(feats, batch["clip_id"])
-
-
-class RetrievalTask(nn.Module):
+class RetrievalTask(_ContrastiveTask):
     """Fine-tuning: model + symmetric InfoNCE between videos and their captions (spec 4.2)."""
 
     def __init__(self, model: CLIPViPModel, loss: NCELearnableTempLoss) -> None:
@@ -69,15 +80,6 @@ class RetrievalTask(nn.Module):
         out = self.model(pixel_values_BTCHW=normalize_clip(batch["frames"]).to(dtype),
                          input_ids_BN=batch["text_ids"], attention_mask_BN=batch["text_mask"])
         return {"video_BD": out.video_feats_BP, "text_BD": out.text_feats_BP, "logit_scale": out.logit_scale}
-
-    def score(self, feats: dict[str, torch.Tensor | None], clip_ids: torch.Tensor
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        terms = self.loss(**feats, clip_ids=clip_ids)
-        return terms["loss"], _metrics(terms, feats["logit_scale"])
-
-    def forward(self, batch: dict[str, torch.Tensor], embed_only: bool = False) -> Any:
-        feats = self.embed(batch)
-        return feats if embed_only else self.score(feats, batch["clip_id"])
 
 
 def _metrics(terms: dict[str, torch.Tensor], logit_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
