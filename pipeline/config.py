@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import types
 import typing
@@ -457,6 +458,10 @@ class TrainConfig:
     seed: int = 42
     checkpoint_every_steps: int = 100
     keep_checkpoints: int = 3
+    universal_checkpoint: bool = True
+    """Each checkpoint also holds the full fp32 weights and Adam moments (pipeline/train/reshape.py),
+    so the run can resume on another number of workers; costs one gather of the optimizer state
+    and as many bytes again as DeepSpeed's own optimizer files per checkpoint."""
     storage_path: str = "out/runs"
     """Where Ray Train keeps run state and checkpoints (local or s3://)."""
     warm_start: str | None = None
@@ -465,6 +470,10 @@ class TrainConfig:
     max_failures: int = 3
     """Worker-group restarts Ray Train attempts from the last checkpoint."""
     log_every_steps: int = 1
+    log_sample_ids: bool = False
+    """Log the clip ids of every global batch (MLflow artifacts samples/steps_<first>-<last>.json,
+    at each checkpoint): which samples trained when, for audits and resume checks. One gather of
+    the ids per step; about 8 bytes x global batch per step in MLflow."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
 
     def __post_init__(self) -> None:
@@ -714,3 +723,21 @@ def fingerprint(obj: Any) -> str:
         obj = to_dict(obj)
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def local_path(path: str | None) -> str | None:
+    """Ray workers run in another cwd: an existing relative local path becomes absolute."""
+    if path is None or "://" in path or os.path.isabs(path) or not os.path.exists(path):
+        return path
+    return os.path.abspath(path)
+
+
+def absolute_tracking(cfg: TrackingConfig) -> TrackingConfig:
+    """A relative sqlite:///path becomes absolute (its directory created), so the driver and the
+    Ray workers, which run in another cwd, write the same database."""
+    uri = cfg.tracking_uri
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:////"):
+        return cfg
+    db = os.path.abspath(uri[len("sqlite:///"):])
+    os.makedirs(os.path.dirname(db), exist_ok=True)
+    return dataclasses.replace(cfg, tracking_uri="sqlite:///" + db)

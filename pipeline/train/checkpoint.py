@@ -5,12 +5,17 @@ into one checkpoint directory in `storage_path`:
 
     ds/                      DeepSpeed: model states, ZeRO optimizer shards (per rank), `latest`
     ds/<tag>/...             (DeepSpeed's own layout, tag "ds")
+    universal/part*.safetensors  the full fp32 weights and Adam moments, free of the world size
+                             (pipeline/train/reshape.py): what a resume on another GPU count loads
     rng_rank{r}.pt           this rank's torch/numpy/python RNG states
     train_state.json         step, epoch, data position, samples seen, MLflow run id (rank 0)
     config.json              the resolved job config (rank 0)
 
-The data position is the global step: data order is a pure function of (seed, epoch, world
-size), so step k says exactly which samples every rank has consumed. RNG states are saved too
+The data position is the global step: data order is a pure function of (seed, epoch, global
+batch), so step k says exactly which samples the run has consumed, whatever the world size.
+At the world size that wrote it a checkpoint resumes through DeepSpeed's own files, bit for bit;
+at another one through `universal/`, its global batch unchanged (gradient caching keeps the
+global batch when the GPUs change). RNG states are saved too
 (cheap) although nothing random depends on them today: frame jitter is seeded per sample.
 
 Nothing here unpickles code: every file is read with `torch.load(weights_only=True)`, DeepSpeed's
@@ -30,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.train import reshape
 
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
@@ -52,6 +59,8 @@ class TrainState:
     best_metric: float | None = None
     """finetune: best validation score so far (its weights are in <run>-best)."""
     best_step: int = 0
+    global_batch: int = 0
+    """Clips per step (train.global_batch()); 0 in checkpoints from before it was recorded."""
 
 
 class UnsafeCheckpoint(ValueError):
@@ -116,11 +125,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
-def save(engine: Any, out_dir: str, state: TrainState, rank: int, config: dict[str, Any]) -> None:
-    """Write this rank's part of a checkpoint into `out_dir` (all ranks must call it)."""
+def save(engine: Any, out_dir: str, state: TrainState, rank: int, config: dict[str, Any],
+         universal: bool = True) -> None:
+    """Write this rank's part of a checkpoint into `out_dir` (all ranks must call it); with
+    `universal`, its share of the world-size-free state too."""
     os.makedirs(out_dir, exist_ok=True)
     # client_state is stored by rank 0 only in DeepSpeed's model-states file; keep it small.
     engine.save_checkpoint(os.path.join(out_dir, "ds"), tag=DS_TAG, client_state={"train_state": asdict(state)})
+    if universal:
+        reshape.save_universal(engine, out_dir, rank, state.world_size)
     torch.save(rng_state(), os.path.join(out_dir, f"rng_rank{rank}.pt"))
     if rank == 0:
         with open(os.path.join(out_dir, STATE_FILE), "w", encoding="utf-8") as f:
@@ -129,12 +142,17 @@ def save(engine: Any, out_dir: str, state: TrainState, rank: int, config: dict[s
             json.dump(config, f, indent=2, sort_keys=True)
 
 
-def load(engine: Any, ckpt_dir: str, rank: int, world_size: int, weights_only: bool = False) -> TrainState:
+def load(engine: Any, ckpt_dir: str, rank: int, world_size: int, global_batch: int = 0,
+         weights_only: bool = False) -> TrainState:
     """Restore DeepSpeed state (or only the module weights) and this rank's RNG from `ckpt_dir`.
 
+    At the world size that wrote it: DeepSpeed's own files, bit for bit. At another: the
+    world-size-free state (`reshape.load_universal`); the RNG states, one per old rank, are not
+    restored (nothing random depends on them).
+
     Raises:
-        ValueError: the checkpoint was written at another world size (ZeRO shards are bound to the
-            data-parallel size; convert it with DeepSpeed's ds_to_universal first).
+        ValueError: another global batch (the data position is counted in global batches), or
+            another world size and no `universal/` in the checkpoint; the message says what to set.
         UnsafeCheckpoint: a file would need unpickling code (`safe_load`).
     """
     with open(os.path.join(ckpt_dir, STATE_FILE), encoding="utf-8") as f:
@@ -144,10 +162,12 @@ def load(engine: Any, ckpt_dir: str, rank: int, world_size: int, weights_only: b
         engine.load_checkpoint(os.path.join(ckpt_dir, "ds"), tag=DS_TAG, load_module_only=True,
                                load_optimizer_states=False, load_lr_scheduler_states=False)
         return TrainState()
+    if global_batch and state.global_batch and state.global_batch != global_batch:
+        raise ValueError(f"checkpoint {ckpt_dir} was written with a global batch of {state.global_batch} clips, this "
+                         f"run's is {global_batch}: its step count and data position are in global batches, so set "
+                         f"train.global_batch_size={state.global_batch} to resume it")
     if state.world_size != world_size:
-        raise ValueError(f"checkpoint {ckpt_dir} was written with {state.world_size} workers, this run has "
-                         f"{world_size}; keep train.num_workers fixed to resume (data order and ZeRO "
-                         "shards depend on it)")
+        return _load_reshaped(engine, ckpt_dir, state, rank, world_size)
     path, _ = engine.load_checkpoint(os.path.join(ckpt_dir, "ds"), tag=DS_TAG)
     if path is None:
         raise ValueError(f"DeepSpeed found no checkpoint under {ckpt_dir}/ds")
@@ -157,6 +177,26 @@ def load(engine: Any, ckpt_dir: str, rank: int, world_size: int, weights_only: b
     return state
 
 
+def _load_reshaped(engine: Any, ckpt_dir: str, state: TrainState, rank: int, world_size: int) -> TrainState:
+    why = None
+    if not reshape.has_universal(ckpt_dir):
+        why = ("it holds only DeepSpeed's per-rank state (no universal/: written with "
+               "train.universal_checkpoint=false, or by an older version)")
+    elif not state.global_batch:
+        why = "it does not record its global batch (written by an older version), so the data position is unknown"
+    if why:
+        raise ValueError(f"checkpoint {ckpt_dir} was written with {state.world_size} workers, this run has {world_size}, "
+                         f"and {why}: resume it with train.num_workers={state.world_size}")
+    step = reshape.load_universal(engine, ckpt_dir)
+    if step != state.step:
+        raise ValueError(f"checkpoint {ckpt_dir}: universal/ is at optimizer step {step}, train_state.json at "
+                         f"{state.step}; the checkpoint is inconsistent")
+    if rank == 0:
+        print(f"[resume] step {step} was written by {state.world_size} workers; resuming on {world_size} from the "
+              f"full optimizer state in {reshape.UNIVERSAL_DIR}/ (global batch {state.global_batch} unchanged)",
+              flush=True)
+    state.world_size = world_size
+    return state
 
 
 def full_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:

@@ -167,10 +167,11 @@ def start_session(cfg: Any, loop_config: dict[str, Any], task: torch.nn.Module) 
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
-            state = ckpt_io.load(engine, d, rank, world)
+            state = ckpt_io.load(engine, d, rank, world, cfg.train.global_batch())
     elif cfg.train.warm_start and os.path.isdir(os.path.join(cfg.train.warm_start, "ds")):
         ckpt_io.load(engine, cfg.train.warm_start, rank, world, weights_only=True)
     state.mlflow_run_id = state.mlflow_run_id or loop_config.get("mlflow_run_id")
+    state.global_batch = cfg.train.global_batch()
     tracker: Any = NullTracker()
     if rank == 0 and cfg.tracking.enabled and state.mlflow_run_id:
         tracker = MlflowTracker(cfg.tracking.tracking_uri, state.mlflow_run_id, cfg.tracking.system_metrics)
@@ -210,7 +211,7 @@ def save_and_report(engine, cfg, loop_config, state, rank) -> None:
 
     tmp = tempfile.mkdtemp(prefix=f"clipvip-ckpt-r{rank}-")
     try:
-        ckpt_io.save(engine, tmp, state, rank, loop_config["job"])
+        ckpt_io.save(engine, tmp, state, rank, loop_config["job"], universal=cfg.train.universal_checkpoint)
         ray.train.report({"step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"step_{state.step:09d}")
