@@ -319,7 +319,7 @@ def steady_from_rates(rate: dict[int, float], wait: dict[int, float], per_step: 
 
 def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int, threads: int,
                  mlflow_uri: str | None = None) -> dict[str, Any]:
-    """The worker's own `_run_steps` + DeepSpeed engine (ds_config, ZeRO-1, gloo world of 1) in this
+    """The workers' own step loop (`steps.run_steps`) + DeepSpeed engine (ds_config, ZeRO-1, gloo world of 1) in this
     process, fed from memory: the loop's per-step cost without Ray, the loader or a second process.
     With `mlflow_uri`, rank 0's MlflowTracker logs every step into a sqlite DB as in the real run."""
     import io
@@ -329,7 +329,8 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
     from pipeline.config import to_dict
     from pipeline.train.checkpoint import TrainState
     from pipeline.train.session import RunLog, Session, build_engine, skip_cpu_shm_build
-    from pipeline.train.worker import _run_steps, build_task
+    from pipeline.train.steps import StepLoop, run_steps
+    from pipeline.train.worker import build_task, log_step
 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -358,7 +359,7 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
             inner = MlflowTracker(uri, create_run(uri, "bench-train", "ds-inprocess"))
         tracker = _RecordingTracker(inner)
 
-        def from_memory(index, spec, loader, seed, epoch, rank, world, start_step=0, device="cpu"):
+        def from_memory(epoch, start_step):
             for i in range(start_step, n):
                 yield batches[i % len(batches)]
             raise _Stop
@@ -369,7 +370,7 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
                 log = RunLog(engine, tracker, rank=0, world=1, total=n + 1, run_name=cfg.run_name)
                 session = Session(rank=0, world=1, engine=engine, state=TrainState(world_size=1), tracker=tracker,
                                   chunks=1)
-                _run_steps(log, session, cfg, {"job": to_dict(cfg)}, None, None, spe, from_memory)
+                run_steps(session, cfg, {"job": to_dict(cfg)}, log, spe, StepLoop(from_memory, log_step))
         except _Stop:
             pass
         finally:
@@ -591,7 +592,7 @@ def main(argv: list[str]) -> int:
     consume = bare_steps * MICRO_BATCH
     rows = [
         ("bare torch loop, 1 thread, batches in memory", consume, bare_steps, None, None),
-        ("  worker _run_steps + DeepSpeed, in-process, mem", med["ds"] * MICRO_BATCH, med["ds"],
+        ("  worker run_steps + DeepSpeed, in-process, mem", med["ds"] * MICRO_BATCH, med["ds"],
          med["ds"] / bare_steps, None),
         ("  same + MLflow sqlite logging every step", med["ds_mlflow"] * MICRO_BATCH, med["ds_mlflow"],
          med["ds_mlflow"] / bare_steps, None),

@@ -1,8 +1,7 @@
 """`finetune_loop_per_worker`: what each Ray Train worker runs for `finetune` (spec 4.2).
 
-The same session as `pretrain` (pipeline/train/session.py: engine, checkpoints, resume, MLflow,
-the finish);
-different data (a downstream retrieval split decoded on the fly), loss (symmetric InfoNCE) and
+The same session and step loop as `pretrain` (pipeline/train/session.py, steps.py: engine,
+checkpoints, resume, MLflow, the finish); different data (a downstream retrieval split decoded on the fly), loss (symmetric InfoNCE) and
 a validation pass every `data.val_every_steps` and at the end. Validation runs on every rank
 (each encodes its share of the held-out videos, so ZeRO-3 gathers stay collective), features
 are gathered, rank 0 ranks them; when the selection metric improves the weights are exported
@@ -23,9 +22,10 @@ import torch.distributed as dist
 from pipeline.config import build_dataclass
 from pipeline.eval.config import FinetuneJobConfig
 from pipeline.eval.formats import RetrievalItem
-from pipeline.train import finish, gradcache
-from pipeline.train.optim import lr_at, set_lr
-from pipeline.train.session import RunLog, build_model, finish_session, save_checkpoint, start_session
+from pipeline.train import finish
+from pipeline.train.checkpoint import TrainState
+from pipeline.train.session import RunLog, build_model, finish_session, start_session
+from pipeline.train.steps import StepLoop, run_steps
 from pipeline.utils import fs
 
 TAG = "finetune"
@@ -65,28 +65,14 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
               f"{len(val_items)} val videos ({cfg.run_name})", flush=True)
 
     log = RunLog(engine, tracker, rank, world, total, cfg.run_name, samples_at_start=state.samples_seen)
-    while state.step < total:
-        epoch, start = divmod(state.step, spe)
-        t_wait0 = time.perf_counter()
-        for batch in RankBatches(train_items, loader_cfg, epoch, rank, world, cache, groups)(start):
-            wait_s = time.perf_counter() - t_wait0
-            lr = lr_at(state.step, t.lr, total, t.warmup_ratio)
-            set_lr(engine.optimizer, lr)
-            loss, metrics = gradcache.train_step(engine, batch, s.chunks)
-            state.step += 1
-            state.epoch, state.step_in_epoch = divmod(state.step, spe)
-            state.samples_seen += int(batch["frames"].shape[0]) * world
-            state.skipped_rows += int(batch["skipped"].sum()) * world
-            if state.step % t.log_every_steps == 0 or state.step == total:
-                metrics = dict(metrics, loss=loss, data_wait_s=torch.tensor(wait_s))
-                _log_train(log, metrics, state, lr)
-            if state.step % cfg.data.val_every_steps == 0 or state.step == total:
-                _validate_and_keep_best(engine, cfg, loop_config, val_items, state, rank, world, tracker)
-            if state.step % t.checkpoint_every_steps == 0 or state.step == total:
-                save_checkpoint(s, cfg, loop_config)
-            t_wait0 = time.perf_counter()
-            if state.step >= total:
-                break
+
+    def validate_when_due(state: TrainState) -> None:
+        if state.step % cfg.data.val_every_steps == 0 or state.step == total:
+            _validate_and_keep_best(engine, cfg, loop_config, val_items, state, rank, world, tracker)
+
+    run_steps(s, cfg, loop_config, log, spe,
+              StepLoop(lambda epoch, start: RankBatches(train_items, loader_cfg, epoch, rank, world, cache, groups)(start),
+                       _log_train, validate_when_due))
     if rank == 0:
         print(f"[{TAG}] best {cfg.data.select_metric} {state.best_metric} at step {state.best_step} -> "
               f"{loop_config['best_dir']}", flush=True)
@@ -95,8 +81,8 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
                    "best_model" if best else None, TAG)
 
 
-def _log_train(log: RunLog, metrics, state, lr: float) -> None:
-    out, _, rate = log.train_metrics(metrics, state, lr)
+def _log_train(log: RunLog, metrics: dict[str, torch.Tensor], state: TrainState, lr: float, wait_s: float) -> None:
+    out, _, rate = log.train_metrics(metrics, state, lr, sums=("skipped_rows",))
     out["train/skipped_videos"] = float(state.skipped_rows)
     log.tracker.log_metrics(out, step=state.step)
     if log.rank == 0:

@@ -1,22 +1,22 @@
 """`train_loop_per_worker`: what each Ray Train worker runs for `pretrain`.
 
 One worker = one data-parallel rank. The session (pipeline/train/session.py: DeepSpeed engine,
-resume, tracker, finish) is shared with finetune; what is pretrain's own is here: CLIP-ViP with
-the omnisource loss, the training view streamed by `pipeline.data.loader`, the step loop's
-logging, and a finish that exports and registers the final weights.
+resume, tracker, finish) and the step loop (pipeline/train/steps.py) are shared with finetune;
+what is pretrain's own is here: CLIP-ViP with the omnisource loss, the training view streamed by
+`pipeline.data.loader`, its progress line, and a finish that exports and registers the final
+weights.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 
 from pipeline.config import PretrainJobConfig, build_dataclass
-from pipeline.train import gradcache
-from pipeline.train.session import RunLog, Session, build_model, finish_session, save_checkpoint, start_session
-from pipeline.train.optim import lr_at, set_lr
+from pipeline.train.checkpoint import TrainState
+from pipeline.train.session import RunLog, build_model, finish_session, start_session
+from pipeline.train.steps import StepLoop, run_steps
 
 
 def build_task(cfg: PretrainJobConfig):
@@ -52,43 +52,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
               f"{s.chunks} x micro batch {cfg.train.micro_batch_size}) ({cfg.run_name})", flush=True)
 
     log = RunLog(s.engine, s.tracker, s.rank, s.world, total, cfg.run_name, samples_at_start=s.state.samples_seen)
-    _run_steps(log, s, cfg, loop_config, index, spec, spe, iter_rank_batches)
+
+    def batches(epoch: int, start: int):
+        return iter_rank_batches(index, spec, cfg.train.loader, cfg.train.seed, epoch, s.rank, s.world,
+                                 start_step=start, device=str(s.engine.device))
+
+    run_steps(s, cfg, loop_config, log, spe, StepLoop(batches, log_step))
     finish_session(s, cfg, loop_config["export_dir"], [(loop_config["export_dir"], "model")], "model", "pretrain")
 
 
-def _run_steps(log: RunLog, s: Session, cfg, loop_config, index, spec, spe, iter_rank_batches) -> None:
-    engine, rank, world, total, state = s.engine, s.rank, s.world, log.total, s.state
-    while state.step < total:
-        epoch, start = divmod(state.step, spe)
-        t_wait0 = time.perf_counter()
-        wait_s = 0.0
-        batches = iter_rank_batches(index, spec, cfg.train.loader, cfg.train.seed, epoch, rank, world,
-                                    start_step=start, device=str(engine.device))
-        for batch in batches:
-            t_got = time.perf_counter()
-            step_wait_s = t_got - t_wait0
-            wait_s += step_wait_s
-            lr = lr_at(state.step, cfg.train.lr, total, cfg.train.warmup_ratio)
-            set_lr(engine.optimizer, lr)
-            loss, metrics = gradcache.train_step(engine, batch, s.chunks)
-            state.step += 1
-            state.step_in_epoch = state.step % spe
-            state.epoch = state.step // spe
-            state.samples_seen += int(batch["frames"].shape[0]) * world
-            skipped = int(batch["skipped"].sum())
-            metrics = dict(metrics, loss=loss, skipped_rows=torch.tensor(float(skipped)),
-                           step_time_s=torch.tensor(time.perf_counter() - t_wait0),
-                           data_wait_s=torch.tensor(step_wait_s))
-            if state.step % cfg.train.log_every_steps == 0 or state.step == total:
-                _log_step(log, metrics, state, lr, wait_s)
-            if state.step % cfg.train.checkpoint_every_steps == 0 or state.step == total:
-                save_checkpoint(s, cfg, loop_config)
-            t_wait0 = time.perf_counter()
-            if state.step >= total or state.step % spe == 0:
-                break
-
-
-def _log_step(log: RunLog, metrics, state, lr: float, wait_s: float) -> None:
+def log_step(log: RunLog, metrics: dict[str, torch.Tensor], state: TrainState, lr: float, wait_s: float) -> None:
+    """pretrain's `train/` metrics (rank means, skipped rows summed) and its progress line."""
     out, elapsed, rate = log.train_metrics(metrics, state, lr, sums=("skipped_rows",))
     out["train/data_wait_frac"] = wait_s / max(elapsed, 1e-9)
     log.tracker.log_metrics(out, step=state.step)
@@ -98,5 +72,3 @@ def _log_step(log: RunLog, metrics, state, lr: float, wait_s: float) -> None:
         print(f"[pretrain] step {state.step}/{log.total} loss {out['train/loss']:.4f} | {rate:.1f} samples/s | "
               f"data wait {out['train/data_wait_frac']:.0%} | lr {lr:.2e} | ETA {eta:.0f} s | {log.run_name}",
               flush=True)
-
-

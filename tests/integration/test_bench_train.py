@@ -1,4 +1,4 @@
-"""`bench/train.py` measures the pretrain worker's own `_run_steps` in-process; nothing else runs
+"""`bench/train.py` measures the pretrain worker's own step loop (`steps.run_steps`) in-process; nothing else runs
 the benchmark, so this drives that measurement for a few steps on a tiny model: a change to the
 loop's signature or its logged metrics must not leave the README's benchmark command broken."""
 
