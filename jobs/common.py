@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import sys
 from typing import Any
 
-from pipeline.config import ConfigError, RayConfig, TrackingConfig, load_config
+from pipeline.config import ConfigError, RayConfig, load_config
 
 
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -27,24 +26,6 @@ def load_or_exit(cls: type, args: argparse.Namespace) -> Any:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def local_path(path: str | None) -> str | None:
-    """Ray workers run in another cwd: an existing relative local path becomes absolute."""
-    if path is None or "://" in path or os.path.isabs(path) or not os.path.exists(path):
-        return path
-    return os.path.abspath(path)
-
-
-def absolute_tracking(cfg: TrackingConfig) -> TrackingConfig:
-    """A relative sqlite:///path becomes absolute (its directory created), so the driver and the
-    Ray workers, which run in another cwd, write the same database."""
-    uri = cfg.tracking_uri
-    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:////"):
-        return cfg
-    db = os.path.abspath(uri[len("sqlite:///"):])
-    os.makedirs(os.path.dirname(db), exist_ok=True)
-    return dataclasses.replace(cfg, tracking_uri="sqlite:///" + db)
 
 
 def init_ray(cfg: RayConfig) -> None:

@@ -116,14 +116,11 @@ def main(argv: list[str]) -> int:
 
 
 def run_stages(cfgs: dict) -> dict:
-    from jobs import finetune as finetune_job  # noqa: PLC0415
-    from jobs import pretrain as pretrain_job  # noqa: PLC0415
-    from jobs.evaluate import absolutize as abs_eval  # noqa: PLC0415
     from pipeline.data.build import run_prepare  # noqa: PLC0415
     from pipeline.data.pack_job import run_pack  # noqa: PLC0415
     from pipeline.data.recaption import run_recaption  # noqa: PLC0415
-    from pipeline.eval.evaluate import run_evaluate  # noqa: PLC0415
-    from pipeline.train.launch import make_trainer  # noqa: PLC0415
+    from pipeline.eval.evaluate import resolve_paths, run_evaluate  # noqa: PLC0415
+    from pipeline.train.run import run_finetune, run_pretrain  # noqa: PLC0415
 
     report: dict = {"ok": True, "pretrain": {}, "finetune": {}, "stage_s": {}}
     clock = [time.perf_counter()]
@@ -152,24 +149,24 @@ def run_stages(cfgs: dict) -> dict:
     print(packed.render(), flush=True)
     lap("pack")
     report["pack"] = {"view": packed.view, "rows": packed.rows, "videos_per_group": packed.videos_per_group}
-    cfg = pretrain_job.absolutize(cfgs["pretrain/clip-vip"])
+    cfg = cfgs["pretrain/clip-vip"]
     print(f"[demo] 5/7 pretrain clip-vip (tiny, 2 workers, DeepSpeed ZeRO-{cfg.train.zero_stage}, MLflow)", flush=True)
-    run_id = pretrain_job.mlflow_run(cfg)
-    result = make_trainer(cfg, run_id).fit()
-    report["pretrain"]["clip-vip"] = {"steps": (result.metrics or {}).get("step"), "mlflow_run": run_id,
-                                      "final_loss": _last_metric(cfg.tracking.tracking_uri, run_id, "train/loss")}
+    run = run_pretrain(cfg)
+    report["pretrain"]["clip-vip"] = {"steps": run.steps, "mlflow_run": run.mlflow_run_id,
+                                      "final_loss": _last_metric(run.cfg.tracking.tracking_uri, run.mlflow_run_id,
+                                                                 "train/loss")}
     lap("pretrain")
-    ft_cfgs = {name: finetune_job.absolutize(cfgs[f"finetune/{name}"]) for name in MODELS}
+    ft_cfgs = {name: cfgs[f"finetune/{name}"] for name in MODELS}
     print(f"[demo] 6/7 finetune {' and '.join(MODELS)} from the CLIP-ViP pretrain, side by side, on the retrieval "
           f"train split (best on val; runs {', '.join(c.run_name for c in ft_cfgs.values())})", flush=True)
-    for name, (result, run_id) in _side_by_side(lambda name: finetune_job.run(ft_cfgs[name]), MODELS).items():
-        uri = ft_cfgs[name].tracking.tracking_uri
-        report["finetune"][name] = {"steps": (result.metrics or {}).get("step"), "mlflow_run": run_id,
-                                    "final_loss": _last_metric(uri, run_id, "train/loss"),
-                                    "best_val_t2v_R1": _best_metric(uri, run_id, "val/t2v/R1")}
+    for name, run in _side_by_side(lambda name: run_finetune(ft_cfgs[name]), MODELS).items():
+        uri = run.cfg.tracking.tracking_uri
+        report["finetune"][name] = {"steps": run.steps, "mlflow_run": run.mlflow_run_id,
+                                    "final_loss": _last_metric(uri, run.mlflow_run_id, "train/loss"),
+                                    "best_val_t2v_R1": _best_metric(uri, run.mlflow_run_id, "val/t2v/R1")}
     lap("finetune")
     print("[demo] 7/7 evaluate on the test split: CLIP-ViP vs mean pooling", flush=True)
-    summary = run_evaluate(abs_eval(cfgs["evaluate"]))
+    summary = run_evaluate(resolve_paths(cfgs["evaluate"]))
     print(summary.render(), flush=True)
     report["evaluate"] = {"results": summary.results, "chance": summary.chance(), "num": summary.num_evaluated,
                           "out": summary.out_dir, "mlflow_run": summary.mlflow_run_id}

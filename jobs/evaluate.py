@@ -13,33 +13,16 @@ Exit 2 on a bad config or unreadable split, 1 on a failed run.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import sys
 
-from jobs.common import (
-    absolute_tracking,
-    config_parser,
-    init_ray,
-    load_or_exit,
-    local_path,
-)
+from jobs.common import config_parser, init_ray, load_or_exit
 from pipeline.eval.config import EvaluateJobConfig
-
-
-def absolutize(cfg: EvaluateJobConfig) -> EvaluateJobConfig:
-    e = cfg.eval
-    data = dataclasses.replace(e.data, annotations=local_path(e.data.annotations),
-                               video_root=local_path(e.data.video_root))
-    models = tuple(dataclasses.replace(m, weights=local_path(m.weights)) for m in e.models)
-    out = e.out if "://" in e.out else os.path.abspath(e.out)
-    return dataclasses.replace(cfg, eval=dataclasses.replace(e, data=data, models=models, out=out),
-                               tracking=absolute_tracking(cfg.tracking))
+from pipeline.eval.evaluate import resolve_paths
 
 
 def main(argv: list[str]) -> int:
     args = config_parser("clipvip evaluate", __doc__.splitlines()[0]).parse_args(argv)
-    cfg = absolutize(load_or_exit(EvaluateJobConfig, args))
+    cfg = resolve_paths(load_or_exit(EvaluateJobConfig, args))
     from pipeline.eval.formats import read_items  # noqa: PLC0415
     from pipeline.utils import fs  # noqa: PLC0415
 

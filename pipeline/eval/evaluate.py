@@ -10,15 +10,17 @@ of both axes (their texts too), never padded or duplicated.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import to_dict
+from pipeline.config import absolute_tracking, local_path, to_dict
 from pipeline.eval.config import EvaluateJobConfig
 from pipeline.eval.formats import eval_texts, read_items
 from pipeline.eval.metrics import chance_r_at_k, format_table, t2v_v2t
@@ -55,6 +57,17 @@ class EvalSummary:
         if self.mlflow_run_id:
             lines.append(f"  MLflow run: {self.mlflow_run_id}")
         return "\n".join(lines)
+
+
+def resolve_paths(cfg: EvaluateJobConfig) -> EvaluateJobConfig:
+    """Local paths made absolute against the caller's cwd (Ray workers run in another)."""
+    e = cfg.eval
+    data = dataclasses.replace(e.data, annotations=local_path(e.data.annotations),
+                               video_root=local_path(e.data.video_root))
+    models = tuple(dataclasses.replace(m, weights=local_path(m.weights)) for m in e.models)
+    out = e.out if "://" in e.out else os.path.abspath(e.out)
+    return dataclasses.replace(cfg, eval=dataclasses.replace(e, data=data, models=models, out=out),
+                               tracking=absolute_tracking(cfg.tracking))
 
 
 def run_evaluate(cfg: EvaluateJobConfig, log: Any = print) -> EvalSummary:

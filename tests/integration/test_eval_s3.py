@@ -163,9 +163,8 @@ def test_a_read_that_keeps_failing_is_a_bad_sample(split):
 
 
 def test_finetune_reads_its_splits_and_batches_from_s3(split):
-    """The driver's split reading (jobs/finetune.py) and a worker's batches (RankBatches with the
+    """The driver's split reading (pipeline/train/run.py) and a worker's batches (RankBatches with the
     decoded-frame cache) on s3:// inputs equal the local ones."""
-    from jobs.finetune import prepare_data
     from pipeline.config import load_config
     from pipeline.eval.config import FinetuneJobConfig
     from pipeline.train.retrieval_data import (
@@ -173,6 +172,7 @@ def test_finetune_reads_its_splits_and_batches_from_s3(split):
         RankBatches,
         RetrievalLoaderConfig,
     )
+    from pipeline.train.run import finetune_data
 
     local = split["local"]
 
@@ -181,7 +181,7 @@ def test_finetune_reads_its_splits_and_batches_from_s3(split):
             "model.preset=tiny", "train.micro_batch_size=2", f"data.train.annotations={root}/train.jsonl",
             f"data.train.video_root={videos}", f"data.val.annotations={root}/val.jsonl", f"data.val.video_root={videos}",
             f"data.batch_groups={pairs}", *extra])
-        return cfg, prepare_data(cfg)
+        return cfg, finetune_data(cfg)[:3]
 
     base = os.path.dirname(local.retrieval_jsonl)
     _, (train, val, groups) = data(base, local.retrieval_video_root, local.retrieval_train_pairs)
@@ -206,13 +206,12 @@ def test_finetune_reads_its_splits_and_batches_from_s3(split):
 def test_evaluate_on_s3_matches_local(ray_local, split, tmp_path):
     """In-process `run_evaluate` (as test_retrieval.py): same metrics and similarity matrix, and
     the whole job costs 1 GET of annotations + 1 listing + 1 GET per video, from the Ray tasks."""
-    from jobs.evaluate import absolutize
     from pipeline.config import load_config
     from pipeline.eval.config import EvaluateJobConfig
-    from pipeline.eval.evaluate import run_evaluate
+    from pipeline.eval.evaluate import resolve_paths, run_evaluate
 
     def evaluate(name: str, annotations: str, video_root: str):
-        cfg = absolutize(load_config(EvaluateJobConfig, None, [
+        cfg = resolve_paths(load_config(EvaluateJobConfig, None, [
             f"run_name={name}", f"eval.data.annotations={annotations}", f"eval.data.video_root={video_root}",
             f"eval.data.num_frames={NUM_FRAMES}", f"eval.image_size_px={SIZE_PX}", "eval.max_text_len=16",
             "eval.dsl=false", f"eval.out={tmp_path}", "tracking.enabled=false", "ray.progress_bars=false",

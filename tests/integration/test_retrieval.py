@@ -45,13 +45,12 @@ def split(sample_data, tmp_path_factory):
 
 def test_evaluate_two_models_side_by_side(ray_local, split, tmp_path):
     """In-process on the session's Ray (the CLI path is the next test): encode tasks + actors."""
-    from jobs.evaluate import absolutize
     from pipeline.config import load_config
     from pipeline.eval.config import EvaluateJobConfig
-    from pipeline.eval.evaluate import run_evaluate
+    from pipeline.eval.evaluate import resolve_paths, run_evaluate
 
     out, db = tmp_path / "eval", tmp_path / "mlflow.db"
-    cfg = absolutize(load_config(EvaluateJobConfig, None, [
+    cfg = resolve_paths(load_config(EvaluateJobConfig, None, [
         "run_name=smoke", "eval.data.format=msrvtt", f"eval.data.annotations={split['test']}",
         f"eval.data.video_root={split['videos']}", "eval.data.num_frames=4", "eval.image_size_px=32",
         "eval.max_text_len=16", f"eval.out={out}", f"tracking.tracking_uri=sqlite:///{db}", "ray.progress_bars=false",

@@ -131,6 +131,25 @@ def test_project_layers():
     assert not bad, "\n".join(sorted(set(bad)))
 
 
+# What a job may import from jobs/: the shared helpers. A job that needs another job's logic
+# calls the library (pipeline/) instead; the dispatcher (cli.py) imports them all.
+JOB_HELPERS = ("jobs.common", "jobs.stderr_filter", "jobs.job_control")
+
+
+def test_jobs_do_not_import_each_other():
+    bad = []
+    for path in _py_files(os.path.join(ROOT, "jobs")):
+        rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
+        if rel in ("jobs/cli.py", "jobs/__init__.py"):
+            continue
+        own = rel[:-3].replace("/", ".")
+        for module, line in _modules(path):
+            if module in ("jobs", own) or not module.startswith("jobs.") or _banned(module, JOB_HELPERS):
+                continue
+            bad.append(f"{rel}:{line} imports {module} (call pipeline/, not another job)")
+    assert not bad, "\n".join(sorted(set(bad)))
+
+
 def test_layer_scan_sees_relative_and_lazy_imports(tmp_path):
     pkg = tmp_path / "pipeline" / "model"
     pkg.mkdir(parents=True)
