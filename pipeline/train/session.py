@@ -2,9 +2,9 @@
 
 `start_session` is everything before the first step: rank and world size from Ray Train, the
 model and loss wrapped in a DeepSpeed engine built from `train.*` (`ds_config`), the state of the
-latest checkpoint (or a warm start), the MLflow tracker (rank 0). `train_step`
-(pipeline/train/gradcache.py) is one optimizer step; `save_checkpoint` a checkpoint, every rank
-together (`ray.train.report` is a barrier); `finish_session` the once-only finish
+latest checkpoint (or a warm start), the MLflow tracker (rank 0). The step loop is
+pipeline/train/steps.py; `save_checkpoint` writes a checkpoint, every rank together
+(`ray.train.report` is a barrier); `finish_session` is the once-only finish
 (pipeline/train/finish.py). What differs between the jobs (data, loss, validation, what is
 exported) stays in `worker.py` and `finetune_worker.py`.
 """
