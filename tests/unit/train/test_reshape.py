@@ -6,7 +6,9 @@ same global batch, gives the weights the writer's own next step gives, up to rou
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -58,3 +60,41 @@ def test_state_written_at_one_world_size_loads_at_another(tmp_path, written_by, 
         assert err <= (1e-6 if "fp32" in case else 1e-4), (case, err)
         moved = relative(load("after.pt"), {k: v for k, v in ref.items() if k in fresh})
         assert moved > 10 * err, (case, moved, err)
+
+
+def _rewrite_state(ckpt: str, **changes) -> None:
+    path = os.path.join(ckpt, "train_state.json")
+    state = json.load(open(path))
+    state.update(changes)
+    json.dump(state, open(path, "w"))
+
+
+def test_refusals_say_why_and_what_resumes(gloo, tmp_path):
+    """At another world size: a checkpoint without universal/ and one of another global batch are
+    refused naming the setting that resumes them; universal/ parts that do not make one whole
+    (a part lost) are refused too."""
+    from pipeline.train import checkpoint as ckpt_io
+    from tests.unit.train.test_checkpoint_safety import engine, trained_checkpoint
+
+    ckpt = str(tmp_path / "ck")
+    trained_checkpoint(2, ckpt)  # world 1, written with universal/
+    _rewrite_state(ckpt, world_size=2, global_batch=4)
+    with pytest.raises(ValueError, match=r"global batch of 4 clips, this run's is 8.*train.global_batch_size=4"):
+        ckpt_io.load(engine(2, seed=1), ckpt, 0, 1, global_batch=8)
+    os.rename(os.path.join(ckpt, "universal", "part00000-of-00001.safetensors"),
+              os.path.join(ckpt, "universal", "part00000-of-00002.safetensors"))
+    _rewrite_state(ckpt, world_size=1)
+    state = ckpt_io.load(engine(2, seed=1), ckpt, 0, 1, global_batch=4)  # same world: DeepSpeed's own files
+    assert state.step == 2
+    from safetensors.torch import load_file, save_file
+
+    part = os.path.join(ckpt, "universal", "part00000-of-00002.safetensors")
+    save_file(load_file(part), part, metadata={"format": "clipvip-universal-1", "optimizer_step": "2",
+                                               "world_size": "2"})
+    _rewrite_state(ckpt, world_size=2)
+    with pytest.raises(ValueError, match=r"1 parts that do not make one whole"):
+        ckpt_io.load(engine(2, seed=1), ckpt, 0, 1, global_batch=4)
+    shutil.rmtree(os.path.join(ckpt, "universal"))
+    with pytest.raises(ValueError, match=r"written with 2 workers, this run has 1, and it holds only DeepSpeed's "
+                                         r".*resume it with train.num_workers=2"):
+        ckpt_io.load(engine(2, seed=1), ckpt, 0, 1, global_batch=4)
