@@ -29,9 +29,7 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    train, val, groups, skipped = data
-    for where, why in skipped[:20]:
-        print(f"[finetune] skipped annotation {where}: {why}", flush=True)
+    train, val, groups, _ = data
     print(f"[finetune] {len(train)} train / {len(val)} val videos"
           + (f" ({sum(map(len, groups))} of them in {len(groups)} batch groups)" if groups else "")
           + f"; run {cfg.run_name!r} under "

@@ -179,6 +179,12 @@ def load(engine: Any, ckpt_dir: str, rank: int, world_size: int, global_batch: i
 
 def _load_reshaped(engine: Any, ckpt_dir: str, state: TrainState, rank: int, world_size: int) -> TrainState:
     why = None
+    if not reshape.partitioned(engine):  # without ZeRO DeepSpeed's own files hold the whole state once
+        path, _ = engine.load_checkpoint(os.path.join(ckpt_dir, "ds"), tag=DS_TAG)
+        if path is None:
+            raise ValueError(f"DeepSpeed found no checkpoint under {ckpt_dir}/ds")
+        state.world_size = world_size
+        return state
     if not reshape.has_universal(ckpt_dir):
         why = ("it holds only DeepSpeed's per-rank state (no universal/: written with "
                "train.universal_checkpoint=false, or by an older version)")
@@ -187,13 +193,12 @@ def _load_reshaped(engine: Any, ckpt_dir: str, state: TrainState, rank: int, wor
     if why:
         raise ValueError(f"checkpoint {ckpt_dir} was written with {state.world_size} workers, this run has {world_size}, "
                          f"and {why}: resume it with train.num_workers={state.world_size}")
+    # AdamW's own step count comes with universal/: with bf16 DeepSpeed skips the update of a step
+    # whose gradients overflowed, so it may trail state.step.
     step = reshape.load_universal(engine, ckpt_dir)
-    if step != state.step:
-        raise ValueError(f"checkpoint {ckpt_dir}: universal/ is at optimizer step {step}, train_state.json at "
-                         f"{state.step}; the checkpoint is inconsistent")
     if rank == 0:
-        print(f"[resume] step {step} was written by {state.world_size} workers; resuming on {world_size} from the "
-              f"full optimizer state in {reshape.UNIVERSAL_DIR}/ (global batch {state.global_batch} unchanged)",
+        print(f"[resume] step {state.step} was written by {state.world_size} workers; resuming on {world_size} from the "
+              f"full optimizer state in {reshape.UNIVERSAL_DIR}/ (global batch {state.global_batch} unchanged, AdamW at step {step})",
               flush=True)
     state.world_size = world_size
     return state

@@ -56,12 +56,20 @@ def optimizer_step(engine: Any) -> int:
     return steps.pop() if steps else 0
 
 
-def save_universal(engine: Any, out_dir: str, rank: int, world: int) -> str:
+def partitioned(engine: Any) -> bool:
+    """Whether DeepSpeed partitions the optimizer state by rank (ZeRO 1-3). Without ZeRO its own
+    checkpoint holds the whole state once and loads at any world size."""
+    return engine.zero_optimization_stage() > 0
+
+
+def save_universal(engine: Any, out_dir: str, rank: int, world: int) -> str | None:
     """Write this rank's share of the full optimizer state to `out_dir/universal/` (every rank must
-    call it: the gathers are collectives). Returns the file written."""
+    call it: the gathers are collectives). Returns the file written (None without ZeRO)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: PLC0415
     from safetensors.torch import save_file  # noqa: PLC0415
 
+    if not partitioned(engine):
+        return None
     step = optimizer_step(engine)
     if step:
         _link_states(engine)
@@ -113,12 +121,23 @@ def load_universal(engine: Any, ckpt_dir: str) -> int:
     if missing or extra:
         raise ValueError(f"{where} does not match this model: missing {missing[:3]} ({len(missing)}), "
                          f"unexpected {extra[:3]} ({len(extra)}); was it written by another model.*?")
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in _trainable(engine)}
+    wrong = [f"{k} {tuple(owner[k].get_slice(k).get_shape())} != {shapes[k.split('::')[0]]}"
+             for k in sorted(wanted) if tuple(owner[k].get_slice(k).get_shape()) != shapes[k.split("::")[0]]]
+    if wrong:
+        raise ValueError(f"{where} does not match this model's shapes: {wrong[:3]} ({len(wrong)}); "
+                         "was it written with other model.* or train.num_frames / image_size_px?")
     if step:
         _create_adam_states(engine, step)
+    opt = engine.optimizer
+    if hasattr(opt, "checkpoint_event_prologue"):  # ZeRO-3: as DeepSpeed's own load, all partitioned first
+        opt.checkpoint_event_prologue()
     for name, param in _trainable(engine):
         for what in ("fp32", *(MOMENTS if step else ())):
             _set_full(engine, param, owner[_key(name, what)].get_tensor(_key(name, what)), what)
     _refresh_module_weights(engine)
+    if hasattr(opt, "checkpoint_event_epilogue"):  # ZeRO-3: re-gather the small persistent parameters
+        opt.checkpoint_event_epilogue()
     return step
 
 

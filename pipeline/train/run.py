@@ -91,11 +91,14 @@ def run_pretrain(cfg: PretrainJobConfig) -> TrainRun:
 
     cfg = resolve_pretrain(cfg)
     run_id = mlflow_run(cfg, "pretrain")
+    if run_id:
+        print(f"[pretrain] MLflow run {run_id} at {cfg.tracking.tracking_uri} ({cfg.run_name})", flush=True)
     return TrainRun(cfg, make_trainer(cfg, run_id).fit(), run_id)
 
 
 def finetune_data(cfg: FinetuneJobConfig) -> tuple[list, list, list[list[int]], list]:
-    """(train items, val items, batch groups, skipped annotation rows) as the workers will see them.
+    """(train items, val items, batch groups, skipped annotation rows) as the workers will see them;
+    the first skipped rows are printed.
 
     Raises:
         OSError, ValueError: a missing or empty split; ConfigError: a bad `data.batch_groups`.
@@ -110,6 +113,8 @@ def finetune_data(cfg: FinetuneJobConfig) -> tuple[list, list, list[list[int]], 
         skipped = [*skipped, *val_skipped]
     else:
         train, val = holdout_split(train, cfg.data.val_holdout, cfg.train.seed)
+    for where, why in skipped[:20]:
+        print(f"[finetune] skipped annotation {where}: {why}", flush=True)
     return train, val, _batch_groups(cfg, train), skipped
 
 
@@ -143,6 +148,8 @@ def run_finetune(cfg: FinetuneJobConfig, data: tuple | None = None) -> TrainRun:
     cfg = resolve_finetune(cfg)
     train, val, groups, _ = data or finetune_data(cfg)
     run_id = mlflow_run(cfg, "finetune")
+    if run_id:
+        print(f"[finetune] MLflow run {run_id} at {cfg.tracking.tracking_uri} ({cfg.run_name})", flush=True)
     trainer = make_trainer(cfg, run_id, loop=finetune_loop_per_worker, extra_loop_config={
         "train_items": [asdict(it) for it in train], "val_items": [asdict(it) for it in val],
         "train_groups": groups})

@@ -48,12 +48,14 @@ class SampleLedger:
 
     enabled: bool
     world: int
+    device: Any
+    """The collectives' device (NCCL gathers only GPU tensors; finetune's batches stay on the CPU)."""
     steps: dict[int, list[int]] = field(default_factory=dict)
 
     def add(self, step: int, clip_ids: torch.Tensor) -> None:
         if not self.enabled:
             return
-        ids = clip_ids.reshape(-1).to(torch.int64)
+        ids = clip_ids.reshape(-1).to(self.device, torch.int64)
         parts = [torch.empty_like(ids) for _ in range(self.world)]
         if self.world > 1:
             dist.all_gather(parts, ids)
@@ -73,7 +75,7 @@ def run_steps(s: Session, cfg: Any, loop_config: dict[str, Any], log: RunLog, st
               loop: StepLoop) -> None:
     """Train from `s.state.step` to `log.total` (every rank; the checkpoints are collective)."""
     engine, world, state, t = s.engine, s.world, s.state, cfg.train
-    ledger = SampleLedger(t.log_sample_ids, world)
+    ledger = SampleLedger(t.log_sample_ids, world, engine.device)
     while state.step < log.total:
         epoch, start = divmod(state.step, steps_per_epoch)
         t0 = time.perf_counter()

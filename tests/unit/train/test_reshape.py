@@ -98,3 +98,38 @@ def test_refusals_say_why_and_what_resumes(gloo, tmp_path):
     with pytest.raises(ValueError, match=r"written with 2 workers, this run has 1, and it holds only DeepSpeed's "
                                          r".*resume it with train.num_workers=2"):
         ckpt_io.load(engine(2, seed=1), ckpt, 0, 1, global_batch=4)
+
+
+def test_another_shape_is_refused_not_cut_to_fit(gloo, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.train import checkpoint as ckpt_io
+    from tests.unit.train.test_checkpoint_safety import engine, trained_checkpoint
+
+    ckpt = str(tmp_path / "ck")
+    trained_checkpoint(2, ckpt)
+    _rewrite_state(ckpt, world_size=2, global_batch=4)  # written at 2 workers: the reshaping path
+    part = os.path.join(ckpt, "universal", "part00000-of-00001.safetensors")
+    tensors = load_file(part)
+    tensors["lin.weight::exp_avg"] = torch.zeros(4, 5)  # a wider layer: ZeRO-1/2 would slice it silently
+    save_file(tensors, part, metadata={"format": "clipvip-universal-1", "optimizer_step": "2", "world_size": "1"})
+    with pytest.raises(ValueError, match=r"shapes: \['lin.weight::exp_avg \(4, 5\) != \(4, 4\)'\]"):
+        ckpt_io.load(engine(2, seed=1), ckpt, 0, 1, global_batch=4)
+
+
+def test_without_zero_the_deepspeed_files_load_at_another_world_size(gloo, tmp_path):
+    """ZeRO stage 0 keeps the whole optimizer state in DeepSpeed's own files: no universal/ is
+    written, and a checkpoint of another world size loads through them."""
+    from pipeline.train import checkpoint as ckpt_io
+    from tests.unit.train.test_checkpoint_safety import engine, trained_checkpoint
+
+    ckpt = str(tmp_path / "ck")
+    src = trained_checkpoint(0, ckpt)
+    assert not os.path.exists(os.path.join(ckpt, "universal"))
+    _rewrite_state(ckpt, world_size=2, global_batch=4)
+    dst = engine(0, seed=1)
+    state = ckpt_io.load(dst, ckpt, 0, 1, global_batch=4)
+    assert (state.step, state.world_size) == (2, 1)
+    want, got = ckpt_io.full_fp32_state_dict(src), ckpt_io.full_fp32_state_dict(dst)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert dst.optimizer.state_dict()["state"][0]["step"] == 2, "AdamW's state came with the weights"
