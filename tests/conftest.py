@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -30,6 +32,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_ranks(argv: Callable[[int], list[str]], world: int, timeout: float = 600, what: str = "ranks") -> list[str]:
+    """Start `argv(rank)` for every rank as its own process (a gloo group of `world` on loopback),
+    wait for all (the timeout is for a process that never ends), and return their outputs; a rank
+    that fails fails the test with every rank's output tail."""
+    procs = [subprocess.Popen(argv(r), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs: list[str] = []
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), f"{what}:\n" + "\n".join(x[-3000:] for x in logs)
+    return logs
 
 
 DS_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

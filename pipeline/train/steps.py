@@ -56,11 +56,10 @@ class SampleLedger:
         if not self.enabled:
             return
         ids = clip_ids.reshape(-1).to(self.device, torch.int64)
-        parts = [torch.empty_like(ids) for _ in range(self.world)]
+        parts = [ids]
         if self.world > 1:
+            parts = [torch.empty_like(ids) for _ in range(self.world)]
             dist.all_gather(parts, ids)
-        else:
-            parts = [ids]
         self.steps[step] = sorted(int(x) for x in torch.cat(parts).cpu())
 
     def flush(self, tracker: Any) -> None:

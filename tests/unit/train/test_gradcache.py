@@ -6,31 +6,21 @@ one step equals the plain step on the whole share."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from pipeline.train.gradcache import split, train_step
-from tests.conftest import free_port
+from tests.conftest import free_port, run_ranks
 from tests.unit.train import _gradcache_worker as worker
 
 
 def test_two_ranks_in_chunks_give_the_full_batch_gradient(tmp_path):
     out_path = tmp_path / "grads.pt"
     port, world = free_port(), 2
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(worker.__file__), str(r), str(world), str(port),
-                               str(out_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    run_ranks(lambda r: [sys.executable, os.path.abspath(worker.__file__), str(r), str(world), str(port),
+                         str(out_path)], world, timeout=300)
     results = torch.load(out_path, weights_only=True)
     want_loss, want = worker.full_batch_grads()
     assert want["model.logit_scale"].abs() > 0 and want["model.vision_model.embeddings.added_cls"].abs().max() > 0

@@ -9,29 +9,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import free_port
+from tests.conftest import free_port, run_ranks
 from tests.unit.train import _reshape_worker as worker
 
 
-def run_ranks(world: int, out_dir: str, mode: str) -> None:
+def run_world(world: int, out_dir: str, mode: str) -> None:
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(worker.__file__), str(r), str(world), str(port),
-                               out_dir, mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), f"{mode} at world {world}:\n" + "\n".join(x[-3000:] for x in logs)
+    run_ranks(lambda r: [sys.executable, os.path.abspath(worker.__file__), str(r), str(world), str(port), out_dir,
+                         mode], world, what=f"{mode} at world {world}")
 
 
 def relative(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
@@ -41,8 +31,8 @@ def relative(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> flo
 
 @pytest.mark.parametrize(("written_by", "loaded_by"), [(2, 1), (1, 2)])
 def test_state_written_at_one_world_size_loads_at_another(tmp_path, written_by, loaded_by):
-    run_ranks(written_by, str(tmp_path), "save")
-    run_ranks(loaded_by, str(tmp_path), "load")
+    run_world(written_by, str(tmp_path), "save")
+    run_world(loaded_by, str(tmp_path), "load")
     for case in worker.CASES:
         def load(name: str, case: str = case) -> dict:
             return torch.load(tmp_path / case / name, weights_only=True)

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import free_port, run_ranks
 
 RANK_SCRIPT = r"""
 import json, sys
@@ -37,15 +36,7 @@ dist.destroy_process_group()
 
 def test_train_metrics_average_over_ranks_and_sum_the_sums():
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(rank), str(port)], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    logs = run_ranks(lambda rank: [sys.executable, "-c", RANK_SCRIPT, str(rank), str(port)], 2, timeout=120)
     outs = [json.loads(next(ln for ln in log.splitlines() if ln.startswith("OUT "))[4:]) for log in logs]
     assert outs[0].keys() == outs[1].keys()
     for key in ("train/loss", "train/skipped_rows", "train/lr", "train/epoch", "train/grad_norm"):
