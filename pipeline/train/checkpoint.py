@@ -166,8 +166,10 @@ def load(engine: Any, ckpt_dir: str, rank: int, world_size: int, global_batch: i
         raise ValueError(f"checkpoint {ckpt_dir} was written with a global batch of {state.global_batch} clips, this "
                          f"run's is {global_batch}: its step count and data position are in global batches, so set "
                          f"train.global_batch_size={state.global_batch} to resume it")
-    if state.world_size != world_size:
+    # Without ZeRO, DeepSpeed's own files hold the whole state once and load at any world size.
+    if state.world_size != world_size and reshape.partitioned(engine):
         return _load_reshaped(engine, ckpt_dir, state, rank, world_size)
+    state.world_size = world_size
     path, _ = engine.load_checkpoint(os.path.join(ckpt_dir, "ds"), tag=DS_TAG)
     if path is None:
         raise ValueError(f"DeepSpeed found no checkpoint under {ckpt_dir}/ds")
@@ -179,12 +181,6 @@ def load(engine: Any, ckpt_dir: str, rank: int, world_size: int, global_batch: i
 
 def _load_reshaped(engine: Any, ckpt_dir: str, state: TrainState, rank: int, world_size: int) -> TrainState:
     why = None
-    if not reshape.partitioned(engine):  # without ZeRO DeepSpeed's own files hold the whole state once
-        path, _ = engine.load_checkpoint(os.path.join(ckpt_dir, "ds"), tag=DS_TAG)
-        if path is None:
-            raise ValueError(f"DeepSpeed found no checkpoint under {ckpt_dir}/ds")
-        state.world_size = world_size
-        return state
     if not reshape.has_universal(ckpt_dir):
         why = ("it holds only DeepSpeed's per-rank state (no universal/: written with "
                "train.universal_checkpoint=false, or by an older version)")
