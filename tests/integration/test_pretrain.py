@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -322,9 +323,9 @@ def committed_steps(snapshot_path) -> list[int]:
 
 
 def test_resumed_on_one_worker_and_back_on_two(root, reference_zero1, mlflow_server, tmp_path):
-    """Resume on another GPU count: 2 workers killed after their step-2 checkpoint, the job
-    resubmitted on 1 worker (gradient caching keeps the global batch of 4) and killed after step
-    4, then resubmitted on 2 to the end. Every step trains the clips the uninterrupted 2-worker
+    """Resume on another GPU count: 2 workers killed after their first recorded checkpoint, the
+    job resubmitted on 1 worker (gradient caching keeps the global batch of 4) and killed after
+    its own first checkpoint, then resubmitted on 2 to the end. Every step trains the clips the uninterrupted 2-worker
     run trained (logged ids equal), each step is logged once, and the final weights are within
     1e-5 of that run's."""
     from mlflow.tracking import MlflowClient
@@ -338,13 +339,17 @@ def test_resumed_on_one_worker_and_back_on_two(root, reference_zero1, mlflow_ser
                              "train.log_sample_ids=true", f"train.num_workers={workers}")
 
     logs = []
-    for workers, kill_after in ((2, 2), (1, 4)):
+    for workers in (2, 1):
         log_path = tmp_path / f"on{workers}.log"
+        # Unbuffered: the run is killed, and a buffered driver would lose what it printed.
         proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args(workers)], cwd=ROOT,
-                                env=dict(os.environ, **ENV), stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                env=dict(os.environ, **ENV, PYTHONUNBUFFERED="1"), stdout=open(log_path, "w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        before = max(committed_steps(snapshot), default=0)
         deadline = time.time() + 800  # an event wait; the bound is for a run that never gets there
-        while time.time() < deadline and proc.poll() is None and kill_after not in committed_steps(snapshot):
+        # Killed once it has recorded a checkpoint of its own: which step that is depends on the
+        # machine's speed (Ray Train records checkpoints asynchronously), so the test reads it.
+        while time.time() < deadline and proc.poll() is None and max(committed_steps(snapshot), default=0) <= before:
             time.sleep(0.1)
         # The 1-worker run may finish its last step before the kill lands: then the 2-worker
         # resubmission reshapes the final checkpoint instead, which is as good a test.
@@ -355,9 +360,11 @@ def test_resumed_on_one_worker_and_back_on_two(root, reference_zero1, mlflow_ser
         logs.append(open(log_path).read())
     final = clipvip(*args(2), env=ENV, timeout=840)
     assert final.returncode == 0, final.stderr[-4000:]
-    assert "[resume] step 2 was written by 2 workers; resuming on 1" in logs[1], logs[1][-3000:]
+    # The step each resume starts from is the last one Ray Train recorded before the kill, which
+    # the machine's speed decides; what is checked is that each resume crossed worker counts.
+    assert re.search(r"\[resume\] step \d+ was written by 2 workers; resuming on 1", logs[1]), logs[1][-3000:]
     out = final.stdout + final.stderr
-    assert "was written by 1 workers; resuming on 2" in out, out[-3000:]
+    assert re.search(r"\[resume\] step \d+ was written by 1 workers; resuming on 2", out), out[-3000:]
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("clipvip")
