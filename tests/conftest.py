@@ -6,9 +6,11 @@ Set before anything imports ray, deepspeed or transformers.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import pytest
@@ -49,6 +51,42 @@ def run_ranks(argv: Callable[[int], list[str]], world: int, timeout: float = 600
                 p.kill()
     assert all(p.returncode == 0 for p in procs), f"{what}:\n" + "\n".join(x[-3000:] for x in logs)
     return logs
+
+
+def _session_members(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    # Fields after the parenthesised command name: state, ppid, pgrp, session, ...
+                    fields = f.read().rsplit(")", 1)[1].split()
+                # A zombie is dead already; whoever adopted it may never reap it.
+                if int(fields[3]) == sid and fields[0] != "Z":
+                    pids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass  # the process ended while being read
+    return pids
+
+
+def kill_job(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """kill -9 a job started with `start_new_session=True` and everything it started, then wait
+    until none of it is left. Ray puts its workers in process groups of their own, so killing the
+    driver's group leaves them running for seconds (a Ray Train controller among them can still
+    record a checkpoint); the whole session is what a lost machine loses. The timeout is for a
+    process that never dies."""
+    deadline = time.monotonic() + timeout
+    while members := _session_members(proc.pid):
+        assert time.monotonic() < deadline, f"processes {members} outlived kill -9"
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.wait()
+        time.sleep(0.05)
+    proc.wait()
 
 
 DS_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

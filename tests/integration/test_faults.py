@@ -16,6 +16,7 @@ from pipeline.config import PrepareJobConfig, RecaptionJobConfig, load_config
 from pipeline.data.build import run_prepare
 from pipeline.data.recaption import run_recaption
 from pipeline.utils import fs
+from tests.conftest import kill_job
 from tests.faultproxy import FaultProxy
 from tests.integration.conftest import parquet_tables
 
@@ -121,7 +122,6 @@ def clip_rows(local: str) -> dict[str, dict]:
 
 
 def test_retry_quarantined_recovers_the_clips_exactly_once(inputs, down, reference, tmp_path):
-    import signal
     import subprocess
     import sys
     import time
@@ -154,8 +154,8 @@ def test_retry_quarantined_recovers_the_clips_exactly_once(inputs, down, referen
             u for d in fs.list_dirs(f"s3://{BUCKET}/down2/frames", opts) if "~r1" in d
             for u in fs.list_files(f"s3://{BUCKET}/down2/frames/{d}", opts, ".json")]:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the retry finished before it could be killed"
+    assert proc.poll() is None, "the retry finished before it could be killed"
+    kill_job(proc)
     again = run_prepare(prepare_cfg(inputs, "down2", "data.retry_quarantined=true"), log=quiet)
     assert again.clips_quarantined == 0
     assert digests(local_copy(inputs, "down2", tmp_path / "again")) == digests(str(tmp_path / "got"))

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from pipeline.data.view import ViewConflict
 from pipeline.data.view_order import order_entries
 from pipeline.model.tokenizer import tokenize
 from pipeline.utils import fs
-from tests.conftest import ROOT
+from tests.conftest import ROOT, kill_job
 from tests.integration.conftest import pack_view
 
 SEED = 11
@@ -258,8 +257,7 @@ def test_pack_killed_with_kill_9_resumes_to_the_same_bytes(root, tmp_path):
     sidecars = os.path.join(work, "views", "k", "t*.json")
     while not glob.glob(sidecars) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_job(proc)
     done = len(glob.glob(sidecars))
     total = len(glob.glob(os.path.join(ref_root, "views", "k", "t*.json")))
     assert 0 < done < total, f"killed too late to test resume ({done} of {total} shards done)"

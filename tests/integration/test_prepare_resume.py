@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from pipeline.data.dataset_index import DatasetIndex
-from tests.conftest import ROOT
+from tests.conftest import ROOT, kill_job
 from tests.integration.conftest import clipvip
 
 
@@ -81,14 +81,6 @@ def _wait_for(pred, proc, timeout_s=300.0):
     return False
 
 
-def _kill_tree(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 def test_kill_driver_then_resume(sample_data, parts, reference, tmp_path):
     ref_root, ref = reference
     root = str(tmp_path / "root")
@@ -98,7 +90,7 @@ def test_kill_driver_then_resume(sample_data, parts, reference, tmp_path):
     n_done = len(glob.glob(os.path.join(root, "captions", "default", "*", "part-*.json")))
     proc.send_signal(signal.SIGKILL)  # the driver only; Ray's own reaper ends its local cluster
     proc.wait()
-    _kill_tree(proc)
+    kill_job(proc)
     assert n_done < len([k for k in ref if k.startswith("frames/")]), "killed too late to test resume"
 
     again = clipvip(*args_for(sample_data, root, parts))
@@ -158,7 +150,7 @@ def test_root_grows_part_by_part(sample_data, parts, reference, tmp_path):
 
     proc = _start(sample_data, root, parts)
     new_shard = _wait_for(lambda: glob.glob(os.path.join(root, "frames", "part1", "*.json")), proc)
-    _kill_tree(proc)
+    kill_job(proc)
     assert new_shard, "the second run never finished a shard of a new part"
     assert digests(root).items() >= {k: v for k, v in grown.items()}.items(), "nothing written is rewritten"
     again = clipvip(*args_for(sample_data, root, parts))

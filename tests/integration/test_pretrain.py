@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from pipeline.config import PrepareJobConfig, RecaptionJobConfig, load_config
 from pipeline.data.build import run_prepare
 from pipeline.data.recaption import run_recaption
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, kill_job
 from tests.integration.conftest import CHECKPOINT_SNAPSHOT, checkpoint_committed, clipvip, pack_view
 
 ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -202,9 +202,7 @@ def test_job_killed_and_resubmitted_zero2_on_s3(root, reference_zero1, s3_server
     while time.time() < deadline and proc.poll() is None and not checkpoint_committed(snapshot()):
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before it could be killed:\n" + open(tmp_path / "first.log").read()[-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(1)
+    kill_job(proc)
 
     again = clipvip(*args, env=ENV, timeout=840)  # beside two busy processes a resubmission took over 600 s
     assert again.returncode == 0, again.stderr[-4000:]
@@ -258,8 +256,7 @@ def test_finish_survives_a_kill_at_each_point_bf16_zero3(root, mlflow_server, tm
         while time.time() < deadline and proc.poll() is None and not marker.exists():
             time.sleep(0.1)
         assert marker.exists(), f"never paused at {point}:\n" + open(tmp_path / f"{point}.log").read()[-3000:]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_job(proc)
         run_id = client.search_runs([client.get_experiment_by_name("clipvip").experiment_id],
                                     filter_string="tags.`mlflow.runName` = 'finish'")[0].info.run_id
         tags = client.get_run(run_id).data.tags
@@ -354,9 +351,7 @@ def test_resumed_on_one_worker_and_back_on_two(root, reference_zero1, mlflow_ser
         # The 1-worker run may finish its last step before the kill lands: then the 2-worker
         # resubmission reshapes the final checkpoint instead, which is as good a test.
         assert proc.poll() is None or (workers == 1 and proc.returncode == 0), open(log_path).read()[-3000:]
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_job(proc)
         logs.append(open(log_path).read())
     final = clipvip(*args(2), env=ENV, timeout=840)
     assert final.returncode == 0, final.stderr[-4000:]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, kill_job
 from tests.integration.conftest import CHECKPOINT_SNAPSHOT, checkpoint_committed, clipvip
 
 ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -112,8 +111,7 @@ def test_finetune_killed_and_resubmitted_resumes(split, tmp_path):
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed:\n" + open(tmp_path / "first.log").read()[-3000:]
     assert committed(), "no checkpoint recorded within 800 s"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_job(proc)
 
     again = clipvip(*args, env=ENV, timeout=840)
     assert again.returncode == 0, again.stderr[-4000:]
