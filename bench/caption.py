@@ -48,7 +48,7 @@ def make_root() -> str:
     t0 = time.perf_counter()
     sample = make_sample_dataset(sample_dir, seed=0)
     cfg = load_config(PrepareJobConfig, None, [
-        f"data.root={root}", f"data.metadata={sample.metadata_path}", f"data.video_root={sample.video_root}",
+        f"root={root}", f"data.metadata={sample.metadata_path}", f"data.video_root={sample.video_root}",
         f"data.subtitles={sample.subtitles_table}", "caption.model=builtin:tiny-blip", "caption.max_new_tokens=8",
         "ray.num_cpus=2", "ray.progress_bars=false"])
     from jobs.common import init_ray

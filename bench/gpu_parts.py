@@ -189,7 +189,7 @@ def train_config(preset: str, sz: Sizes, micro_batch: int, device: str) -> Any:
     from pipeline.config import PretrainJobConfig, load_config
 
     return load_config(PretrainJobConfig, None, [
-        f"model.preset={preset}", f"model.max_text_len={sz.text_len}", "train.dataset_root=unused",
+        f"model.preset={preset}", f"model.max_text_len={sz.text_len}", "root=unused",
         f"train.precision={sz.precision}", "train.zero_stage=1", f"train.num_frames={sz.num_frames}",
         f"train.image_size_px={sz.image_px}", f"train.micro_batch_size={micro_batch}",
         f"train.use_gpu={str(device.startswith('cuda')).lower()}"])

@@ -93,7 +93,7 @@ def run_one(parts: list[str], table: str, work: str) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(os.path.join(work, "videos"))
     cfg = load_config(PrepareJobConfig, None, [
-        f"data.root={work}/root", f"data.metadata=[{','.join(parts)}]", f"data.video_root={work}/videos",
+        f"root={work}/root", f"data.metadata=[{','.join(parts)}]", f"data.video_root={work}/videos",
         f"data.subtitles={table}", "data.clips_per_shard=512", "ray.progress_bars=false"])
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -115,7 +115,7 @@ def ensure_data() -> str:
         subs = os.path.join(sample_dir, "subtitles.jsonl")
     log("prepare (once): frames at 3 fps, short side 72, builtin:tiny-blip captions ...")
     cfg = load_config(PrepareJobConfig, None, [
-        f"data.root={root}", f"data.metadata={metadata}", f"data.video_root={videos}", f"data.subtitles={subs}",
+        f"root={root}", f"data.metadata={metadata}", f"data.video_root={videos}", f"data.subtitles={subs}",
         "data.clips_per_shard=32", "frames.short_side_px=72", "frames.max_frames=32",
         "caption.model=builtin:tiny-blip", "ray.progress_bars=false"])
     if not (os.path.exists(man) and json.loads(Path(man).read_text()).get("status") == "complete"):
@@ -152,7 +152,7 @@ def job_config(root: str, model_dir: str, storage: str, tracking_uri: str, worke
                run_name: str) -> PretrainJobConfig:
     return load_config(PretrainJobConfig, None, [
         f"run_name={run_name}", f"model.pretrained={model_dir}", f"model.max_text_len={MAX_TEXT_LEN}",
-        "loss.variant=vsc_fc", f"train.dataset_root={root}", "train.view=default",
+        "loss.variant=vsc_fc", f"root={root}", "train.view=default",
         f"train.num_workers={workers}", f"train.micro_batch_size={MICRO_BATCH}", f"train.max_steps={max_steps}",
         "train.lr=1e-4", "train.weight_decay=0.05", "train.warmup_ratio=0.05", "train.grad_clip=5.0",
         "train.zero_stage=1", "train.precision=fp32", f"train.num_frames={NUM_FRAMES}",

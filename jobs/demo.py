@@ -50,20 +50,20 @@ QUICK = {"pretrain": ["train.max_steps=2", "train.checkpoint_every_steps=2"],
 
 def build_configs(out: str, sample, quick: bool = False) -> dict:
     """Every stage's config: the tiny recipes with their paths pointed under `out`."""
-    from pipeline.eval.config import EvaluateJobConfig, FinetuneJobConfig  # noqa: PLC0415
+    from pipeline.config import EvaluateJobConfig, FinetuneJobConfig  # noqa: PLC0415
 
     root, runs = os.path.join(out, "dataset"), os.path.join(out, "runs")
     mlflow = f"tracking.tracking_uri=sqlite:///{os.path.join(out, 'mlflow.db')}"
     ret = os.path.dirname(sample.retrieval_jsonl)
     prep = _recipe(PrepareJobConfig, "tiny.yaml", [
-        f"data.root={root}", f"data.metadata={sample.metadata_path}", f"data.video_root={sample.video_root}",
+        f"root={root}", f"data.metadata={sample.metadata_path}", f"data.video_root={sample.video_root}",
         f"data.subtitles={sample.subtitles_table}"])
     recap = _recipe(RecaptionJobConfig, "tiny_recaption.yaml", [f"root={root}"])
     pack = _recipe(PackJobConfig, "tiny_pack.yaml", [f"root={root}", f"view.name={recap.caption.set_name}",
                                                       f"view.caption_set={recap.caption.set_name}"])
     cfgs = {"prepare": prep, "recaption": recap, "pack": pack}
     cfgs["pretrain/clip-vip"] = _recipe(PretrainJobConfig, "tiny_pretrain.yaml", [
-        "run_name=demo-pretrain-clip-vip", f"train.dataset_root={root}", f"train.view={pack.view.name}",
+        "run_name=demo-pretrain-clip-vip", f"root={root}", f"train.view={pack.view.name}",
         f"train.storage_path={runs}", mlflow, *(QUICK["pretrain"] if quick else [])])
     for name, extra in (("clip-vip", []), ("meanpool-baseline", BASELINE + BASELINE_START)):
         cfgs[f"finetune/{name}"] = _recipe(FinetuneJobConfig, "tiny_finetune.yaml", [
@@ -132,12 +132,12 @@ def run_stages(cfgs: dict) -> dict:
 
     init_ray(cfgs["pretrain/clip-vip"].ray)
     lap("ray-start")
-    print(f"[demo] 2/7 prepare -> {cfgs['prepare'].data.root}", flush=True)
+    print(f"[demo] 2/7 prepare -> {cfgs['prepare'].root}", flush=True)
     prep = run_prepare(cfgs["prepare"])
     print(prep.render(), flush=True)
     lap("prepare")
     report["prepare"] = {"clips": prep.clips_ok, "quarantined": prep.clips_quarantined, "captions": prep.captions_ok,
-                         "caption_set": cfgs["prepare"].caption.set_name, "root": cfgs["prepare"].data.root}
+                         "caption_set": cfgs["prepare"].caption.set_name, "root": cfgs["prepare"].root}
     print(f"[demo] 3/7 recaption -> caption set {cfgs['recaption'].caption.set_name!r}", flush=True)
     recap = run_recaption(cfgs["recaption"])
     print(recap.render(), flush=True)

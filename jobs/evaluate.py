@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from jobs.common import config_parser, init_ray, load_or_exit
-from pipeline.eval.config import EvaluateJobConfig
+from pipeline.config import EvaluateJobConfig
 from pipeline.eval.evaluate import resolve_paths
 
 

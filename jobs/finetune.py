@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 
 from jobs.common import config_parser, init_ray, load_or_exit
-from pipeline.eval.config import FinetuneJobConfig
+from pipeline.config import FinetuneJobConfig
 from pipeline.train.run import finetune_data, resolve_finetune, run_finetune
 
 

@@ -4,7 +4,7 @@ Run locally (starts a private Ray instance):
     clipvip prepare --config jobs/configs/tiny.yaml
 On a cluster (see cluster/ and ray_cluster.yaml):
     ray job submit --working-dir . -- clipvip prepare --config jobs/configs/hdvila_prepare.yaml \
-        --set data.root=s3://bucket/hdvila/v1
+        --set root=s3://bucket/hdvila/v1
 Re-running the same command resumes: finished shards are skipped, none is written twice. Listing
 more metadata parts grows the root: only the new parts are planned and processed.
 """

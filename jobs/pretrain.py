@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     except (ValueError, OSError) as e:
         print(f"pretrain refused: {e}", file=sys.stderr)
         return 2
-    print(f"[pretrain] {index.num_rows} clips in view {cfg.train.view!r} of {cfg.train.dataset_root} (caption set "
+    print(f"[pretrain] {index.num_rows} clips in view {cfg.train.view!r} of {cfg.root} (caption set "
           f"{index.caption_set!r}); run {cfg.run_name!r} in {run_dir(cfg)}", flush=True)
     init_ray(cfg.ray)
     try:

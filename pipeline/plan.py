@@ -174,7 +174,7 @@ def build_prepare_report(cfg: Any, parts: list[dict[str, Any]], done_units: int,
     rep.facts += [("metadata parts", len(parts)), ("videos", videos), ("clips", clips),
                   ("malformed lines", sum(p["issues"] for p in parts)), ("units (shards)", units),
                   ("units already done", done_units), ("mean clip length s", round(mean_s, 2)),
-                  ("frames stored a clip", frames), ("root", cfg.data.root)]
+                  ("frames stored a clip", frames), ("root", cfg.root)]
     video_mb = VIDEO_BYTES / 1e6
     todo_videos = videos * todo_units / units if units else 0
     st = cfg.storage
@@ -270,7 +270,7 @@ def build_pretrain_report(cfg: Any, rows: int | None, open_error: str | None, pa
     global_batch = t.global_batch()
     spe = (rows or 0) // global_batch
     total = t.max_steps or spe * t.epochs
-    rep.facts += [("dataset root", t.dataset_root), ("view", t.view),
+    rep.facts += [("dataset root", cfg.root), ("view", t.view),
                   ("clips", rows if rows is not None else "unknown"), ("workers (ranks)", world),
                   ("GPUs", world if t.use_gpu else 0), ("global batch", global_batch),
                   ("forwards a worker a step", f"{t.chunks(world)} of {t.micro_batch_size} clips"
@@ -370,7 +370,7 @@ def plan_pretrain(cfg: Any, results_dir: str, connected: bool) -> Report:
 
     rows, error = None, None
     try:
-        index = ViewIndex.open(cfg.train.dataset_root, cfg.train.view, fs.S3Options.of(cfg.storage))
+        index = ViewIndex.open(cfg.root, cfg.train.view, fs.S3Options.of(cfg.storage))
         index.check_size(cfg.train.image_size_px)
         rows = index.num_rows
     except (ValueError, OSError) as e:  # OSError: an input S3 refuses (credentials, access)

@@ -16,7 +16,6 @@ No Ray here, no network: `jobs/submit.py` owns the Jobs API client and calls the
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import shlex
@@ -25,19 +24,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, apply_overrides, load_config, read_yaml_mapping
+from pipeline.config import (
+    ConfigError,
+    EvaluateJobConfig,
+    FinetuneJobConfig,
+    PackJobConfig,
+    PrepareJobConfig,
+    PretrainJobConfig,
+    RecaptionJobConfig,
+    apply_overrides,
+    load_config,
+    read_yaml_mapping,
+)
 
 KINDS = ("prepare", "recaption", "pack", "pretrain", "finetune", "evaluate")
 
-# kind -> its config class, imported lazily by name: the eval configs live in another module
-# that changes on its own schedule; when it cannot be imported, only the YAML is checked.
-CONFIG_CLASSES = {
-    "prepare": "pipeline.config:PrepareJobConfig",
-    "recaption": "pipeline.config:RecaptionJobConfig",
-    "pack": "pipeline.config:PackJobConfig",
-    "pretrain": "pipeline.config:PretrainJobConfig",
-    "finetune": "pipeline.eval.config:FinetuneJobConfig",
-    "evaluate": "pipeline.eval.config:EvaluateJobConfig",
+# kind -> its config class: a recipe is validated before it is submitted.
+CONFIG_CLASSES: dict[str, type] = {
+    "prepare": PrepareJobConfig,
+    "recaption": RecaptionJobConfig,
+    "pack": PackJobConfig,
+    "pretrain": PretrainJobConfig,
+    "finetune": FinetuneJobConfig,
+    "evaluate": EvaluateJobConfig,
 }
 
 # Ray job statuses during which a second submission for the same run is refused.
@@ -53,7 +62,7 @@ WORKING_DIR_EXCLUDES = (
 )
 
 # Recipe keys that hold local paths or s3:// URIs (for the relative-path notes).
-PATH_KEYS = frozenset({"root", "dataset_root", "storage_path", "video_root", "metadata", "subtitles", "annotations",
+PATH_KEYS = frozenset({"root", "storage_path", "video_root", "metadata", "subtitles", "annotations",
                        "out", "warm_start", "tracking_uri"})
 
 # Non-secret settings forwarded from the submitting shell into the job's environment.
@@ -150,24 +159,12 @@ def infer_kind(raw: Mapping[str, Any]) -> str:
                       f"pass --kind {{{','.join(KINDS)}}}")
 
 
-def _config_class(kind: str) -> type | None:
-    module, _, name = CONFIG_CLASSES[kind].partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
-
-
 def resolve_run_name(kind: str, recipe: str, overrides: list[str]) -> str:
-    """Validate the recipe as `kind`'s config (when its class is importable) and return run_name."""
-    cls = _config_class(kind)
+    """Validate the recipe as `kind`'s config and return its run_name."""
     try:
-        if cls is not None:
-            return str(load_config(cls, recipe, overrides).run_name)
-        raw = apply_overrides(read_recipe(recipe), overrides)
+        return str(load_config(CONFIG_CLASSES[kind], recipe, overrides).run_name)
     except ConfigError as e:
         raise SubmitError(f"config error ({kind}): {e}") from None
-    return str(raw.get("run_name") or kind)
 
 
 def recipe_in_project(recipe: str, project_root: str) -> str:

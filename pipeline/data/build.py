@@ -117,7 +117,7 @@ def check_videos(cfg: PrepareJobConfig, inputs: Inputs, plan: InputPlan, sample:
             what the video root does hold).
     """
     uris = {p.name: p.uri for p in inputs.parts}
-    ctx = UnitContext(root=cfg.data.root, video_root=cfg.data.video_root, video_extensions=cfg.data.video_extensions,
+    ctx = UnitContext(root=cfg.root, video_root=cfg.data.video_root, video_extensions=cfg.data.video_extensions,
                       subtitles=None, subtitles_dir=None, frames=cfg.frames, s3=inputs.root.opts, fingerprint="")
     tried: list[str] = []
     for spec in plan.units:

@@ -112,7 +112,7 @@ def _check_table(root: DatasetRoot, manifest: dict[str, Any] | None, uri: str) -
     sha = fs.sha256_of(uri, root.opts)
     if sha != rec["sha256"]:
         raise RootConflict(f"data.subtitles: the table {uri} changed since {root.uri} was prepared (sha256 "
-                           f"{rec['sha256'][:12]}... -> {sha[:12]}...); use a new data.root, or data.force=true")
+                           f"{rec['sha256'][:12]}... -> {sha[:12]}...); use a new root, or data.force=true")
     return dict(table, sha256=sha)
 
 
@@ -129,7 +129,7 @@ def open_root(cfg: PrepareJobConfig, dry_run: bool = False) -> Inputs:
             changed, missing or no longer listed, or two parts with one name.
         CaptionSetConflict: caption.set_name exists with another captioner.
     """
-    root = DatasetRoot(cfg.data.root, fs.S3Options.of(cfg.storage))
+    root = DatasetRoot(cfg.root, fs.S3Options.of(cfg.storage))
     opts = root.opts
     manifest = root.read_manifest()
     listed = _list_parts(cfg, root, manifest)
@@ -141,12 +141,12 @@ def open_root(cfg: PrepareJobConfig, dry_run: bool = False) -> Inputs:
     settings = prepare_settings(cfg)
     if manifest is not None and manifest.get("schema_version") != schema.SCHEMA_VERSION:
         raise RootConflict(f"{root.uri} has schema_version {manifest.get('schema_version')}; this code writes "
-                           f"{schema.SCHEMA_VERSION} (one root per corpus). Use a new data.root, or data.force=true")
+                           f"{schema.SCHEMA_VERSION} (one root per corpus). Use a new root, or data.force=true")
     parts: list[PartInput] = []
     try:
         if manifest is not None and manifest.get("settings") != settings:
             changed = "; ".join(diff_settings(manifest.get("settings", {}), settings))
-            raise RootConflict(f"{root.uri} was prepared with other settings: {changed}. Use a new data.root, or set "
+            raise RootConflict(f"{root.uri} was prepared with other settings: {changed}. Use a new root, or set "
                                "data.force=true to delete its frames, captions, quarantine, plans and index and rebuild.")
         parts = _check_parts(root, manifest, listed) if manifest is not None else []
         table = None if fs.is_dir(subs, opts) else _check_table(root, manifest, subs)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import absolute_tracking, local_path, to_dict
-from pipeline.eval.config import EvaluateJobConfig
+from pipeline.config import EvaluateJobConfig
 from pipeline.eval.formats import eval_texts, read_items
 from pipeline.eval.metrics import chance_r_at_k, format_table, t2v_v2t
 from pipeline.utils import fs
@@ -86,7 +86,7 @@ def run_evaluate(cfg: EvaluateJobConfig, log: Any = print) -> EvalSummary:
         f"{len(e.models)} model(s): {', '.join(m.name for m in e.models)}")
     encoded = encode_split(items, texts, models=[(m.weights, m.model) for m in e.models],
                            video_format=e.data.video_format, num_frames=num_frames, size_px=e.image_size_px,
-                           max_text_len=e.max_text_len, batch_size=e.batch_size, num_encoders=e.num_encoders,
+                           batch_size=e.batch_size, num_encoders=e.num_encoders,
                            encoder_gpus=e.encoder_gpus, decode_cpus=e.decode_cpus,
                            progress_bars=cfg.ray.progress_bars, opts=opts)
     log(f"[evaluate] encoded with {len(e.models)} model(s) in {time.perf_counter() - t0:.0f} s")

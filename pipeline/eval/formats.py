@@ -1,6 +1,6 @@
 """Downstream retrieval annotations (MSR-VTT, DiDeMo, LSMDC, ActivityNet) -> checked items.
 
-Owns the config section of one retrieval split and the jsonl reader (clipvip_spec.md 3.3, 6.2).
+Reads one retrieval split (its config section is `pipeline.config.RetrievalDataConfig`) (clipvip_spec.md 3.3, 6.2).
 Rows are `{"clip_id": str, "text": str | [str], "num_frame": int (frame dirs only)}`. A row
 that cannot be used (bad JSON, no clip id, empty text, missing video, duplicate id) is skipped
 and reported with its reason; the split fails only when nothing is left.
@@ -23,67 +23,12 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
-from pipeline.config import ConfigError
+from pipeline.config import RetrievalDataConfig
 from pipeline.utils import fs, s3
 
-FORMATS = ("msrvtt", "didemo", "lsmdc", "activitynet")
-VIDEO_FORMATS = ("video", "frames")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm")
-# Paragraph-to-video is the standard protocol for DiDeMo and ActivityNet (spec 3.3, pitfall).
-_PARAGRAPH_FORMATS = ("didemo", "activitynet")
-_NUM_FRAMES_DEFAULT = {"activitynet": 32}
-_NUM_FRAMES_OTHER = 12
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RetrievalDataConfig:
-    """One retrieval split: annotation jsonl, where its videos are, and how to read its texts.
-
-    Validation messages start with "data." so that `build_dataclass` rewrites them to the
-    parent's key (a parent field named `data` under `eval` reports "eval.data.format: ...").
-    """
-
-    format: Literal["msrvtt", "didemo", "lsmdc", "activitynet"] = "msrvtt"
-    """Dataset convention: video extension lookup and the paragraph / frame-count defaults."""
-    annotations: str
-    """Annotation jsonl (e.g. test1ka.jsonl), one {"clip_id", "text"} object per line; local or s3://."""
-    video_root: str
-    """Directory (or s3:// prefix) of videos, or of per-clip frame directories when video_format
-    is "frames"."""
-    video_format: Literal["video", "frames"] = "video"
-    """"video": encoded files read with PyAV; "frames": pre-decoded JPEG directories."""
-    paragraph: bool | None = None
-    """Join all sentences of a video into one text; None: by format (didemo, activitynet)."""
-    num_frames: int | None = None
-    """Frames sampled per video; None: by format (activitynet 32, else 12)."""
-    limit: int | None = None
-    """Keep only the first N usable videos (smoke runs); None keeps all."""
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ConfigError(f"data.format: unknown {self.format!r}, expected one of {list(FORMATS)}")
-        if self.video_format not in VIDEO_FORMATS:
-            raise ConfigError(f"data.video_format: unknown {self.video_format!r}, expected one of "
-                              f"{list(VIDEO_FORMATS)}")
-        if not self.annotations:
-            raise ConfigError("data.annotations: must be a jsonl path, got an empty string")
-        if not self.video_root:
-            raise ConfigError("data.video_root: must be a directory, got an empty string")
-        if self.num_frames is not None and self.num_frames < 1:
-            raise ConfigError(f"data.num_frames: must be >= 1 or null, got {self.num_frames}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"data.limit: must be >= 1 or null, got {self.limit}")
-
-    def resolved_paragraph(self) -> bool:
-        """`paragraph`, or the format's default (didemo, activitynet: True)."""
-        return self.format in _PARAGRAPH_FORMATS if self.paragraph is None else self.paragraph
-
-    def resolved_num_frames(self) -> int:
-        """`num_frames`, or the format's default (activitynet 32, else 12)."""
-        return _NUM_FRAMES_DEFAULT.get(self.format, _NUM_FRAMES_OTHER) if self.num_frames is None \
-            else self.num_frames
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,17 +36,19 @@ class EncodedSplit:
 
 class ClipEncoder:
     """Ray Data actor: one replica of each model; encodes each row's decoded clip and its text
-    with every model (columns `video_<k>` / `text_<k>` for models[k])."""
+    with every model (columns `video_<k>` / `text_<k>` for models[k]), texts at each model's own
+    `max_text_len`."""
 
-    def __init__(self, models: list[tuple[str | None, dict[str, Any]]], max_text_len: int, use_gpu: bool) -> None:
+    def __init__(self, models: list[tuple[str | None, dict[str, Any]]], use_gpu: bool) -> None:
         import torch  # noqa: PLC0415
 
         from pipeline.eval.encode import load_eval_model  # noqa: PLC0415
 
-        self.models = [load_eval_model(weights, build_dataclass(ModelConfig, cfg)) for weights, cfg in models]
+        configs = [build_dataclass(ModelConfig, cfg) for _, cfg in models]
+        self.models = [load_eval_model(weights, cfg) for (weights, _), cfg in zip(models, configs)]
+        self.text_lens = [cfg.max_text_len for cfg in configs]
         if use_gpu and torch.cuda.is_available():
             self.models = [m.cuda() for m in self.models]
-        self.max_text_len = max_text_len
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Each row is one video and its (square-matrix) text: both encoded by the same replica."""
@@ -61,7 +63,7 @@ class ClipEncoder:
             if clips is not None:
                 video[ok] = encode_clips(model, clips)
             out[f"video_{k}"] = video
-            out[f"text_{k}"] = encode_texts(model, texts, self.max_text_len)
+            out[f"text_{k}"] = encode_texts(model, texts, self.text_lens[k])
         return out
 
 
@@ -83,7 +85,7 @@ def _decode_row(row: dict[str, Any], video_format: str, num_frames: int, size_px
 
 
 def encode_split(items: list[RetrievalItem], texts: list[str], *, models: list[tuple[str | None, ModelConfig]],
-                 video_format: str, num_frames: int, size_px: int, max_text_len: int, batch_size: int,
+                 video_format: str, num_frames: int, size_px: int, batch_size: int,
                  num_encoders: int, encoder_gpus: float, decode_cpus: float, progress_bars: bool = True,
                  opts: fs.S3Options | None = None) -> list[EncodedSplit]:
     """Text and video features of one split for each (weights, model config) of `models`, in
@@ -96,8 +98,7 @@ def encode_split(items: list[RetrievalItem], texts: list[str], *, models: list[t
         raise ValueError("encode_split: no models to encode with")
 
     encoder = dict(
-        fn_constructor_kwargs={"models": [(w, to_dict(m)) for w, m in models], "max_text_len": max_text_len,
-                               "use_gpu": encoder_gpus > 0},
+        fn_constructor_kwargs={"models": [(w, to_dict(m)) for w, m in models], "use_gpu": encoder_gpus > 0},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_encoders),
         num_gpus=encoder_gpus or None,
     )

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import build_dataclass
-from pipeline.eval.config import FinetuneJobConfig
+from pipeline.config import FinetuneJobConfig
 from pipeline.eval.formats import RetrievalItem
 from pipeline.train import finish
 from pipeline.train.checkpoint import TrainState
@@ -36,7 +36,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.train.retrieval_data import (  # noqa: PLC0415
         FrameCache,
         RankBatches,
-        RetrievalLoaderConfig,
+        RetrievalLoaderSpec,
         steps_per_epoch,
     )
     from pipeline.train.task import RetrievalTask  # noqa: PLC0415
@@ -49,8 +49,8 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
     groups = loop_config.get("train_groups", [])
     t = cfg.train
     share = t.micro_batch_size * s.chunks  # this rank's rows of a global batch
-    loader_cfg = RetrievalLoaderConfig(video_format=cfg.data.train.video_format, num_frames=t.num_frames,
-                                       size_px=t.image_size_px, max_text_len=cfg.data.max_text_len,
+    loader_cfg = RetrievalLoaderSpec(video_format=cfg.data.train.video_format, num_frames=t.num_frames,
+                                       size_px=t.image_size_px, max_text_len=cfg.model.max_text_len,
                                        micro_batch=share, seed=t.seed,
                                        decode_threads=cfg.data.decode_threads, opts=fs.S3Options.of(cfg.storage))
     cache = FrameCache(cfg.data.cache_decoded_mb * 2**20) if cfg.data.cache_decoded_mb else None
@@ -122,7 +122,7 @@ def validate(model, items: list[RetrievalItem], cfg: FinetuneJobConfig, rank: in
                 clips.append(np.zeros((t.num_frames, t.image_size_px, t.image_size_px, 3), np.uint8))
                 ok.append(False)
         video = encode_clips(model, np.stack(clips))
-        text = encode_texts(model, [texts[i] for i in idx], cfg.data.max_text_len)
+        text = encode_texts(model, [texts[i] for i in idx], cfg.model.max_text_len)
         rows += [(i, v, x) for i, v, x, good in zip(idx, video, text, ok, strict=True) if good]
     model.train(was_training)
     gathered: list[Any] = [None] * world

@@ -14,7 +14,7 @@ frame of the clips it has decoded, until the budget is spent, and samples later 
 memory: small splits (the synthetic one, or low-resolution frames) then decode once per run
 instead of once per epoch; large ones fall back to decoding only the sampled frames. A video that fails to decode
 (an S3 read that failed through our retries included) is replaced by the next good one in the epoch's order, and
-counted. s3:// videos are read with `RetrievalLoaderConfig.opts` (the job's `storage`).
+counted. s3:// videos are read with `RetrievalLoaderSpec.opts` (the job's `storage`).
 
 Shape legend: B micro batch, T frames, H = W = size, N text length.
 """
@@ -40,7 +40,10 @@ _STREAM = 0x5EED_F17E
 
 
 @dataclass(frozen=True, slots=True)
-class RetrievalLoaderConfig:
+class RetrievalLoaderSpec:
+    """What a fine-tuning worker's loader needs, derived from the job's config (train, model and
+    data sections; `pipeline.config.FinetuneJobConfig`) so the loader never reads the config."""
+
     video_format: str
     num_frames: int
     size_px: int
@@ -62,7 +65,7 @@ class FrameCache:
         self.frames: dict[str, np.ndarray] = {}
         self.lock = threading.Lock()
 
-    def clip(self, item: RetrievalItem, cfg: RetrievalLoaderConfig, rng: np.random.Generator) -> np.ndarray:
+    def clip(self, item: RetrievalItem, cfg: RetrievalLoaderSpec, rng: np.random.Generator) -> np.ndarray:
         with self.lock:
             cached = self.frames.get(item.clip_id)
             room = self.used < self.budget
@@ -126,7 +129,7 @@ def resolve_groups(items: Sequence[RetrievalItem], groups: Sequence[Sequence[str
 class RankBatches:
     """This rank's micro batches of one epoch, from `start_step` on, decoded ahead in threads."""
 
-    def __init__(self, items: Sequence[RetrievalItem], cfg: RetrievalLoaderConfig, epoch: int, rank: int,
+    def __init__(self, items: Sequence[RetrievalItem], cfg: RetrievalLoaderSpec, epoch: int, rank: int,
                  world_size: int, cache: FrameCache | None = None, groups: Sequence[Sequence[int]] = ()) -> None:
         self.items = list(items)
         self.cache = cache

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeline.config import ConfigError, PretrainJobConfig, absolute_tracking, local_path
-from pipeline.eval.config import FinetuneJobConfig
+from pipeline.config import FinetuneJobConfig
 from pipeline.utils import fs
 
 
@@ -41,10 +41,10 @@ def _absolute(path: str) -> str:
 
 def resolve_pretrain(cfg: PretrainJobConfig) -> PretrainJobConfig:
     t = cfg.train
-    train = dataclasses.replace(t, dataset_root=_absolute(t.dataset_root), storage_path=_absolute(t.storage_path),
-                                warm_start=local_path(t.warm_start))
+    train = dataclasses.replace(t, storage_path=_absolute(t.storage_path), warm_start=local_path(t.warm_start))
     model = dataclasses.replace(cfg.model, pretrained=local_path(cfg.model.pretrained))
-    return dataclasses.replace(cfg, train=train, model=model, tracking=absolute_tracking(cfg.tracking))
+    return dataclasses.replace(cfg, root=_absolute(cfg.root), train=train, model=model,
+                               tracking=absolute_tracking(cfg.tracking))
 
 
 def resolve_finetune(cfg: FinetuneJobConfig) -> FinetuneJobConfig:
@@ -80,7 +80,7 @@ def open_view(cfg: PretrainJobConfig) -> Any:
     """
     from pipeline.data.loader import ViewIndex  # noqa: PLC0415
 
-    index = ViewIndex.open(cfg.train.dataset_root, cfg.train.view, fs.S3Options.of(cfg.storage))
+    index = ViewIndex.open(cfg.root, cfg.train.view, fs.S3Options.of(cfg.storage))
     index.check_size(cfg.train.image_size_px)
     return index
 

@@ -35,7 +35,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.data.loader import BatchSpec, ViewIndex, iter_rank_batches  # noqa: PLC0415
     from pipeline.utils.fs import S3Options  # noqa: PLC0415
 
-    index = ViewIndex.open(cfg.train.dataset_root, cfg.train.view, S3Options.of(cfg.storage))
+    index = ViewIndex.open(cfg.root, cfg.train.view, S3Options.of(cfg.storage))
     index.check_size(cfg.train.image_size_px)
     spec = BatchSpec(global_batch=cfg.train.global_batch(), num_frames=cfg.train.num_frames,
                      image_size_px=cfg.train.image_size_px, max_text_len=cfg.model.max_text_len)

@@ -29,7 +29,7 @@ FAST_HEALTH = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_th
 
 
 def settings(root: str, sample_data, gpus: int = 1) -> list[str]:
-    return [f"data.root={root}", f"data.metadata={sample_data.metadata_path}",
+    return [f"root={root}", f"data.metadata={sample_data.metadata_path}",
             f"data.video_root={sample_data.video_root}", f"data.subtitles={sample_data.subtitles_table}",
             "data.clips_per_shard=2", "frames.short_side_px=64", "frames.max_frames=8",
             "caption.model=builtin:tiny-blip", "caption.device=cpu", f"caption.num_gpus_per_actor={gpus}",

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from pipeline.data.sampling import BadSample
-from pipeline.eval.formats import RetrievalDataConfig, RetrievalItem, read_items
+from pipeline.config import RetrievalDataConfig
+from pipeline.eval.formats import RetrievalItem, read_items
 from pipeline.eval.video import load_clip
 from pipeline.utils import fs
 from tests.faultproxy import FaultProxy
@@ -166,11 +167,11 @@ def test_finetune_reads_its_splits_and_batches_from_s3(split):
     """The driver's split reading (pipeline/train/run.py) and a worker's batches (RankBatches with the
     decoded-frame cache) on s3:// inputs equal the local ones."""
     from pipeline.config import load_config
-    from pipeline.eval.config import FinetuneJobConfig
+    from pipeline.config import FinetuneJobConfig
     from pipeline.train.retrieval_data import (
         FrameCache,
         RankBatches,
-        RetrievalLoaderConfig,
+        RetrievalLoaderSpec,
     )
     from pipeline.train.run import finetune_data
 
@@ -191,7 +192,7 @@ def test_finetune_reads_its_splits_and_batches_from_s3(split):
     _same_items(train, s3_train, local.retrieval_video_root, f"{split['s3']}/videos")
     _same_items(val, s3_val, local.retrieval_video_root, f"{split['s3']}/videos")
     assert s3_groups == groups and groups
-    loader = RetrievalLoaderConfig(video_format="video", num_frames=NUM_FRAMES, size_px=SIZE_PX, max_text_len=16,
+    loader = RetrievalLoaderSpec(video_format="video", num_frames=NUM_FRAMES, size_px=SIZE_PX, max_text_len=16,
                                    micro_batch=2, seed=0, opts=fs.S3Options.of(cfg.storage))
     world = len(train) // loader.micro_batch  # one step of the epoch, rank 0's two videos
     mark = split["log"].mark()
@@ -206,16 +207,15 @@ def test_finetune_reads_its_splits_and_batches_from_s3(split):
 def test_evaluate_on_s3_matches_local(ray_local, split, tmp_path):
     """In-process `run_evaluate` (as test_retrieval.py): same metrics and similarity matrix, and
     the whole job costs 1 GET of annotations + 1 listing + 1 GET per video, from the Ray tasks."""
-    from pipeline.config import load_config
-    from pipeline.eval.config import EvaluateJobConfig
+    from pipeline.config import EvaluateJobConfig, load_config
     from pipeline.eval.evaluate import resolve_paths, run_evaluate
 
     def evaluate(name: str, annotations: str, video_root: str):
         cfg = resolve_paths(load_config(EvaluateJobConfig, None, [
             f"run_name={name}", f"eval.data.annotations={annotations}", f"eval.data.video_root={video_root}",
-            f"eval.data.num_frames={NUM_FRAMES}", f"eval.image_size_px={SIZE_PX}", "eval.max_text_len=16",
+            f"eval.data.num_frames={NUM_FRAMES}", f"eval.image_size_px={SIZE_PX}",
             "eval.dsl=false", f"eval.out={tmp_path}", "tracking.enabled=false", "ray.progress_bars=false",
-            f"storage.s3_endpoint_url={split['endpoint']}", "eval.models=[{name: m, model: {preset: tiny}}]"]))
+            f"storage.s3_endpoint_url={split['endpoint']}", "eval.models=[{name: m, model: {preset: tiny, max_text_len: 16}}]"]))
         return run_evaluate(cfg, log=lambda *_: None)
 
     local = evaluate("local", split["local"].retrieval_jsonl, split["local"].retrieval_video_root)

@@ -41,7 +41,7 @@ def inputs(s3_server, sample_data):
 
 def prepare_cfg(endpoint: str, root: str, *extra: str):
     return load_config(PrepareJobConfig, None, [
-        f"data.root=s3://{BUCKET}/{root}", f"data.metadata=s3://{BUCKET}/raw/meta/part0.jsonl",
+        f"root=s3://{BUCKET}/{root}", f"data.metadata=s3://{BUCKET}/raw/meta/part0.jsonl",
         f"data.video_root=s3://{BUCKET}/raw/videos", f"data.subtitles=s3://{BUCKET}/raw/subs.jsonl",
         "data.clips_per_shard=6", "frames.short_side_px=64", "frames.max_frames=8",
         "caption.model=builtin:tiny-blip", f"storage.s3_endpoint_url={endpoint}", "ray.progress_bars=false",
@@ -141,7 +141,7 @@ def test_retry_quarantined_recovers_the_clips_exactly_once(inputs, down, referen
     assert any("~r1" in k for k in digests(str(tmp_path / "got")))
     # The same retry killed with kill -9 once its retry shard exists, then run again: same bytes.
     args = ["prepare"] + [a for kv in [
-        f"data.root=s3://{BUCKET}/down2", f"data.metadata=s3://{BUCKET}/raw/meta/part0.jsonl",
+        f"root=s3://{BUCKET}/down2", f"data.metadata=s3://{BUCKET}/raw/meta/part0.jsonl",
         f"data.video_root=s3://{BUCKET}/raw/videos", f"data.subtitles=s3://{BUCKET}/raw/subs.jsonl",
         "data.clips_per_shard=6", "frames.short_side_px=64", "frames.max_frames=8", "caption.model=builtin:tiny-blip",
         f"storage.s3_endpoint_url={inputs}", "ray.progress_bars=false", "data.retry_quarantined=true",

@@ -44,7 +44,7 @@ LOADER = LoaderConfig(steps_per_task=2)
 def root(ray_local, sample_data, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("loader") / "root")
     cfg = load_config(PrepareJobConfig, None, [
-        f"data.root={out}", f"data.metadata={sample_data.metadata_path}", f"data.video_root={sample_data.video_root}",
+        f"root={out}", f"data.metadata={sample_data.metadata_path}", f"data.video_root={sample_data.video_root}",
         f"data.subtitles={sample_data.subtitles_table}", "data.clips_per_shard=2", "frames.short_side_px=48",
         "frames.max_frames=8", "caption.model=builtin:tiny-blip", "caption.batch_size=4", "ray.progress_bars=false"])
     run_prepare(cfg, log=lambda *_: None)

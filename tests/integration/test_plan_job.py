@@ -21,7 +21,7 @@ def sets(**kv: str) -> list[str]:
 
 def test_prepare_plan_writes_nothing_and_counts_the_job(sample_data, tmp_path):
     root = tmp_path / "root"
-    base = sets(**{"data.root": str(root), "data.metadata": sample_data.metadata_path,
+    base = sets(**{"root": str(root), "data.metadata": sample_data.metadata_path,
                    "data.video_root": sample_data.video_root, "data.subtitles": sample_data.subtitles_table,
                    "ray.num_cpus": "2"})
     proc, report = plan("--config", "jobs/configs/tiny.yaml", *base, "--json")
@@ -38,7 +38,7 @@ def test_prepare_plan_writes_nothing_and_counts_the_job(sample_data, tmp_path):
 
 def test_pretrain_and_recaption_plans_against_a_root(tmp_path):
     root = build_root("", str(tmp_path / "root"), {"part0": 12})  # 12 shards of 2 clips, local
-    proc, _ = plan("--config", "jobs/configs/tiny_pretrain.yaml", *sets(**{"train.dataset_root": root.uri}))
+    proc, _ = plan("--config", "jobs/configs/tiny_pretrain.yaml", *sets(**{"root": root.uri}))
     assert proc.returncode == 3 and "view 'tiny' not found" in proc.stderr and "clipvip pack" in proc.stderr
     packed = clipvip("pack", "--config", "jobs/configs/tiny_pack.yaml", *sets(root=root.uri, **{
         "view.caption_set": "default", "ray.progress_bars": "false"}))
@@ -48,12 +48,12 @@ def test_pretrain_and_recaption_plans_against_a_root(tmp_path):
         "view.caption_set": "default", "ray.progress_bars": "false", "view.name": "raw", "view.image_size_px": "0"}))
     assert packed.returncode == 0, packed.stderr[-3000:]
     proc, report = plan("--config", "jobs/configs/tiny_pretrain.yaml", "--json",
-                        *sets(**{"train.dataset_root": root.uri, "train.view": "raw"}))
+                        *sets(**{"root": root.uri, "train.view": "raw"}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     facts = report["facts"]
     assert facts["clips"] == 24 and facts["global batch"] == 8 and facts["steps per epoch"] == 3
     assert facts["model parameters"] > 1_000_000 and report["estimates"]["checkpoint GB"]["value"] > 0
-    proc, _ = plan("--config", "jobs/configs/tiny_pretrain.yaml", *sets(**{"train.dataset_root": str(tmp_path / "no")}))
+    proc, _ = plan("--config", "jobs/configs/tiny_pretrain.yaml", *sets(**{"root": str(tmp_path / "no")}))
     assert proc.returncode == 3 and "dataset opens" in proc.stderr and "no manifest.json" in proc.stderr
     proc, report = plan("--config", "jobs/configs/tiny_recaption.yaml", "--json", *sets(root=root.uri))
     assert proc.returncode == 0, proc.stderr[-3000:]

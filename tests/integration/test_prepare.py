@@ -18,7 +18,7 @@ from tests.integration.conftest import parquet_tables
 
 def prepare_cfg(sample, root, *extra):
     return load_config(PrepareJobConfig, None, [
-        f"data.root={root}", f"data.metadata={sample.metadata_path}", f"data.video_root={sample.video_root}",
+        f"root={root}", f"data.metadata={sample.metadata_path}", f"data.video_root={sample.video_root}",
         f"data.subtitles={sample.subtitles_table}", "data.clips_per_shard=4",
         "frames.short_side_px=64", "frames.max_frames=8", "caption.model=builtin:tiny-blip",
         "caption.batch_size=4", "ray.progress_bars=false", *extra])

@@ -77,7 +77,7 @@ def build_zoo(sample, d):
 def test_bad_input_zoo(sample_data, tmp_path):
     meta, vids, table, good_ids = build_zoo(sample_data, str(tmp_path / "in"))
     root = str(tmp_path / "root")
-    proc = clipvip("prepare", "--set", f"data.root={root}", "--set", f"data.metadata={meta}",
+    proc = clipvip("prepare", "--set", f"root={root}", "--set", f"data.metadata={meta}",
                    "--set", f"data.video_root={vids}", "--set", f"data.subtitles={table}",
                    "--set", "data.clips_per_shard=3", "--set", "caption.model=builtin:tiny-blip",
                    "--set", "frames.short_side_px=64", "--set", "ray.num_cpus=2", "--set", "ray.progress_bars=false")
@@ -136,7 +136,7 @@ def test_inputs_that_yield_nothing_are_refused(sample_data, tmp_path):
     ]
     for i, (sets, key) in enumerate(cases):
         root = tmp_path / f"root{i}"
-        args = {"data.root": str(root), "data.metadata": sample_data.metadata_path,
+        args = {"root": str(root), "data.metadata": sample_data.metadata_path,
                 "data.video_root": sample_data.video_root, "data.subtitles": sample_data.subtitles_table,
                 "caption.model": "builtin:tiny-blip", "ray.num_cpus": "2", "ray.progress_bars": "false", **sets}
         proc = clipvip("prepare", *[a for k, v in args.items() for a in ("--set", f"{k}={v}")])

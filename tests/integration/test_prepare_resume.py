@@ -23,7 +23,7 @@ from tests.integration.conftest import clipvip
 
 def args_for(sample, root, parts=None):
     metadata = "[" + ",".join(parts) + "]" if parts else sample.metadata_path
-    sets = [f"data.root={root}", f"data.metadata={metadata}", f"data.video_root={sample.video_root}",
+    sets = [f"root={root}", f"data.metadata={metadata}", f"data.video_root={sample.video_root}",
             f"data.subtitles={sample.subtitles_table}", "data.clips_per_shard=1", "frames.short_side_px=64",
             "caption.model=builtin:tiny-blip", "ray.num_cpus=2", "ray.progress_bars=false"]
     return ["prepare"] + [a for s in sets for a in ("--set", s)]

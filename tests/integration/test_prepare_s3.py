@@ -31,7 +31,7 @@ def test_prepare_s3_round_trip(ray_local, s3_server, sample_data):
     s3.upload_file(sample_data.subtitles_table, "hdvila", "raw/subs.jsonl")
 
     cfg = load_config(PrepareJobConfig, None, [
-        "data.root=s3://hdvila/prepared/v1", "data.metadata=s3://hdvila/raw/meta.jsonl",
+        "root=s3://hdvila/prepared/v1", "data.metadata=s3://hdvila/raw/meta.jsonl",
         "data.video_root=s3://hdvila/raw/videos", "data.subtitles=s3://hdvila/raw/subs.jsonl",
         "data.clips_per_shard=6", "frames.short_side_px=64", "caption.model=builtin:tiny-blip",
         f"storage.s3_endpoint_url={s3_server}", "ray.progress_bars=false"])

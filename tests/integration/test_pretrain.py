@@ -32,7 +32,7 @@ ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_DISABLE_PROGRESS_BARS
 def root(ray_local, sample_data, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("pt") / "root")
     cfg = load_config(PrepareJobConfig, None, [
-        f"data.root={path}", f"data.metadata={sample_data.metadata_path}", f"data.video_root={sample_data.video_root}",
+        f"root={path}", f"data.metadata={sample_data.metadata_path}", f"data.video_root={sample_data.video_root}",
         f"data.subtitles={sample_data.subtitles_table}", "data.clips_per_shard=3", "frames.short_side_px=64",
         "frames.max_frames=8", "caption.model=builtin:tiny-blip", "ray.progress_bars=false"])
     run_prepare(cfg, log=lambda *_: None)
@@ -46,7 +46,7 @@ def root(ray_local, sample_data, tmp_path_factory):
 
 
 def pretrain_args(root, storage, tracking_uri, run_name, *extra):
-    sets = [f"run_name={run_name}", f"train.dataset_root={root}", f"train.storage_path={storage}",
+    sets = [f"run_name={run_name}", f"root={root}", f"train.storage_path={storage}",
             f"tracking.tracking_uri={tracking_uri}", "tracking.system_metrics=false", "model.preset=tiny",
             "model.max_text_len=16", "train.view=git", "train.num_workers=2",
             "train.micro_batch_size=2", "train.max_steps=5", "train.checkpoint_every_steps=2",

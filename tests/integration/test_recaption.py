@@ -76,7 +76,7 @@ def quiet(*_):
 def prepared(ray_local, sample_data, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("recaption") / "root")
     cfg = load_config(PrepareJobConfig, None, [
-        f"data.root={root}", f"data.metadata={sample_data.metadata_path}",
+        f"root={root}", f"data.metadata={sample_data.metadata_path}",
         f"data.video_root={sample_data.video_root}", f"data.subtitles={sample_data.subtitles_table}",
         "data.clips_per_shard=1", "frames.short_side_px=64", "frames.max_frames=8",
         "caption.model=builtin:tiny-blip", "caption.batch_size=4", "ray.progress_bars=false"])

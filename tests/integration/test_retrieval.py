@@ -44,17 +44,16 @@ def split(sample_data, tmp_path_factory):
 
 def test_evaluate_two_models_side_by_side(ray_local, split, tmp_path):
     """In-process on the session's Ray (the CLI path is the next test): encode tasks + actors."""
-    from pipeline.config import load_config
-    from pipeline.eval.config import EvaluateJobConfig
+    from pipeline.config import EvaluateJobConfig, load_config
     from pipeline.eval.evaluate import resolve_paths, run_evaluate
 
     out, db = tmp_path / "eval", tmp_path / "mlflow.db"
     cfg = resolve_paths(load_config(EvaluateJobConfig, None, [
         "run_name=smoke", "eval.data.format=msrvtt", f"eval.data.annotations={split['test']}",
         f"eval.data.video_root={split['videos']}", "eval.data.num_frames=4", "eval.image_size_px=32",
-        "eval.max_text_len=16", f"eval.out={out}", f"tracking.tracking_uri=sqlite:///{db}", "ray.progress_bars=false",
-        "eval.models=[{name: clip-vip, model: {preset: tiny}}, {name: meanpool, model: {preset: tiny, "
-        "add_cls_num: 0, use_temporal_embed: false, video_pooling: mean}}]"]))
+        f"eval.out={out}", f"tracking.tracking_uri=sqlite:///{db}", "ray.progress_bars=false",
+        "eval.models=[{name: clip-vip, model: {preset: tiny, max_text_len: 16}}, {name: meanpool, model: {preset: tiny, "
+        "max_text_len: 16, add_cls_num: 0, use_temporal_embed: false, video_pooling: mean}}]"]))
     summary = run_evaluate(cfg, log=lambda *_: None)
     text = summary.render()
     n = split["n_test"] - 1
@@ -91,7 +90,7 @@ def finetune_args(split, storage, db, run_name, *extra):
         "train.image_size_px=32", "train.precision=fp32", "train.lr=1e-3", "train.grad_clip=1.0",
         f"data.train.annotations={split['train']}", f"data.train.video_root={split['videos']}",
         f"data.val.annotations={split['val']}", f"data.val.video_root={split['videos']}",
-        "data.val_every_steps=3", "data.max_text_len=16", "data.cache_decoded_mb=64", f"data.batch_groups={split['pairs']}",
+        "data.val_every_steps=3", "data.cache_decoded_mb=64", f"data.batch_groups={split['pairs']}",
         "ray.num_cpus=4", *extra)]
 
 

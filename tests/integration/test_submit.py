@@ -109,7 +109,7 @@ def prepared(cluster, sample_data, workdir):
     root = str(workdir / "root")
     run = f"prep-{TOKEN}"
     t0 = time.monotonic()
-    overrides = sets(f"run_name={run}", f"data.root={root}", f"data.metadata={small_metadata(sample_data, workdir)}",
+    overrides = sets(f"run_name={run}", f"root={root}", f"data.metadata={small_metadata(sample_data, workdir)}",
                      f"data.video_root={sample_data.video_root}", f"data.subtitles={sample_data.subtitles_table}",
                      "data.clips_per_shard=3", "frames.short_side_px=64", "frames.max_frames=8",
                      "ray.progress_bars=false")
@@ -125,7 +125,7 @@ def prepared(cluster, sample_data, workdir):
 
 
 def pretrain_sets(root: str, storage: str, db: str, run: str) -> list[str]:
-    return sets(f"run_name={run}", f"train.dataset_root={root}", f"train.storage_path={storage}",
+    return sets(f"run_name={run}", f"root={root}", f"train.storage_path={storage}",
                 f"tracking.tracking_uri=sqlite:///{db}", "tracking.system_metrics=false", "model.max_text_len=16",
                 "train.view=tiny", "train.micro_batch_size=2", f"train.max_steps={STEPS}",
                 f"train.checkpoint_every_steps={CKPT_EVERY}", "train.keep_checkpoints=1", "train.num_frames=4",

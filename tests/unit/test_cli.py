@@ -23,7 +23,7 @@ def test_help_lists_commands():
 
 def test_bad_config_fails_fast_naming_the_key(tmp_path):
     t0 = time.time()
-    out = run("prepare", "--set", f"data.root={tmp_path}/r", "--set", "data.metadata=m.jsonl",
+    out = run("prepare", "--set", f"root={tmp_path}/r", "--set", "data.metadata=m.jsonl",
               "--set", "data.video_root=v", "--set", "data.subtitles=s.jsonl", "--set", "frames.fps=fast")
     assert out.returncode == 2
     assert "frames.fps: expected a number" in out.stderr
@@ -33,13 +33,23 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path):
 
 def test_unknown_key_in_yaml(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("data:\n  root: r\n  metadata: [m]\n  video_root: v\n  shards: 3\n")
+    cfg.write_text("root: r\ndata:\n  metadata: [m]\n  video_root: v\n  shards: 3\n")
     out = run("prepare", "--config", str(cfg))
     assert out.returncode == 2 and "data.shards: unknown key" in out.stderr
 
 
+def test_a_renamed_key_names_its_new_home(tmp_path):
+    """Recipes written before the dataset root had one name fail with the key to use instead."""
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text("data:\n  root: r\n  metadata: [m]\n  video_root: v\n  subtitles: s\n")
+    out = run("prepare", "--config", str(cfg))
+    assert out.returncode == 2 and "data.root: this setting is now root" in out.stderr, out.stderr
+    out = run("pretrain", "--config", "jobs/configs/tiny_pretrain.yaml", "--set", "train.dataset_root=r")
+    assert out.returncode == 2 and "train.dataset_root: this setting is now root" in out.stderr, out.stderr
+
+
 def test_missing_inputs_refused_before_work(tmp_path):
-    out = run("prepare", "--set", f"data.root={tmp_path}/r", "--set", f"data.metadata={tmp_path}/nope.jsonl",
+    out = run("prepare", "--set", f"root={tmp_path}/r", "--set", f"data.metadata={tmp_path}/nope.jsonl",
               "--set", f"data.video_root={tmp_path}", "--set", f"data.subtitles={tmp_path}", "--set", "ray.num_cpus=1")
     assert out.returncode == 2
     assert "data.metadata" in out.stderr and "does not exist" in out.stderr

@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.config import ConfigError, PrepareJobConfig, fingerprint, load_config
 
-BASE = ["data.root=/tmp/root", "data.metadata=meta.jsonl", "data.video_root=/videos", "data.subtitles=subs.jsonl"]
+BASE = ["root=/tmp/root", "data.metadata=meta.jsonl", "data.video_root=/videos", "data.subtitles=subs.jsonl"]
 
 
 def test_overrides_typed_and_nested():
@@ -35,7 +35,7 @@ def test_bad_values_name_the_key(override, message):
 
 def test_missing_required_key():
     with pytest.raises(ConfigError, match="data.video_root: required key is missing"):
-        load_config(PrepareJobConfig, None, ["data.root=/r", "data.metadata=m", "data.subtitles=s"])
+        load_config(PrepareJobConfig, None, ["root=/r", "data.metadata=m", "data.subtitles=s"])
 
 
 def test_yaml_file_errors(tmp_path):
@@ -74,10 +74,10 @@ def test_credentials_in_uris_are_refused(override):
     from pipeline.config import PretrainJobConfig
 
     with pytest.raises(ConfigError) as err:
-        load_config(PretrainJobConfig, None, ["run_name=r", "train.dataset_root=/d", override])
+        load_config(PretrainJobConfig, None, ["run_name=r", "root=/d", override])
     key = override.split("=")[0]
     assert key in str(err.value) and "s3cr3t" not in str(err.value) and "topsecret" not in str(err.value)
-    load_config(PretrainJobConfig, None, ["run_name=r", "train.dataset_root=/d",
+    load_config(PretrainJobConfig, None, ["run_name=r", "root=/d",
                                          f"{key}=https://mlflow.example:5000"])
 
 
@@ -93,7 +93,7 @@ def test_global_batch_and_gradient_caching_chunks():
     from pipeline.config import PretrainJobConfig
 
     def train(*sets):
-        return load_config(PretrainJobConfig, None, ["train.dataset_root=/data", *sets]).train
+        return load_config(PretrainJobConfig, None, ["root=/data", *sets]).train
 
     plain = train("train.num_workers=4", "train.micro_batch_size=8")
     assert plain.global_batch() == 32 and plain.chunks(4) == 1
@@ -103,3 +103,56 @@ def test_global_batch_and_gradient_caching_chunks():
         cached.chunks(3)
     with pytest.raises(ConfigError, match=r"train.global_batch_size: 100 is not a multiple of .* = 8 x 4 = 32"):
         train("train.num_workers=4", "train.micro_batch_size=8", "train.global_batch_size=100")
+
+
+def _field_paths(cls, prefix=""):
+    """Every (dotted path, owning class) of a config, through nested sections."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        yield path, cls
+        for tp in (hints[f.name], *typing.get_args(hints[f.name])):
+            if dataclasses.is_dataclass(tp):
+                yield from _field_paths(tp, path + ".")
+            for inner in typing.get_args(tp):  # tuple[EvalModelConfig, ...]
+                if dataclasses.is_dataclass(inner):
+                    yield from _field_paths(inner, path + ".")
+
+
+def test_one_name_per_setting_across_jobs():
+    """The dataset root is `root` at the top of every job that has one; the text length is only
+    `model.max_text_len` (evaluate: each model's)."""
+    import pipeline.config as c
+
+    jobs = {c.PrepareJobConfig: True, c.RecaptionJobConfig: True, c.PackJobConfig: True,
+            c.PretrainJobConfig: True, c.FinetuneJobConfig: False, c.EvaluateJobConfig: False}
+    for job, has_root in jobs.items():
+        paths = dict(_field_paths(job))
+        roots = sorted(p for p in paths if p.rsplit(".", 1)[-1] in ("root", "dataset_root"))
+        assert roots == (["root"] if has_root else []), (job.__name__, roots)
+        text = sorted(p for p in paths if p.endswith("max_text_len"))
+        assert all(paths[p] is c.ModelConfig for p in text), (job.__name__, text)
+
+
+@pytest.mark.parametrize(("recipe", "cls", "old", "new"), [
+    ("tiny.yaml", "PrepareJobConfig", "data.root=/r", "data.root: this setting is now root"),
+    ("tiny_pretrain.yaml", "PretrainJobConfig", "train.dataset_root=/r", "train.dataset_root: this setting is now root"),
+    ("tiny_finetune.yaml", "FinetuneJobConfig", "data.max_text_len=16",
+     "data.max_text_len: this setting is now model.max_text_len"),
+    ("tiny_evaluate.yaml", "EvaluateJobConfig", "eval.max_text_len=16",
+     "eval.max_text_len: this setting is now model.max_text_len of each eval.models entry"),
+])
+def test_renamed_keys_are_refused_naming_the_new_one(recipe, cls, old, new):
+    import os
+
+    import pipeline.config as c
+    from tests.conftest import ROOT
+
+    path = os.path.join(ROOT, "jobs", "configs", recipe)
+    load_config(getattr(c, cls), path)  # the recipe itself loads
+    with pytest.raises(ConfigError) as err:
+        load_config(getattr(c, cls), path, [old])
+    assert str(err.value).startswith(new)

@@ -17,7 +17,7 @@ HDVILA_PARTS = [{"name": f"hdvila_part{i}", "uri": f"s3://b/meta/hdvila_part{i}.
 
 def prepare_cfg(*extra):
     return load_config(PrepareJobConfig, None, [
-        "data.root=s3://b/root", "data.metadata=s3://b/meta", "data.video_root=s3://b/videos",
+        "root=s3://b/root", "data.metadata=s3://b/meta", "data.video_root=s3://b/videos",
         "data.subtitles=s3://b/subs.parquet", "data.clips_per_shard=512", "frames.max_frames=48",
         "caption.model=Salesforce/blip-image-captioning-large", "ray.cluster.head_memory_gb=32",
         "ray.cluster.cpu_node_cpus=32", "ray.cluster.cpu_node_memory_gb=64", "ray.cluster.gpu_node_cpus=64",
@@ -90,7 +90,7 @@ def test_resources_from_ray_nodes_and_this_machine():
     assert (res.head_memory_gb, res.cpu_node_cpus, res.gpu_node_cpus, res.gpu_node_gpus, res.total_gpus) == \
         (pytest.approx(32), 32, 64, 8, 8)
     local = plan.resources_from(load_config(PrepareJobConfig, None, [
-        "data.root=r", "data.metadata=m", "data.video_root=v", "data.subtitles=s"]).ray)
+        "root=r", "data.metadata=m", "data.video_root=v", "data.subtitles=s"]).ray)
     assert local.source.startswith("this machine") and local.head_memory_gb > 0
 
 

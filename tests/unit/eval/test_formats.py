@@ -8,7 +8,8 @@ import os
 import pytest
 
 from pipeline.config import ConfigError, build_dataclass
-from pipeline.eval.formats import RetrievalDataConfig, RetrievalItem, eval_texts, read_items
+from pipeline.config import RetrievalDataConfig
+from pipeline.eval.formats import RetrievalItem, eval_texts, read_items
 
 
 def write_jsonl(path, rows) -> str:

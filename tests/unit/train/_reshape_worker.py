@@ -35,7 +35,7 @@ MICRO = 2
 def engine_for(stage: int, precision: str, world: int, perturb: bool):
     from pipeline.train.session import build_engine
 
-    cfg = build_dataclass(PretrainJobConfig, {"train": {"dataset_root": "unused", "view": "unused",
+    cfg = build_dataclass(PretrainJobConfig, {"root": "unused", "train": {"view": "unused",
         "zero_stage": stage, "precision": precision, "micro_batch_size": MICRO, "num_workers": world,
         "global_batch_size": GLOBAL, "lr": 1e-3, "weight_decay": 0.05, "grad_clip": 1.0}})
     t = task()

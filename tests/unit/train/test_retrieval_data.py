@@ -15,7 +15,7 @@ from pipeline.eval.formats import RetrievalItem
 from pipeline.train.retrieval_data import (
     FrameCache,
     RankBatches,
-    RetrievalLoaderConfig,
+    RetrievalLoaderSpec,
     epoch_order,
     holdout_split,
     resolve_groups,
@@ -38,9 +38,9 @@ def items(tmp_path_factory) -> list[RetrievalItem]:
     return out
 
 
-def cfg(**kw) -> RetrievalLoaderConfig:
+def cfg(**kw) -> RetrievalLoaderSpec:
     base = dict(video_format="video", num_frames=3, size_px=16, max_text_len=8, micro_batch=2, seed=5)
-    return RetrievalLoaderConfig(**{**base, **kw})
+    return RetrievalLoaderSpec(**{**base, **kw})
 
 
 def ids(batches) -> list[list[int]]:
