@@ -40,6 +40,10 @@ def main(argv: list[str]) -> int:
     m = run.result.metrics or {}
     print("pretrain summary")
     print(f"  steps           {m.get('step')} (epoch {m.get('epoch')}, {m.get('samples_seen')} samples)")
+    if "samples_per_s" in m:
+        mfu = f", MFU {m['mfu']:.1%}" if "mfu" in m else " (MFU: no known peak for this device; train.peak_tflops)"
+        print(f"  throughput      {m['samples_per_s']:.1f} samples/s, {m['samples_per_s_per_worker']:.1f} per worker, "
+              f"{m.get('tflops_per_worker', 0.0):.3g} model TFLOP/s per worker{mfu}")
     print(f"  checkpoint      {run.result.checkpoint.path if run.result.checkpoint else None}")
     print(f"  final weights   {export_dir(cfg)} (HF format: CLIPViPModel.from_pretrained)")
     if run.mlflow_run_id:

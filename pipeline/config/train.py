@@ -152,6 +152,12 @@ class TrainConfig:
     max_failures: int = 3
     """Worker-group restarts Ray Train attempts from the last checkpoint."""
     log_every_steps: int = 1
+    profile_steps: tuple[int, ...] = ()
+    """[a, b]: rank 0 records a torch.profiler trace of optimizer steps a..b (1-based) and logs it
+    as the MLflow artifact profiles/steps_<a>-<b>.json (pipeline/train/profile.py)."""
+    peak_tflops: float | None = None
+    """One device's peak TFLOP/s, for MFU (train/mfu). None: from the GPU's name (dense bf16 peaks
+    in pipeline/model/flops.py); on a CPU or an unlisted GPU, MFU is left out rather than guessed."""
     log_sample_ids: bool = False
     """Log the clip ids of every global batch (MLflow artifacts samples/steps_<first>-<last>.json,
     at each checkpoint): which samples trained when, for audits and resume checks. One gather of
@@ -184,6 +190,11 @@ class TrainConfig:
             raise ConfigError(f"train.image_size_px: must be >= 16, got {self.image_size_px}")
         if self.max_failures < 0:
             raise ConfigError(f"train.max_failures: must be >= 0, got {self.max_failures}")
+        if self.profile_steps and (len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]):
+            raise ConfigError(f"train.profile_steps: [first, last] optimizer steps with 1 <= first <= last, "
+                              f"got {list(self.profile_steps)}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"train.peak_tflops: must be > 0 or null, got {self.peak_tflops}")
 
     def global_batch(self) -> int:
         """Clips of one optimizer step (global_batch_size, or micro_batch_size x num_workers)."""

@@ -87,8 +87,9 @@ def train_flops_per_clip(config, num_frames: int, num_tokens: int,
         config: a `CLIPViPConfig` (its vision/text configs, proxies, pooling, attention).
         num_frames: T frames of the video branch.
         num_tokens: padded text length (model.max_text_len).
-        sources: branches the loss variant uses (`OmnisourceLoss.sources`): "video", "frame"
-            (the middle frame as a 1-frame video) and one text pass each for "subtitle" and "caption".
+        sources: branches the loss uses (`OmnisourceLoss.sources`, a task's `sources`): "video",
+            "frame" (the middle frame as a 1-frame video) and one text pass each for "subtitle",
+            "caption" and "text" (fine-tuning's one caption).
 
     Returns:
         Per-tower FLOPs; `.total` is what MFU divides by.
@@ -109,7 +110,7 @@ def train_flops_per_clip(config, num_frames: int, num_tokens: int,
     text = 3.0 * text_forward_flops(config.text_config, num_tokens, P)
     return ClipFlops(video=train(num_frames) if "video" in sources else 0.0,
                      frame=train(1) if "frame" in sources else 0.0,
-                     text=text * sum(s in sources for s in ("subtitle", "caption")))
+                     text=text * sum(s in sources for s in ("subtitle", "caption", "text")))
 
 
 def peak_tflops(device_name: str, override: float | None = None) -> float | None:

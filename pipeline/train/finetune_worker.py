@@ -64,7 +64,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
               f"{spe} per epoch, global batch {t.global_batch()}, {len(train_items)} train / "
               f"{len(val_items)} val videos ({cfg.run_name})", flush=True)
 
-    log = RunLog(engine, tracker, rank, world, total, cfg.run_name, samples_at_start=state.samples_seen)
+    log = s.run_log(cfg, total)
 
     def validate_when_due(state: TrainState) -> None:
         if state.step % cfg.data.val_every_steps == 0 or state.step == total:
@@ -82,8 +82,9 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _log_train(log: RunLog, metrics: dict[str, torch.Tensor], state: TrainState, lr: float, wait_s: float) -> None:
-    out, _, rate = log.train_metrics(metrics, state, lr, sums=("skipped_rows",))
+    out, elapsed, rate = log.train_metrics(metrics, state, lr, sums=("skipped_rows",))
     out["train/skipped_videos"] = float(state.skipped_rows)
+    out["train/data_wait_frac"] = wait_s / max(elapsed, 1e-9)
     log.tracker.log_metrics(out, step=state.step)
     if log.rank == 0:
         # The run name ends the line: the demo fine-tunes two models side by side.

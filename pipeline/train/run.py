@@ -15,8 +15,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.config import ConfigError, PretrainJobConfig, absolute_tracking, local_path
-from pipeline.config import FinetuneJobConfig
+from pipeline.config import ConfigError, FinetuneJobConfig, PretrainJobConfig, absolute_tracking, local_path
 from pipeline.utils import fs
 
 

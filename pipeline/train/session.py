@@ -96,6 +96,34 @@ def global_mean(metrics: dict[str, torch.Tensor], world: int) -> dict[str, float
     return {k: float(v) for k, v in zip(keys, vec.tolist(), strict=True)}
 
 
+def model_flops(cfg: Any, task: torch.nn.Module, device: torch.device) -> tuple[float, float | None]:
+    """(model FLOPs of one training clip, one device's peak TFLOP/s or None) for `RunLog`.
+
+    Model FLOPs, as MFU counts them (PaLM, Chowdhery et al. 2022, appendix B): forward + backward
+    of the passes the loss uses; gradient caching's second forward and activation checkpointing's
+    recompute are not counted, so they show as lower MFU, not as more work."""
+    from pipeline.model.flops import peak_tflops, train_flops_per_clip  # noqa: PLC0415
+
+    flops = train_flops_per_clip(task.model.config, cfg.train.num_frames, cfg.model.max_text_len, task.sources)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return flops.total, peak_tflops(name, cfg.train.peak_tflops)
+
+
+def throughput(samples_per_s: float, world: int, flops_per_clip: float, peak: float | None) -> dict[str, float]:
+    """The run's throughput metrics from its global samples/s: per worker (= per GPU), model
+    TFLOP/s per worker, and MFU when the device's peak is known."""
+    from pipeline.model.flops import mfu  # noqa: PLC0415
+
+    per_worker = samples_per_s / world
+    out = {"samples_per_s": samples_per_s, "samples_per_s_per_worker": per_worker}
+    if flops_per_clip:
+        out["tflops_per_worker"] = flops_per_clip * per_worker / 1e12
+        util = mfu(flops_per_clip, per_worker, peak)
+        if util is not None:
+            out["mfu"] = util
+    return out
+
+
 @dataclass
 class RunLog:
     """What the training loops' progress logging needs besides each step's own values: rank 0
@@ -108,7 +136,14 @@ class RunLog:
     total: int
     run_name: str
     samples_at_start: int = 0
+    flops_per_clip: float = 0.0
+    """Model FLOPs of one training clip, forward + backward (`model_flops`); 0 leaves FLOP/s out."""
+    peak_tflops: float | None = None
+    """One device's peak; None leaves MFU out."""
     t_start: float = field(default_factory=time.perf_counter)
+    throughput: dict[str, float] = field(default_factory=dict)
+    """The last logged throughput (samples_per_s, per worker, tflops_per_worker, mfu): reported
+    with each checkpoint, so the driver's summary has the run's figures."""
 
     def train_metrics(self, metrics: dict[str, torch.Tensor], state: TrainState, lr: float,
                       sums: tuple[str, ...] = ()) -> tuple[dict[str, float], float, float]:
@@ -120,7 +155,9 @@ class RunLog:
         elapsed = time.perf_counter() - self.t_start
         rate = (state.samples_seen - self.samples_at_start) / elapsed if elapsed > 0 else 0.0
         out = {f"train/{k}": v for k, v in logged.items()}
-        out.update({"train/lr": lr, "train/samples_per_s": rate, "train/epoch": float(state.epoch)})
+        out.update({"train/lr": lr, "train/epoch": float(state.epoch)})
+        self.throughput = throughput(rate, self.world, self.flops_per_clip, self.peak_tflops)
+        out.update({f"train/{k}": v for k, v in self.throughput.items()})
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             out["train/grad_norm"] = float(grad_norm)
@@ -139,6 +176,12 @@ class Session:
     """MlflowTracker on rank 0 (when tracking), NullTracker elsewhere."""
     chunks: int
     """Forwards per step (gradient caching; 1 without)."""
+
+    def run_log(self, cfg: Any, total: int) -> RunLog:
+        """The progress log of this run of `total` steps, with the model's FLOPs for MFU."""
+        flops, peak = model_flops(cfg, self.engine.module, self.engine.device)
+        return RunLog(self.engine, self.tracker, self.rank, self.world, total, cfg.run_name,
+                      samples_at_start=self.state.samples_seen, flops_per_clip=flops, peak_tflops=peak)
 
 
 def build_engine(cfg: Any, task: torch.nn.Module, world_size: int) -> Any:
@@ -183,10 +226,12 @@ def start_session(cfg: Any, loop_config: dict[str, Any], task: torch.nn.Module) 
                    chunks=cfg.train.chunks(world))
 
 
-def save_checkpoint(s: Session, cfg: Any, loop_config: dict[str, Any]) -> None:
-    """Metrics flushed, then a checkpoint of every rank reported to Ray Train."""
+def save_checkpoint(s: Session, cfg: Any, loop_config: dict[str, Any], metrics: dict[str, float] | None = None
+                    ) -> None:
+    """Metrics flushed, then a checkpoint of every rank reported to Ray Train with `metrics`
+    (the run's throughput: what the driver's summary prints)."""
     s.tracker.flush()  # the metrics up to a checkpoint are in MLflow before it is recorded
-    save_and_report(s.engine, cfg, loop_config, s.state, s.rank)
+    save_and_report(s.engine, cfg, loop_config, s.state, s.rank, metrics)
 
 
 def finish_session(s: Session, cfg: Any, export_dir: str, artifacts: list[tuple[str, str]],
@@ -206,13 +251,14 @@ def finish_session(s: Session, cfg: Any, export_dir: str, artifacts: list[tuple[
     s.tracker.close("FINISHED")
 
 
-def save_and_report(engine, cfg, loop_config, state, rank) -> None:
+def save_and_report(engine, cfg, loop_config, state, rank, metrics: dict[str, float] | None = None) -> None:
     import ray.train  # noqa: PLC0415
 
     tmp = tempfile.mkdtemp(prefix=f"clipvip-ckpt-r{rank}-")
     try:
         ckpt_io.save(engine, tmp, state, rank, loop_config["job"], universal=cfg.train.universal_checkpoint)
-        ray.train.report({"step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen},
+        ray.train.report({**(metrics or {}), "step": state.step, "epoch": state.epoch,
+                          "samples_seen": state.samples_seen},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"step_{state.step:09d}")
     finally:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from pipeline.train import gradcache
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.optim import lr_at, set_lr
+from pipeline.train.profile import StepProfiler
 from pipeline.train.session import RunLog, Session, save_checkpoint
 
 Batch = dict[str, torch.Tensor]
@@ -34,7 +35,8 @@ class StepLoop:
     """(epoch, first step of the epoch to read) -> this rank's micro batches (one per step, in
     order); an epoch's iterator may end at the epoch's end."""
     log_step: Callable[[RunLog, dict[str, torch.Tensor], TrainState, float, float], None]
-    """(log, the step's metrics, state, lr, data wait since the epoch's start in s): metrics out."""
+    """(log, the step's metrics, state, lr, data wait in s since this submission's first step, as
+    `log.train_metrics`' elapsed time counts): metrics out."""
     after_step: Callable[[TrainState], None] | None = None
     """Runs on every rank after each step, before its checkpoint (finetune: validation)."""
 
@@ -75,17 +77,20 @@ def run_steps(s: Session, cfg: Any, loop_config: dict[str, Any], log: RunLog, st
     """Train from `s.state.step` to `log.total` (every rank; the checkpoints are collective)."""
     engine, world, state, t = s.engine, s.world, s.state, cfg.train
     ledger = SampleLedger(t.log_sample_ids, world, engine.device)
+    wait_s = 0.0  # over the whole submission, like the elapsed time the wait fraction divides by
+    profiler = StepProfiler(t.profile_steps, s.rank, s.tracker)
     while state.step < log.total:
         epoch, start = divmod(state.step, steps_per_epoch)
         t0 = time.perf_counter()
-        wait_s = 0.0
         for batch in loop.batches(epoch, start):
             step_wait_s = time.perf_counter() - t0
             wait_s += step_wait_s
             lr = lr_at(state.step, t.lr, log.total, t.warmup_ratio)
             set_lr(engine.optimizer, lr)
+            profiler.before_step(state.step + 1)
             loss, metrics = gradcache.train_step(engine, batch, s.chunks)
             state.step += 1
+            profiler.after_step(state.step)
             state.epoch, state.step_in_epoch = divmod(state.step, steps_per_epoch)
             skipped = int(batch["skipped"].sum())
             state.samples_seen += int(batch["frames"].shape[0]) * world
@@ -100,7 +105,7 @@ def run_steps(s: Session, cfg: Any, loop_config: dict[str, Any], log: RunLog, st
                 loop.after_step(state)
             if state.step % t.checkpoint_every_steps == 0 or state.step == log.total:
                 ledger.flush(s.tracker)
-                save_checkpoint(s, cfg, loop_config)
+                save_checkpoint(s, cfg, loop_config, log.throughput)
             t0 = time.perf_counter()
             if state.step >= log.total or state.step % steps_per_epoch == 0:
                 break

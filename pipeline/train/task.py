@@ -28,6 +28,8 @@ class _ContrastiveTask(nn.Module):
 
     model: CLIPViPModel
     loss: nn.Module
+    sources: tuple[str, ...]
+    """The model's passes a clip costs (pipeline/model/flops.py counts their FLOPs)."""
 
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         raise NotImplementedError
@@ -49,6 +51,7 @@ class ClipVipTask(_ContrastiveTask):
         super().__init__()
         self.model = model
         self.loss = loss
+        self.sources = tuple(loss.sources)
 
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """The loss's inputs for these rows: {video,subtitle,frame,caption}_BD (None where the
@@ -74,6 +77,7 @@ class RetrievalTask(_ContrastiveTask):
         super().__init__()
         self.model = model
         self.loss = loss
+        self.sources = ("video", "text")
 
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         dtype = next(self.model.parameters()).dtype

@@ -51,7 +51,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
               f"{total} steps, {spe} per epoch, global batch {spec.global_batch} (workers {s.world} x chunks "
               f"{s.chunks} x micro batch {cfg.train.micro_batch_size}) ({cfg.run_name})", flush=True)
 
-    log = RunLog(s.engine, s.tracker, s.rank, s.world, total, cfg.run_name, samples_at_start=s.state.samples_seen)
+    log = s.run_log(cfg, total)
 
     def batches(epoch: int, start: int):
         return iter_rank_batches(index, spec, cfg.train.loader, cfg.train.seed, epoch, s.rank, s.world,
@@ -69,6 +69,7 @@ def log_step(log: RunLog, metrics: dict[str, torch.Tensor], state: TrainState, l
     if log.rank == 0:
         batch = log.engine.train_batch_size()  # micro batch x chunks x workers
         eta = (log.total - state.step) * batch / rate if rate > 0 else 0.0
-        print(f"[pretrain] step {state.step}/{log.total} loss {out['train/loss']:.4f} | {rate:.1f} samples/s | "
+        mfu = f" | MFU {out['train/mfu']:.1%}" if "train/mfu" in out else ""
+        print(f"[pretrain] step {state.step}/{log.total} loss {out['train/loss']:.4f} | {rate:.1f} samples/s{mfu} | "
               f"data wait {out['train/data_wait_frac']:.0%} | lr {lr:.2e} | ETA {eta:.0f} s | {log.run_name}",
               flush=True)

@@ -98,16 +98,19 @@ def mlflow_server(tmp_path_factory):
 def reference_zero1(root, mlflow_server, tmp_path_factory):
     storage = str(tmp_path_factory.mktemp("ref1"))
     proc = clipvip(*pretrain_args(root, storage, mlflow_server, "ref-z1", "train.zero_stage=1",
-                                  "train.log_sample_ids=true"), env=ENV)
+                                  "train.log_sample_ids=true", "train.peak_tflops=0.5",
+                                  "train.profile_steps=[2, 3]"), env=ENV)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return storage, proc
 
 
-def test_uninterrupted_run_logs_to_mlflow_server(reference_zero1, mlflow_server):
+def test_uninterrupted_run_logs_to_mlflow_server(reference_zero1, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
     storage, proc = reference_zero1
     assert "pretrain summary" in proc.stdout
+    assert re.search(r"throughput +[\d.]+ samples/s, [\d.]+ per worker, [\d.e-]+ model TFLOP/s per worker, "
+                     r"MFU [\d.]+%", proc.stdout), proc.stdout[-2000:]
     assert "caption set 'git'" in proc.stdout
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("clipvip")
@@ -117,9 +120,12 @@ def test_uninterrupted_run_logs_to_mlflow_server(reference_zero1, mlflow_server)
     assert run.data.params["train.zero_stage"] == "1" and run.data.params["loss.variant"] == "vsc_fc"
     for key in ("train/loss", "train/vsc_loss", "train/fc_loss", "train/logit_scale", "train/lr",
                 "train/grad_norm", "train/samples_per_s", "train/data_wait_frac", "train/data_wait_s",
-                "train/step_time_s", "train/skipped_rows", "train/epoch"):
+                "train/step_time_s", "train/skipped_rows", "train/epoch", "train/samples_per_s_per_worker",
+                "train/tflops_per_worker", "train/mfu"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert steps == [1, 2, 3, 4, 5], (key, steps)
+    trace = client.download_artifacts(run.info.run_id, "profiles/steps_2-3.json", str(tmp_path))
+    assert json.load(open(trace))["traceEvents"], "the profile of steps 2-3 opens and holds events"
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     assert {"config/job.json", "config/deepspeed.json"} <= arts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/config.json",

@@ -45,3 +45,36 @@ def test_train_metrics_average_over_ranks_and_sum_the_sums():
     assert outs[0]["train/skipped_rows"] == 5.0  # sum of 1 and 4
     assert outs[0]["train/lr"] == 0.01 and outs[0]["train/epoch"] == 1.0 and outs[0]["train/grad_norm"] == 0.5
     assert outs[0]["train/samples_per_s"] > 0
+
+
+def test_throughput_per_worker_model_flops_and_mfu():
+    from pipeline.train.session import throughput
+
+    out = throughput(100.0, 4, 2e12, 100.0)
+    assert out == {"samples_per_s": 100.0, "samples_per_s_per_worker": 25.0, "tflops_per_worker": 50.0, "mfu": 0.5}
+    assert "mfu" not in throughput(100.0, 4, 2e12, None)  # unknown peak: left out, not guessed
+    assert throughput(100.0, 4, 0.0, 100.0) == {"samples_per_s": 100.0, "samples_per_s_per_worker": 25.0}
+
+
+def test_model_flops_count_the_passes_the_task_runs():
+    import torch
+
+    from pipeline.config import LossConfig, ModelConfig, PretrainJobConfig, build_dataclass
+    from pipeline.model.clip_vip import CLIPViPModel, config_from_model_cfg
+    from pipeline.model.flops import train_flops_per_clip
+    from pipeline.model.losses import NCELearnableTempLoss, build_loss
+    from pipeline.train.session import model_flops
+    from pipeline.train.task import ClipVipTask, RetrievalTask
+
+    cfg = build_dataclass(PretrainJobConfig, {"root": "r", "model": {"max_text_len": 16},
+                                              "train": {"num_frames": 4, "peak_tflops": 2.0}})
+    model = CLIPViPModel(config_from_model_cfg(ModelConfig(max_text_len=16)))
+    omni = ClipVipTask(model, build_loss(LossConfig(variant="vsc_fc")))
+    flops, peak = model_flops(cfg, omni, torch.device("cpu"))
+    assert peak == 2.0
+    assert flops == train_flops_per_clip(model.config, 4, 16, ("video", "subtitle", "frame", "caption")).total
+    retrieval = RetrievalTask(model, NCELearnableTempLoss(gather=False))
+    assert model_flops(cfg, retrieval, torch.device("cpu"))[0] == train_flops_per_clip(
+        model.config, 4, 16, ("video", "subtitle")).total
+    no_peak = build_dataclass(PretrainJobConfig, {"root": "r", "train": {"num_frames": 4}})
+    assert model_flops(no_peak, omni, torch.device("cpu"))[1] is None  # a CPU has no listed peak
