@@ -44,7 +44,7 @@ QUICK_SAMPLE = dict(num_videos=4, max_duration_s=12.0, num_retrieval=8, num_retr
 # their time is CPU-bound start-up (two 4-step pretrains: 141 s against 139 s in turn).
 FINETUNE_SIDE_BY_SIDE = ["train.num_workers=1", "train.micro_batch_size=32"]
 QUICK = {"pretrain": ["train.max_steps=2", "train.checkpoint_every_steps=2"],
-         "finetune": ["train.max_steps=4", "train.checkpoint_every_steps=4", "data.val_every_steps=2",
+         "finetune": ["train.max_steps=4", "train.checkpoint_every_steps=4", "train.val_every_steps=2",
                       "train.micro_batch_size=4"]}
 
 

@@ -5,7 +5,7 @@
         --set data.train.annotations=s3://my-bucket/msrvtt/train9k.jsonl \
         --set data.train.video_root=s3://my-bucket/msrvtt/videos_6fps
 
-Symmetric InfoNCE with global negatives; validation every `data.val_every_steps` on a held-out
+Symmetric InfoNCE with global negatives; validation every `train.val_every_steps` on a held-out
 split picks the best weights (`<storage>/<run_name>-best`); the last weights go to
 `<run_name>-export`. Resubmitting the same run name and storage resumes from its last checkpoint.
 Annotations, videos and `data.batch_groups` may be local or on S3 (reached with `storage`).

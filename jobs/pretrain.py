@@ -14,7 +14,7 @@ import sys
 
 from jobs.common import config_parser, init_ray, load_or_exit
 from pipeline.config import PretrainJobConfig
-from pipeline.train.run import open_view, resolve_pretrain, run_pretrain
+from pipeline.train.run import open_view, pretrain_val_items, resolve_pretrain, run_pretrain
 
 
 def main(argv: list[str]) -> int:
@@ -22,8 +22,9 @@ def main(argv: list[str]) -> int:
     cfg = resolve_pretrain(load_or_exit(PretrainJobConfig, args))
     from pipeline.train.launch import export_dir, run_dir  # noqa: PLC0415
 
-    try:  # fail before Ray starts: missing root or view, an unfinished view, another frame size
+    try:  # fail before Ray starts: missing root or view, an unfinished view, another frame size, no val split
         index = open_view(cfg)
+        val = pretrain_val_items(cfg)
     except (ValueError, OSError) as e:
         print(f"pretrain refused: {e}", file=sys.stderr)
         return 2
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> int:
           f"{index.caption_set!r}); run {cfg.run_name!r} in {run_dir(cfg)}", flush=True)
     init_ray(cfg.ray)
     try:
-        run = run_pretrain(cfg)
+        run = run_pretrain(cfg, val)
     except Exception as e:  # noqa: BLE001  Ray Train V2 raises the worker group's error from fit()
         print(f"pretrain failed after {cfg.train.max_failures} restarts: {e}\n"
               "Fix the cause and submit the same command again: it resumes from the last checkpoint.",
@@ -44,6 +45,9 @@ def main(argv: list[str]) -> int:
         mfu = f", MFU {m['mfu']:.1%}" if "mfu" in m else " (MFU: no known peak for this device; train.peak_tflops)"
         print(f"  throughput      {m['samples_per_s']:.1f} samples/s, {m['samples_per_s_per_worker']:.1f} per worker, "
               f"{m.get('tflops_per_worker', 0.0):.3g} model TFLOP/s per worker{mfu}")
+    if m.get("best_metric") is not None:
+        print(f"  zero-shot val   t2v R@1 best {m['best_metric']:.1f} at step {m['best_step']} "
+              f"(val/ metrics every {cfg.train.val_every_steps} steps)")
     print(f"  checkpoint      {run.result.checkpoint.path if run.result.checkpoint else None}")
     print(f"  final weights   {export_dir(cfg)} (HF format: CLIPViPModel.from_pretrained)")
     if run.mlflow_run_id:

@@ -6,7 +6,7 @@ root is `root` in prepare, recaption, pack and pretrain; the text length is `mod
 
     build.py      YAML + `--set` overrides -> dataclasses, dotted-key errors, renamed keys
     common.py     storage, ray, cluster shape, tracking
-    data.py       prepare, recaption, pack, inspect
+    data.py       prepare, recaption, pack, inspect; a downstream retrieval split
     train.py      model, loss, loader, pretrain
     retrieval.py  downstream splits, evaluate, finetune
 """
@@ -32,6 +32,7 @@ from pipeline.config.data import (
     PackJobConfig,
     PrepareJobConfig,
     RecaptionJobConfig,
+    RetrievalDataConfig,
     ViewConfig,
 )
 from pipeline.config.retrieval import (
@@ -40,7 +41,6 @@ from pipeline.config.retrieval import (
     EvaluateJobConfig,
     FinetuneDataConfig,
     FinetuneJobConfig,
-    RetrievalDataConfig,
 )
 from pipeline.config.train import LoaderConfig, LossConfig, ModelConfig, PretrainJobConfig, TrainConfig
 

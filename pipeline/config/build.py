@@ -46,6 +46,7 @@ MOVED = {
     "train.dataset_root": "root",
     "data.max_text_len": "model.max_text_len",
     "eval.max_text_len": "model.max_text_len of each eval.models entry",
+    "data.val_every_steps": "train.val_every_steps",
 }
 """Keys of earlier recipes -> where the setting lives now."""
 

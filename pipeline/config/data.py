@@ -1,5 +1,6 @@
 """Sections of the data jobs: `prepare` (videos -> frame shards + a caption set), `recaption`
-(a new caption set), `pack` (a training view) and `inspect`.
+(a new caption set), `pack` (a training view) and `inspect`; and one downstream retrieval split
+(MSR-VTT, DiDeMo, LSMDC, ActivityNet), which evaluate, finetune and pretrain's validation read.
 
 Every job that reads or writes a dataset root names it `root`, at the top of its config.
 """
@@ -237,3 +238,68 @@ class InspectConfig:
     """`clipvip inspect ROOT`: only how to reach the root's storage."""
 
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+FORMATS = ("msrvtt", "didemo", "lsmdc", "activitynet")
+VIDEO_FORMATS = ("video", "frames")
+# Paragraph-to-video is the standard protocol for DiDeMo and ActivityNet (spec 3.3, pitfall).
+_PARAGRAPH_FORMATS = ("didemo", "activitynet")
+_NUM_FRAMES_DEFAULT = {"activitynet": 32}
+_NUM_FRAMES_OTHER = 12
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetrievalDataConfig:
+    """One retrieval split: annotation jsonl, where its videos are, and how to read its texts.
+
+    Validation messages start with "data." so that `build_dataclass` rewrites them to the
+    parent's key (a parent field named `data` under `eval` reports "eval.data.format: ...").
+    """
+
+    format: Literal["msrvtt", "didemo", "lsmdc", "activitynet"] = "msrvtt"
+    """Dataset convention: video extension lookup and the paragraph / frame-count defaults."""
+    annotations: str
+    """Annotation jsonl (e.g. test1ka.jsonl), one {"clip_id", "text"} object per line; local or s3://."""
+    video_root: str
+    """Directory (or s3:// prefix) of videos, or of per-clip frame directories when video_format
+    is "frames"."""
+    video_format: Literal["video", "frames"] = "video"
+    """"video": encoded files read with PyAV; "frames": pre-decoded JPEG directories."""
+    paragraph: bool | None = None
+    """Join all sentences of a video into one text; None: by format (didemo, activitynet)."""
+    num_frames: int | None = None
+    """Frames sampled per video; None: by format (activitynet 32, else 12)."""
+    limit: int | None = None
+    """Keep only the first N usable videos (smoke runs); None keeps all."""
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format: unknown {self.format!r}, expected one of {list(FORMATS)}")
+        if self.video_format not in VIDEO_FORMATS:
+            raise ConfigError(f"data.video_format: unknown {self.video_format!r}, expected one of "
+                              f"{list(VIDEO_FORMATS)}")
+        if not self.annotations:
+            raise ConfigError("data.annotations: must be a jsonl path, got an empty string")
+        if not self.video_root:
+            raise ConfigError("data.video_root: must be a directory, got an empty string")
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ConfigError(f"data.num_frames: must be >= 1 or null, got {self.num_frames}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"data.limit: must be >= 1 or null, got {self.limit}")
+
+    def resolved_paragraph(self) -> bool:
+        """`paragraph`, or the format's default (didemo, activitynet: True)."""
+        return self.format in _PARAGRAPH_FORMATS if self.paragraph is None else self.paragraph
+
+    def resolved_num_frames(self) -> int:
+        """`num_frames`, or the format's default (activitynet 32, else 12)."""
+        return _NUM_FRAMES_DEFAULT.get(self.format, _NUM_FRAMES_OTHER) if self.num_frames is None \
+            else self.num_frames
+
+
+def check_split_frames(key: str, split: RetrievalDataConfig | None, train_frames: int) -> None:
+    """Training and its validation sample `train.num_frames` a video: a split's own `num_frames`
+    (what evaluate uses) would be ignored there, so one that differs is refused."""
+    if split is not None and split.num_frames is not None and split.num_frames != train_frames:
+        raise ConfigError(f"{key}.num_frames: {split.num_frames} would be ignored; training and its validation "
+                          f"sample train.num_frames ({train_frames}) a video. Leave it unset or equal")

@@ -1,6 +1,6 @@
 """Sections of the retrieval jobs, `clipvip evaluate` and `clipvip finetune` (CLIP-ViP paper
-section 4.1): a downstream split (MSR-VTT, DiDeMo, LSMDC, ActivityNet) and how each job uses it.
-Fine-tuning reuses pretrain's model, train, tracking, storage and ray sections.
+section 4.1), on downstream splits (`data.RetrievalDataConfig`). Fine-tuning reuses pretrain's
+model, train, tracking, storage and ray sections.
 """
 
 from __future__ import annotations
@@ -10,63 +10,8 @@ from typing import Literal
 
 from pipeline.config.build import ConfigError
 from pipeline.config.common import RayConfig, StorageConfig, TrackingConfig
+from pipeline.config.data import RetrievalDataConfig, check_split_frames
 from pipeline.config.train import ModelConfig, TrainConfig
-
-FORMATS = ("msrvtt", "didemo", "lsmdc", "activitynet")
-VIDEO_FORMATS = ("video", "frames")
-# Paragraph-to-video is the standard protocol for DiDeMo and ActivityNet (spec 3.3, pitfall).
-_PARAGRAPH_FORMATS = ("didemo", "activitynet")
-_NUM_FRAMES_DEFAULT = {"activitynet": 32}
-_NUM_FRAMES_OTHER = 12
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RetrievalDataConfig:
-    """One retrieval split: annotation jsonl, where its videos are, and how to read its texts.
-
-    Validation messages start with "data." so that `build_dataclass` rewrites them to the
-    parent's key (a parent field named `data` under `eval` reports "eval.data.format: ...").
-    """
-
-    format: Literal["msrvtt", "didemo", "lsmdc", "activitynet"] = "msrvtt"
-    """Dataset convention: video extension lookup and the paragraph / frame-count defaults."""
-    annotations: str
-    """Annotation jsonl (e.g. test1ka.jsonl), one {"clip_id", "text"} object per line; local or s3://."""
-    video_root: str
-    """Directory (or s3:// prefix) of videos, or of per-clip frame directories when video_format
-    is "frames"."""
-    video_format: Literal["video", "frames"] = "video"
-    """"video": encoded files read with PyAV; "frames": pre-decoded JPEG directories."""
-    paragraph: bool | None = None
-    """Join all sentences of a video into one text; None: by format (didemo, activitynet)."""
-    num_frames: int | None = None
-    """Frames sampled per video; None: by format (activitynet 32, else 12)."""
-    limit: int | None = None
-    """Keep only the first N usable videos (smoke runs); None keeps all."""
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ConfigError(f"data.format: unknown {self.format!r}, expected one of {list(FORMATS)}")
-        if self.video_format not in VIDEO_FORMATS:
-            raise ConfigError(f"data.video_format: unknown {self.video_format!r}, expected one of "
-                              f"{list(VIDEO_FORMATS)}")
-        if not self.annotations:
-            raise ConfigError("data.annotations: must be a jsonl path, got an empty string")
-        if not self.video_root:
-            raise ConfigError("data.video_root: must be a directory, got an empty string")
-        if self.num_frames is not None and self.num_frames < 1:
-            raise ConfigError(f"data.num_frames: must be >= 1 or null, got {self.num_frames}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"data.limit: must be >= 1 or null, got {self.limit}")
-
-    def resolved_paragraph(self) -> bool:
-        """`paragraph`, or the format's default (didemo, activitynet: True)."""
-        return self.format in _PARAGRAPH_FORMATS if self.paragraph is None else self.paragraph
-
-    def resolved_num_frames(self) -> int:
-        """`num_frames`, or the format's default (activitynet 32, else 12)."""
-        return _NUM_FRAMES_DEFAULT.get(self.format, _NUM_FRAMES_OTHER) if self.num_frames is None \
-            else self.num_frames
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -133,7 +78,6 @@ class FinetuneDataConfig:
     """Held-out split for model selection. None: `val_holdout` videos of `train` are held out."""
     val_holdout: int = 0
     """Videos of `train` held out for validation when `val` is None (chosen by clip-id hash)."""
-    val_every_steps: int = 100
     select_metric: Literal["t2v/R1", "t2v/R5", "t2v/R10", "v2t/R1"] = "t2v/R1"
     """Validation metric that picks the best checkpoint (never the test split, unlike the
     official code, which kept model_best.pt by test R@1; spec 4.2)."""
@@ -155,8 +99,6 @@ class FinetuneDataConfig:
             raise ConfigError("data.val: give a validation split, or data.val_holdout >= 2 videos of train")
         if self.val is not None and self.val_holdout:
             raise ConfigError("data.val_holdout: use either data.val or data.val_holdout, not both")
-        if self.val_every_steps < 1:
-            raise ConfigError(f"data.val_every_steps: must be >= 1, got {self.val_every_steps}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -175,3 +117,5 @@ class FinetuneJobConfig:
     def __post_init__(self) -> None:
         if not self.run_name or "/" in self.run_name:
             raise ConfigError(f"run_name: must be a non-empty name without '/', got {self.run_name!r}")
+        check_split_frames("data.train", self.data.train, self.train.num_frames)
+        check_split_frames("data.val", self.data.val, self.train.num_frames)

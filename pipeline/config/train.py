@@ -8,6 +8,7 @@ from typing import Literal
 
 from pipeline.config.build import ConfigError, check_root
 from pipeline.config.common import RayConfig, StorageConfig, TrackingConfig
+from pipeline.config.data import RetrievalDataConfig, check_split_frames
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -152,6 +153,9 @@ class TrainConfig:
     max_failures: int = 3
     """Worker-group restarts Ray Train attempts from the last checkpoint."""
     log_every_steps: int = 1
+    val_every_steps: int = 100
+    """Retrieval validation every this many steps and at the end: finetune on `data.val` (picks the
+    best weights), pretrain on `val` when given (zero-shot, as the official code every 1,000 steps)."""
     profile_steps: tuple[int, ...] = ()
     """[a, b]: rank 0 records a torch.profiler trace of optimizer steps a..b (1-based) and logs it
     as the MLflow artifact profiles/steps_<a>-<b>.json (pipeline/train/profile.py)."""
@@ -166,7 +170,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_workers", "micro_batch_size", "epochs", "num_frames", "checkpoint_every_steps",
-                     "keep_checkpoints", "log_every_steps"):
+                     "keep_checkpoints", "log_every_steps", "val_every_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -225,6 +229,10 @@ class PretrainJobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig
+    val: RetrievalDataConfig | None = None
+    """A retrieval split (any format evaluate reads) for zero-shot validation every
+    train.val_every_steps and at the end: t2v/v2t R@1/5/10, MdR, MnR as val/ metrics, the best
+    t2v R@1 and its step in the summary. None: no validation."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -233,3 +241,4 @@ class PretrainJobConfig:
         if not self.run_name or "/" in self.run_name:
             raise ConfigError(f"run_name: must be a non-empty name without '/', got {self.run_name!r}")
         check_root(self.root)
+        check_split_frames("val", self.val, self.train.num_frames)

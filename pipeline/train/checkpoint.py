@@ -57,7 +57,8 @@ class TrainState:
     mlflow_run_id: str | None = None
     world_size: int = 1
     best_metric: float | None = None
-    """finetune: best validation score so far (its weights are in <run>-best)."""
+    """Best validation score so far: finetune's `data.select_metric` (its weights are in
+    <run>-best), pretrain's zero-shot t2v R@1 (reported only)."""
     best_step: int = 0
     global_batch: int = 0
     """Clips per step (train.global_batch()); 0 in checkpoints from before it was recorded."""

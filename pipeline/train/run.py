@@ -38,22 +38,23 @@ def _absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
+def _split_paths(split: Any) -> Any:
+    return split if split is None else dataclasses.replace(split, annotations=local_path(split.annotations),
+                                                            video_root=local_path(split.video_root))
+
+
 def resolve_pretrain(cfg: PretrainJobConfig) -> PretrainJobConfig:
     t = cfg.train
     train = dataclasses.replace(t, storage_path=_absolute(t.storage_path), warm_start=local_path(t.warm_start))
     model = dataclasses.replace(cfg.model, pretrained=local_path(cfg.model.pretrained))
-    return dataclasses.replace(cfg, root=_absolute(cfg.root), train=train, model=model,
+    return dataclasses.replace(cfg, root=_absolute(cfg.root), train=train, model=model, val=_split_paths(cfg.val),
                                tracking=absolute_tracking(cfg.tracking))
 
 
 def resolve_finetune(cfg: FinetuneJobConfig) -> FinetuneJobConfig:
-    def split(d):
-        return d if d is None else dataclasses.replace(d, annotations=local_path(d.annotations),
-                                                       video_root=local_path(d.video_root))
-
     t = cfg.train
     train = dataclasses.replace(t, storage_path=_absolute(t.storage_path), warm_start=local_path(t.warm_start))
-    data = dataclasses.replace(cfg.data, train=split(cfg.data.train), val=split(cfg.data.val),
+    data = dataclasses.replace(cfg.data, train=_split_paths(cfg.data.train), val=_split_paths(cfg.data.val),
                                batch_groups=local_path(cfg.data.batch_groups))
     model = dataclasses.replace(cfg.model, pretrained=local_path(cfg.model.pretrained))
     return dataclasses.replace(cfg, train=train, data=data, model=model, tracking=absolute_tracking(cfg.tracking))
@@ -84,15 +85,36 @@ def open_view(cfg: PretrainJobConfig) -> Any:
     return index
 
 
-def run_pretrain(cfg: PretrainJobConfig) -> TrainRun:
-    """Omnisource post-pretraining (or its resumption) on Ray Train; returns when the run ends."""
+def run_pretrain(cfg: PretrainJobConfig, val_items: list | None = None) -> TrainRun:
+    """Omnisource post-pretraining (or its resumption) on Ray Train; returns when the run ends.
+    `val_items`: what `pretrain_val_items(cfg)` returned, when the caller has read it already."""
     from pipeline.train.launch import make_trainer  # noqa: PLC0415
 
     cfg = resolve_pretrain(cfg)
+    val = pretrain_val_items(cfg) if val_items is None else val_items
     run_id = mlflow_run(cfg, "pretrain")
     if run_id:
         print(f"[pretrain] MLflow run {run_id} at {cfg.tracking.tracking_uri} ({cfg.run_name})", flush=True)
-    return TrainRun(cfg, make_trainer(cfg, run_id).fit(), run_id)
+    trainer = make_trainer(cfg, run_id, extra_loop_config={"val_items": [asdict(it) for it in val]})
+    return TrainRun(cfg, trainer.fit(), run_id)
+
+
+def pretrain_val_items(cfg: PretrainJobConfig) -> list:
+    """The zero-shot validation split's usable videos ([] without `val`); skipped rows printed.
+
+    Raises:
+        OSError, ValueError: a missing split, or one with no usable video.
+    """
+    if cfg.val is None:
+        return []
+    from pipeline.eval.formats import read_items  # noqa: PLC0415
+
+    items, skipped = read_items(cfg.val, fs.S3Options.of(cfg.storage))
+    for where, why in skipped[:20]:
+        print(f"[pretrain] val: skipped annotation {where}: {why}", flush=True)
+    print(f"[pretrain] zero-shot validation on {len(items)} videos of {cfg.val.annotations} every "
+          f"{cfg.train.val_every_steps} steps", flush=True)
+    return items
 
 
 def finetune_data(cfg: FinetuneJobConfig) -> tuple[list, list, list[list[int]], list]:

@@ -257,7 +257,8 @@ def save_and_report(engine, cfg, loop_config, state, rank, metrics: dict[str, fl
     tmp = tempfile.mkdtemp(prefix=f"clipvip-ckpt-r{rank}-")
     try:
         ckpt_io.save(engine, tmp, state, rank, loop_config["job"], universal=cfg.train.universal_checkpoint)
-        ray.train.report({**(metrics or {}), "step": state.step, "epoch": state.epoch,
+        best = {"best_metric": state.best_metric, "best_step": state.best_step} if state.best_metric is not None else {}
+        ray.train.report({**(metrics or {}), **best, "step": state.step, "epoch": state.epoch,
                           "samples_seen": state.samples_seen},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"step_{state.step:09d}")

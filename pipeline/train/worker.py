@@ -3,8 +3,8 @@
 One worker = one data-parallel rank. The session (pipeline/train/session.py: DeepSpeed engine,
 resume, tracker, finish) and the step loop (pipeline/train/steps.py) are shared with finetune;
 what is pretrain's own is here: CLIP-ViP with the omnisource loss, the training view streamed by
-`pipeline.data.loader`, its progress line, and a finish that exports and registers the final
-weights.
+`pipeline.data.loader`, zero-shot retrieval validation on `val` (when given), its progress line,
+and a finish that exports and registers the final weights.
 """
 
 from __future__ import annotations
@@ -14,9 +14,14 @@ from typing import Any
 import torch
 
 from pipeline.config import PretrainJobConfig, build_dataclass
+from pipeline.eval.formats import RetrievalItem
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.session import RunLog, build_model, finish_session, start_session
 from pipeline.train.steps import StepLoop, run_steps
+from pipeline.train.validation import validate_and_track
+
+VAL_METRIC = "t2v/R1"
+"""What pretrain's validation calls best (reported only: pretrain keeps its last weights)."""
 
 
 def build_task(cfg: PretrainJobConfig):
@@ -57,7 +62,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return iter_rank_batches(index, spec, cfg.train.loader, cfg.train.seed, epoch, s.rank, s.world,
                                  start_step=start, device=str(s.engine.device))
 
-    run_steps(s, cfg, loop_config, log, spe, StepLoop(batches, log_step))
+    val_items = [RetrievalItem(**it) for it in loop_config.get("val_items", [])]
+
+    def validate_when_due(state: TrainState) -> None:
+        # Zero-shot: the post-pretrained model ranks a downstream split it never trained on.
+        if val_items and (state.step % cfg.train.val_every_steps == 0 or state.step == total):
+            validate_and_track(s.engine, cfg, val_items, cfg.val.video_format, VAL_METRIC, state, s.rank, s.world,
+                               s.tracker, "pretrain")
+
+    run_steps(s, cfg, loop_config, log, spe, StepLoop(batches, log_step, validate_when_due))
     finish_session(s, cfg, loop_config["export_dir"], [(loop_config["export_dir"], "model")], "model", "pretrain")
 
 

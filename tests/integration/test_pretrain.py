@@ -143,10 +143,16 @@ def _descendants(pid):
         return []
 
 
-def test_worker_killed_resumes_bit_identical(root, reference_zero1, mlflow_server, tmp_path):
+def test_worker_killed_resumes_bit_identical(root, sample_data, reference_zero1, mlflow_server, tmp_path):
+    """A training worker killed after step 3: the group restarts from the step-2 checkpoint and
+    ends with the uninterrupted run's weights, bit for bit, though this run also validates
+    zero-shot every 2 steps (validation must not touch training), and logs each step's training
+    and validation metrics once."""
     ref_storage, _ = reference_zero1
     storage = str(tmp_path / "runs")
-    args = pretrain_args(root, storage, mlflow_server, "kill-worker", "train.zero_stage=1")
+    args = pretrain_args(root, storage, mlflow_server, "kill-worker", "train.zero_stage=1",
+                         f"val.annotations={sample_data.retrieval_jsonl}",
+                         f"val.video_root={sample_data.retrieval_video_root}", "train.val_every_steps=2")
     log = open(tmp_path / "driver.log", "w+")  # a file, not a pipe: a full pipe would stall the run
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=dict(os.environ, **ENV),
                             stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -179,6 +185,10 @@ def test_worker_killed_resumes_bit_identical(root, reference_zero1, mlflow_serve
     (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`mlflow.runName` = 'kill-worker'")
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == [1, 2, 3, 4, 5], f"each step logged exactly once across the restart: {steps}"
+    for key in ("val/t2v/R1", "val/v2t/R5", "val/t2v/MdR", "val/num_videos"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == [2, 4, 5], f"{key}: validated every 2 steps and at the end, once each: {steps}"
+    assert re.search(r"zero-shot val +t2v R@1 best [\d.]+ at step [245] ", out), out[-3000:]
 
 
 def test_job_killed_and_resubmitted_zero2_on_s3(root, reference_zero1, s3_server, tmp_path):

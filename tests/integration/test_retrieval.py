@@ -90,7 +90,7 @@ def finetune_args(split, storage, db, run_name, *extra):
         "train.image_size_px=32", "train.precision=fp32", "train.lr=1e-3", "train.grad_clip=1.0",
         f"data.train.annotations={split['train']}", f"data.train.video_root={split['videos']}",
         f"data.val.annotations={split['val']}", f"data.val.video_root={split['videos']}",
-        "data.val_every_steps=3", "data.cache_decoded_mb=64", f"data.batch_groups={split['pairs']}",
+        "train.val_every_steps=3", "data.cache_decoded_mb=64", f"data.batch_groups={split['pairs']}",
         "ray.num_cpus=4", *extra)]
 
 

@@ -142,6 +142,8 @@ def test_one_name_per_setting_across_jobs():
     ("tiny_pretrain.yaml", "PretrainJobConfig", "train.dataset_root=/r", "train.dataset_root: this setting is now root"),
     ("tiny_finetune.yaml", "FinetuneJobConfig", "data.max_text_len=16",
      "data.max_text_len: this setting is now model.max_text_len"),
+    ("tiny_finetune.yaml", "FinetuneJobConfig", "data.val_every_steps=3",
+     "data.val_every_steps: this setting is now train.val_every_steps"),
     ("tiny_evaluate.yaml", "EvaluateJobConfig", "eval.max_text_len=16",
      "eval.max_text_len: this setting is now model.max_text_len of each eval.models entry"),
 ])
@@ -156,3 +158,19 @@ def test_renamed_keys_are_refused_naming_the_new_one(recipe, cls, old, new):
     with pytest.raises(ConfigError) as err:
         load_config(getattr(c, cls), path, [old])
     assert str(err.value).startswith(new)
+
+
+def test_validation_splits_sample_the_training_frames():
+    """pretrain's zero-shot `val` and finetune's splits are read at train.num_frames; a split's own
+    num_frames (evaluate's) would be silently ignored, so a different one is refused."""
+    import pipeline.config as c
+
+    base = ["root=/r", "val.annotations=a.jsonl", "val.video_root=v", "train.num_frames=4"]
+    cfg = load_config(c.PretrainJobConfig, None, base)
+    assert cfg.val.annotations == "a.jsonl" and cfg.train.val_every_steps == 100
+    assert load_config(c.PretrainJobConfig, None, [*base, "val.num_frames=4"]).val.num_frames == 4
+    with pytest.raises(ConfigError, match=r"^val.num_frames: 12 would be ignored"):
+        load_config(c.PretrainJobConfig, None, [*base, "val.num_frames=12"])
+    with pytest.raises(ConfigError, match=r"^data.train.num_frames: 8 would be ignored"):
+        load_config(c.FinetuneJobConfig, None, ["data.train.annotations=a", "data.train.video_root=v",
+                                                "data.train.num_frames=8", "data.val_holdout=2"])
