@@ -43,7 +43,7 @@ QUICK_SAMPLE = dict(num_videos=4, max_duration_s=12.0, num_retrieval=8, num_retr
 # for both). Same global batch (32) as the recipe's 2 x 16. Runs side by side save nothing when
 # their time is CPU-bound start-up (two 4-step pretrains: 141 s against 139 s in turn).
 FINETUNE_SIDE_BY_SIDE = ["train.num_workers=1", "train.micro_batch_size=32"]
-QUICK = {"pretrain": ["train.max_steps=2", "train.checkpoint_every_steps=2"],
+QUICK = {"pretrain": ["train.max_steps=2", "train.checkpoint_every_steps=2", "train.val_every_steps=1"],
          "finetune": ["train.max_steps=4", "train.checkpoint_every_steps=4", "train.val_every_steps=2",
                       "train.micro_batch_size=4"]}
 
@@ -64,7 +64,8 @@ def build_configs(out: str, sample, quick: bool = False) -> dict:
     cfgs = {"prepare": prep, "recaption": recap, "pack": pack}
     cfgs["pretrain/clip-vip"] = _recipe(PretrainJobConfig, "tiny_pretrain.yaml", [
         "run_name=demo-pretrain-clip-vip", f"root={root}", f"train.view={pack.view.name}",
-        f"train.storage_path={runs}", mlflow, *(QUICK["pretrain"] if quick else [])])
+        f"train.storage_path={runs}", mlflow, f"val.annotations={ret}/val.jsonl", f"val.video_root={ret}/videos",
+        *(QUICK["pretrain"] if quick else [])])
     for name, extra in (("clip-vip", []), ("meanpool-baseline", BASELINE + BASELINE_START)):
         cfgs[f"finetune/{name}"] = _recipe(FinetuneJobConfig, "tiny_finetune.yaml", [
             f"run_name=demo-finetune-{name}", f"model.pretrained={runs}/demo-pretrain-clip-vip-export",
@@ -152,9 +153,12 @@ def run_stages(cfgs: dict) -> dict:
     cfg = cfgs["pretrain/clip-vip"]
     print(f"[demo] 5/7 pretrain clip-vip (tiny, 2 workers, DeepSpeed ZeRO-{cfg.train.zero_stage}, MLflow)", flush=True)
     run = run_pretrain(cfg)
-    report["pretrain"]["clip-vip"] = {"steps": run.steps, "mlflow_run": run.mlflow_run_id,
-                                      "final_loss": _last_metric(run.cfg.tracking.tracking_uri, run.mlflow_run_id,
-                                                                 "train/loss")}
+    uri, m = run.cfg.tracking.tracking_uri, run.result.metrics or {}
+    report["pretrain"]["clip-vip"] = {
+        "steps": run.steps, "mlflow_run": run.mlflow_run_id,
+        "final_loss": _last_metric(uri, run.mlflow_run_id, "train/loss"),
+        "zero_shot_val_t2v_R1": _last_metric(uri, run.mlflow_run_id, "val/t2v/R1"),
+        **{k: m.get(k) for k in ("samples_per_s", "samples_per_s_per_worker", "tflops_per_worker", "mfu")}}
     lap("pretrain")
     ft_cfgs = {name: cfgs[f"finetune/{name}"] for name in MODELS}
     print(f"[demo] 6/7 finetune {' and '.join(MODELS)} from the CLIP-ViP pretrain, side by side, on the retrieval "
@@ -210,8 +214,12 @@ def render(report: dict, cfgs: dict) -> str:
         f"in {p['caption_set']!r}, {report['recaption']['captioned']} in {report['recaption']['caption_set']!r}",
         *([f"  view            {report['pack']['view']!r}: {report['pack']['rows']} clips, "
            f"{report['pack']['videos_per_group']:.2f} videos a row group"] if "pack" in report else []),
-        *(f"  pretrain        {n}: {r['steps']} steps, final loss {_fmt(r['final_loss'])}"
-          for n, r in report["pretrain"].items()),
+        *(f"  pretrain        {n}: {r['steps']} steps, final loss {_fmt(r['final_loss'])}, zero-shot val t2v R@1 "
+          f"{_fmt(r.get('zero_shot_val_t2v_R1'))} (last)" for n, r in report["pretrain"].items()),
+        *(f"  throughput      {_fmt(r.get('samples_per_s'))} clips/s, {_fmt(r.get('samples_per_s_per_worker'))} per "
+          f"worker, {_fmt(r.get('tflops_per_worker'))} model TFLOP/s per worker, MFU "
+          + (f"{r['mfu']:.1%}" if r.get("mfu") is not None else "- (no known peak for a CPU; train.peak_tflops)")
+          for r in report["pretrain"].values()),
         *(f"  finetune        {n}: {r['steps']} steps, final loss {_fmt(r['final_loss'])}, best val t2v R@1 "
           f"{_fmt(r['best_val_t2v_R1'])}" for n, r in ft.items()),
         f"  test t2v R@1    CLIP-ViP {vip:.1f} | mean-pooling baseline {base:.1f} | chance {ev['chance']['t2v/R1']:.1f} "

@@ -14,7 +14,9 @@ def test_report_names_numbers_places_runs_and_times():
     report = {
         "prepare": {"clips": 23, "quarantined": 1, "captions": 22, "caption_set": "tiny_blip", "root": "/tmp/x/dataset"},
         "recaption": {"caption_set": "tiny_git", "captioned": 22},
-        "pretrain": {"clip-vip": {"steps": 4, "final_loss": 53.5, "mlflow_run": "p1"}},
+        "pretrain": {"clip-vip": {"steps": 4, "final_loss": 53.5, "mlflow_run": "p1", "zero_shot_val_t2v_R1": 12.5,
+                                  "samples_per_s": 21.3, "samples_per_s_per_worker": 10.65,
+                                  "tflops_per_worker": 0.00123, "mfu": None}},
         "finetune": {"clip-vip": {"steps": 1200, "final_loss": 0.988, "best_val_t2v_R1": 62.5, "mlflow_run": "f1"},
                      "meanpool-baseline": {"steps": 1200, "final_loss": 2.1, "best_val_t2v_R1": 37.5,
                                            "mlflow_run": "f2"}},
@@ -24,7 +26,10 @@ def test_report_names_numbers_places_runs_and_times():
     }
     text = render(report, {"pretrain/clip-vip": cfg})
     for expected in ("23 clips prepared (1 quarantined), 22 captions in 'tiny_blip', 22 in 'tiny_git'",
-                     "clip-vip: 4 steps, final loss 53.5", "meanpool-baseline: 1200 steps, final loss 2.100",
+                     "clip-vip: 4 steps, final loss 53.5, zero-shot val t2v R@1 12.5 (last)",
+                     "throughput      21.3 clips/s, 10.7 per worker, 0.001 model TFLOP/s per worker, MFU - (no known "
+                     "peak for a CPU; train.peak_tflops)",
+                     "meanpool-baseline: 1200 steps, final loss 2.100",
                      "CLIP-ViP 56.2 | mean-pooling baseline 43.8 | chance 6.2 (16 clips",
                      "dataset root    /tmp/x/dataset", "checkpoints     /tmp/x/runs",
                      "mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db",

@@ -91,8 +91,8 @@ def test_plan_builds_entrypoint_runtime_env_and_notes():
     assert p.runtime_env["working_dir"] == os.path.realpath(ROOT)
     assert "pip" not in p.runtime_env
     assert any("train.storage_path='out/runs' is relative" in n for n in p.notes)
-    absolute = plan(overrides=["root=/d", "train.storage_path=s3://b/runs",
-                               "tracking.tracking_uri=sqlite:////tmp/m.db"])
+    absolute = plan(overrides=["root=/d", "train.storage_path=s3://b/runs", "val.annotations=/s/val.jsonl",
+                               "val.video_root=s3://b/videos", "tracking.tracking_uri=sqlite:////tmp/m.db"])
     assert not [n for n in absolute.notes if "relative" in n]
 
 
