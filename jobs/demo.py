@@ -57,10 +57,10 @@ def build_configs(out: str, sample, quick: bool = False) -> dict:
     ret = os.path.dirname(sample.retrieval_jsonl)
     prep = _recipe(PrepareJobConfig, "tiny.yaml", [
         f"root={root}", f"data.metadata={sample.metadata_path}", f"data.video_root={sample.video_root}",
-        f"data.subtitles={sample.subtitles_table}"])
-    recap = _recipe(RecaptionJobConfig, "tiny_recaption.yaml", [f"root={root}"])
+        f"data.subtitles={sample.subtitles_table}", mlflow])
+    recap = _recipe(RecaptionJobConfig, "tiny_recaption.yaml", [f"root={root}", mlflow])
     pack = _recipe(PackJobConfig, "tiny_pack.yaml", [f"root={root}", f"view.name={recap.caption.set_name}",
-                                                      f"view.caption_set={recap.caption.set_name}"])
+                                                      f"view.caption_set={recap.caption.set_name}", mlflow])
     cfgs = {"prepare": prep, "recaption": recap, "pack": pack}
     cfgs["pretrain/clip-vip"] = _recipe(PretrainJobConfig, "tiny_pretrain.yaml", [
         "run_name=demo-pretrain-clip-vip", f"root={root}", f"train.view={pack.view.name}",

@@ -167,11 +167,13 @@ class MlflowTracker:
     """
 
     def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = False,
-                 send_every_s: float = 5.0) -> None:
+                 send_every_s: float = 5.0, step_metric: str = STEP_METRIC) -> None:
         from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.step_metric = step_metric
+        """The metric whose history says which steps the run has (a data job's: shards done)."""
         self.client = MlflowClient(tracking_uri)
         self.last_step = self._last_logged_step()
         # Steps the run already has were logged by an earlier attempt: a resumed run replays them
@@ -192,7 +194,7 @@ class MlflowTracker:
             self._monitor = self._start_system_metrics()
 
     def _last_logged_step(self) -> int:
-        history = self.client.get_metric_history(self.run_id, STEP_METRIC)
+        history = self.client.get_metric_history(self.run_id, self.step_metric)
         return max((m.step for m in history), default=-1)
 
     def _start_system_metrics(self) -> Any:
@@ -226,7 +228,7 @@ class MlflowTracker:
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         if step > self.last_step:
-            batch.append(Metric(STEP_METRIC, float(step), ts, step))
+            batch.append(Metric(self.step_metric, float(step), ts, step))
         with self._queue_lock:
             self._queue.extend(batch)
         self.last_step = max(self.last_step, step)
@@ -290,3 +292,46 @@ class MlflowTracker:
         if status:
             self.client.set_terminated(self.run_id, status=status)
 
+
+def open_job_run(cfg: Any, job: str, run_name: str, root: str, settings: str, params: Mapping[str, Any]) -> Any:
+    """The MLflow run of a data job (prepare, recaption, pack) on `root`: found again by name, job,
+    root and settings fingerprint when the job is resumed or the root grows, else created; params
+    logged (once). Its step is the count of the root's shards the job has done, so a resumed job
+    continues the same curves and never logs a shard twice. A NullTracker when `cfg.enabled` is off.
+
+    Args:
+        cfg: the job's `TrackingConfig`.
+        settings: what makes another run of the job a different one (a rebuilt root, another set).
+    """
+    if not cfg.enabled:
+        return NullTracker()
+    from pipeline.config import absolute_tracking  # noqa: PLC0415
+
+    cfg = absolute_tracking(cfg)  # a relative sqlite path's directory exists
+    tags = {"clipvip.job": job, "clipvip.root": root, "clipvip.settings": settings}
+    run_id = (find_run(cfg.tracking_uri, cfg.experiment, run_name, tags)
+              or create_run(cfg.tracking_uri, cfg.experiment, run_name, tags))
+    tracker = MlflowTracker(cfg.tracking_uri, run_id, system_metrics=cfg.system_metrics,
+                            step_metric=f"{job}/shards_done")
+    tracker.log_params(params)
+    return tracker
+
+
+def log_job_totals(tracker: Any, totals: Mapping[str, float], step: int) -> None:
+    """A data job's final counts as metrics at `step` (the root's shards done), once for that step
+    even across kills and resubmissions (a finish step); nothing without a run."""
+    if not tracker.run_id:
+        return
+    from mlflow.entities import Metric  # noqa: PLC0415
+
+    def send() -> None:
+        ts = int(time.time() * 1000)
+        tracker.flush()  # the per-shard rows first
+        tracker.client.log_batch(tracker.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in totals.items()])
+
+    tracker.finish_step(f"totals-{step}", send)
+
+
+def run_link(tracker: Any) -> str | None:
+    """`<run id> at <tracking uri>` for a summary line, or None without a run."""
+    return f"{tracker.run_id} at {tracker.tracking_uri}" if tracker.run_id else None

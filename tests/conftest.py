@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -25,6 +26,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
+# Jobs whose tests set no tracking URI (prepare, recaption, pack log their runs by default) log into
+# one database for the session, never into the checkout's out/mlflow.db.
+os.environ.setdefault("MLFLOW_TRACKING_URI",
+                      "sqlite:///" + os.path.join(tempfile.mkdtemp(prefix="clipvip-tests-mlflow-"), "mlflow.db"))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.config.build import ConfigError, refuse_credentials
 
@@ -88,8 +88,9 @@ class RayConfig:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TrackingConfig:
     enabled: bool = True
-    tracking_uri: str = "sqlite:///out/mlflow.db"
-    """sqlite:///path locally; http://host:5000 for a tracking server (MLflow's file store is refused)."""
+    tracking_uri: str = field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///out/mlflow.db")
+    """sqlite:///path locally; http://host:5000 for a tracking server (MLflow's file store is refused).
+    Unset: $MLFLOW_TRACKING_URI (MLflow's own variable), else sqlite:///out/mlflow.db."""
     experiment: str = "clipvip"
     system_metrics: bool = True
     register_model: str | None = "clip-vip"

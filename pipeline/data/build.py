@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import schema
-from pipeline.config import PrepareJobConfig
+from pipeline.config import PrepareJobConfig, to_dict
 from pipeline.data import captions as capsets
 from pipeline.data import retry
 from pipeline.data.caption_stage import WaitingForGpus, add_caption_stage, caption_pool
@@ -42,11 +42,13 @@ from pipeline.data.inputs import EmptyInput, Inputs, open_root
 from pipeline.data.memory import decode_reservation
 from pipeline.data.metadata import UnitSpec, read_unit
 from pipeline.data.planning import InputPlan, plan_inputs, read_units
+from pipeline.data.progress import JobProgress, Progressed
 from pipeline.data.root import (
     RootConflict,
     base_part,
 )
 from pipeline.data.shards import UnitContext, find_video, process_unit
+from pipeline.tracking import log_job_totals, open_job_run, run_link
 from pipeline.utils import fs
 from pipeline.utils.s3 import TransientS3Error
 
@@ -73,6 +75,8 @@ class PrepareSummary:
     clips_this_run: int = 0
     retryable: int = 0
     wall_s: float = 0.0
+    mlflow_run: str | None = None
+    """`<run id> at <tracking uri>` of the job's MLflow run (None: tracking off)."""
 
     def clips_per_s(self) -> float:
         return self.clips_this_run / self.wall_s if self.wall_s > 0 else 0.0
@@ -91,7 +95,17 @@ class PrepareSummary:
             f"  throughput      {self.clips_per_s():.2f} clips/s over {self.wall_s:.1f} s "
             f"({self.clips_this_run} clips this run)",
         ] + ([f"  retryable       {self.retryable} clips quarantined at stage read (storage kept failing): "
-              "run again with --set data.retry_quarantined=true"] if self.retryable else []))
+              "run again with --set data.retry_quarantined=true"] if self.retryable else [])
+            + ([f"  MLflow run      {self.mlflow_run}"] if self.mlflow_run else []))
+
+    def totals(self) -> dict[str, float]:
+        """The root's final counts, as the job's MLflow run keeps them."""
+        out = {"prepare/total/clips_ok": self.clips_ok, "prepare/total/clips_quarantined": self.clips_quarantined,
+               "prepare/total/frames": self.frames, "prepare/total/frame_bytes": self.bytes,
+               "prepare/total/captions": self.captions_ok, "prepare/total/captions_failed": self.captions_failed,
+               "prepare/total/metadata_issues": self.metadata_issues, "prepare/wall_s": self.wall_s}
+        out.update({f"prepare/total/quarantined/{k}": v for k, v in self.quarantined_by_stage.items()})
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,21 +205,37 @@ def run_prepare(cfg: PrepareJobConfig, log=print, inputs: Inputs | None = None) 
 
     summary = PrepareSummary(root=root.uri, caption_set=cfg.caption.set_name, parts=len(plan.parts),
                              parts_planned=len(plan.planned_now), units=len(units), units_skipped=len(units) - len(todo))
-    if todo:
-        frames_writer, cap_writer = IndexWriter(root, FRAMES), IndexWriter(root, cap_kind)
-        _run_stages(cfg, inputs, capset, todo, done, cap_done, frames_writer, cap_writer, summary, t0, log)
-        frames_writer.flush()
-        cap_writer.flush()
-    summary.wall_s = time.perf_counter() - t0
+    tracker = open_job_run(cfg.tracking, "prepare", cfg.run_name, root.uri, inputs.fingerprint, to_dict(cfg))
+    summary.mlflow_run = run_link(tracker)
+    try:
+        if todo:
+            frames_writer, cap_writer = IndexWriter(root, FRAMES), IndexWriter(root, cap_kind)
+            _run_stages(cfg, inputs, capset, todo, done, cap_done, frames_writer, cap_writer, summary, t0, log,
+                        Progressed(tracker, JobProgress("prepare"), len(units) - len(todo)))
+            frames_writer.flush()
+            cap_writer.flush()
+        _finish(root, capset, inputs, plan, attempts, order, cap_kind, summary, time.perf_counter() - t0)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    log_job_totals(tracker, summary.totals(), len(units))
+    tracker.close("FINISHED")
+    return summary
+
+
+def _finish(root: Any, capset: dict[str, Any], inputs: Inputs, plan: InputPlan, attempts: list[dict[str, Any]],
+            order: list[str], cap_kind: str, summary: PrepareSummary, wall_s: float) -> None:
+    """Indexes compacted, the caption set and the manifest written complete, the summary's totals."""
+    summary.wall_s = wall_s
+    units = summary.units
     frames_index = compact_index(root, FRAMES, order)
-    missing = len(units) - frames_index.num_rows
+    missing = units - frames_index.num_rows
     if missing:
         raise RuntimeError(f"prepare finished with {missing} shards not done; run the same command again to resume")
     capsets.finish_caption_set(root, capset, frames_index, order, wall_s=summary.wall_s)
     root.write_manifest(_manifest(inputs, plan, attempts, "complete", frames_index=frames_index,
                                   caption_sets=capsets.complete_caption_sets(root)))
     _totals(summary, frames_index, compact_index(root, cap_kind, order), plan)
-    return summary
 
 
 MAX_UNIT_BLOCKS = 4096
@@ -224,7 +254,7 @@ def unit_dataset(units: list[UnitSpec], part_uris: dict[str, str]) -> Any:
 
 def _run_stages(cfg: PrepareJobConfig, inputs: Inputs, capset: dict[str, Any], todo: list[UnitSpec],
                 done: set, cap_done: set, frames_writer: IndexWriter, cap_writer: IndexWriter,
-                summary: PrepareSummary, t0: float, log) -> None:
+                summary: PrepareSummary, t0: float, log, progressed: Progressed) -> None:
     import ray  # noqa: PLC0415
     import ray.data  # noqa: PLC0415
 
@@ -247,11 +277,12 @@ def _run_stages(cfg: PrepareJobConfig, inputs: Inputs, capset: dict[str, Any], t
         f"; {pool.describe()}")
     ds = add_caption_stage(ds, cfg.caption, pool, root, capset["fingerprint"])
     with WaitingForGpus(pool, log, "prepare") as watch:
-        _drain(ds, todo, done, cap_done, frames_writer, cap_writer, summary, t0, log, watch)
+        _drain(ds, todo, done, cap_done, frames_writer, cap_writer, summary, t0, log, watch, progressed)
 
 
 def _drain(ds: Any, todo: list[UnitSpec], done: set, cap_done: set, frames_writer: IndexWriter,
-           cap_writer: IndexWriter, summary: PrepareSummary, t0: float, log, watch: WaitingForGpus) -> None:
+           cap_writer: IndexWriter, summary: PrepareSummary, t0: float, log, watch: WaitingForGpus,
+           progressed: Progressed) -> None:
     """Index rows and progress lines from the stages' results, as they arrive."""
     for n, row in enumerate(ds.iter_rows(), start=1):
         watch.seen()
@@ -265,6 +296,9 @@ def _drain(ds: Any, todo: list[UnitSpec], done: set, cap_done: set, frames_write
             summary.clips_this_run += frames_side["clips"]
         elif cap_side.get("skipped"):  # done by a run killed before its index rows were written
             summary.units_skipped += 1
+        progressed.progress.add_frames(frames_side)
+        progressed.progress.add_captions(cap_side)
+        progressed.shard(n)
         elapsed = time.perf_counter() - t0
         rate = summary.clips_this_run / elapsed if elapsed > 0 else 0.0
         log(f"[prepare] shard {key[0]}/{schema.part_name(key[1])} {'(resumed) ' if frames_side.get('skipped') else ''}"

@@ -11,12 +11,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import PackJobConfig
+from pipeline.config import PackJobConfig, to_dict
 from pipeline.data import view as views
 from pipeline.data.dataset_index import DatasetIndex
 from pipeline.data.index import FRAMES, read_index
 from pipeline.data.pack import PackTask, pack_task, plan_tasks, task_item, task_memory_bytes, task_of
+from pipeline.data.progress import JobProgress, Progressed
 from pipeline.data.root import DatasetRoot
+from pipeline.tracking import log_job_totals, open_job_run, run_link
 from pipeline.utils import fs
 
 
@@ -43,12 +45,22 @@ class PackSummary:
     wall_s: float = 0.0
     noop: bool = False
     views: list[str] = field(default_factory=list)
+    mlflow_run: str | None = None
+    """`<run id> at <tracking uri>` of the job's MLflow run (None: tracking off)."""
+
+    def totals(self) -> dict[str, float]:
+        """The view's final counts, as the job's MLflow run keeps them."""
+        return {"pack/total/rows": self.rows, "pack/total/shards": self.shards,
+                "pack/total/row_groups": self.row_groups, "pack/total/videos_per_group": self.videos_per_group,
+                "pack/total/dropped": self.dropped, "pack/total/bytes_written": self.bytes_written,
+                "pack/wall_s": self.wall_s}
 
     def render(self) -> str:
         where = DatasetRoot(self.root).path("views", self.view)
         if self.noop:
             return (f"pack: view {self.view!r} at {where} is already complete ({self.rows} rows in {self.shards} "
-                    f"shards, caption set {self.caption_set!r}); nothing to do")
+                    f"shards, caption set {self.caption_set!r}); nothing to do"
+                    + (f" (MLflow run {self.mlflow_run})" if self.mlflow_run else ""))
         rate = self.rows_this_run / self.wall_s if self.wall_s > 0 else 0.0
         return "\n".join([
             "pack summary",
@@ -60,7 +72,7 @@ class PackSummary:
             f"  bytes           {self.bytes_read / 1e6:.2f} MB read, {self.bytes_written / 1e6:.2f} MB written",
             f"  throughput      {rate:.2f} clips/s over {self.wall_s:.1f} s ({self.rows_this_run} clips this run)",
             f"  root views      {', '.join(self.views)}",
-        ])
+        ] + ([f"  MLflow run      {self.mlflow_run}"] if self.mlflow_run else []))
 
 
 def open_pack(cfg: PackJobConfig) -> tuple[DatasetIndex, dict[str, Any], Any]:
@@ -92,6 +104,21 @@ def run_pack(cfg: PackJobConfig, log: Any = print, opened: tuple | None = None) 
     """
     t0 = time.perf_counter()
     index, meta, frames = opened or open_pack(cfg)
+    uri = DatasetRoot(cfg.root, index.opts).uri
+    tracker = open_job_run(cfg.tracking, "pack", cfg.run_name, uri, meta["fingerprint"], to_dict(cfg))
+    try:
+        summary = _pack(cfg, index, meta, frames, t0, log, Progressed(tracker, JobProgress("pack"), 0))
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    summary.mlflow_run = run_link(tracker)
+    log_job_totals(tracker, summary.totals(), summary.tasks or summary.shards)
+    tracker.close("FINISHED")
+    return summary
+
+
+def _pack(cfg: PackJobConfig, index: DatasetIndex, meta: dict[str, Any], frames: Any, t0: float, log: Any,
+          progressed: Progressed) -> PackSummary:
     root = DatasetRoot(cfg.root, index.opts)
     summary = PackSummary(root=cfg.root, view=cfg.view.name, caption_set=cfg.view.caption_set)
     if meta.get("status") == "complete":
@@ -105,7 +132,7 @@ def run_pack(cfg: PackJobConfig, log: Any = print, opened: tuple | None = None) 
     log(f"[pack] {index.num_rows} rows of {len(index.layout.shard_ids)} frame shards (caption set "
         f"{cfg.view.caption_set!r}) -> view {cfg.view.name!r}: {len(tasks)} tasks, {expected} view shards, "
         f"row groups of {cfg.view.rows_per_group}, frames at {cfg.view.image_size_px or 'stored'} px")
-    sidecars = _run_tasks(cfg, index, tasks, task_memory_bytes(frames, cfg.view), summary, t0, log)
+    sidecars = _run_tasks(cfg, index, tasks, task_memory_bytes(frames, cfg.view), summary, t0, log, progressed)
     if not any(s["rows"] for s in sidecars):
         first = next((d for s in sidecars for d in s.get("dropped", [])), {})
         raise EmptyView(f"view {cfg.view.name!r}: all {index.num_rows} rows were left out because their frames do "
@@ -122,7 +149,7 @@ def run_pack(cfg: PackJobConfig, log: Any = print, opened: tuple | None = None) 
 
 
 def _run_tasks(cfg: PackJobConfig, index: DatasetIndex, tasks: list[PackTask], memory: int, summary: PackSummary,
-               t0: float, log: Any) -> list[dict[str, Any]]:
+               t0: float, log: Any, progressed: Progressed) -> list[dict[str, Any]]:
     import ray.data  # noqa: PLC0415
 
     from pipeline.data.build import MAX_UNIT_BLOCKS  # noqa: PLC0415
@@ -150,6 +177,8 @@ def _run_tasks(cfg: PackJobConfig, index: DatasetIndex, tasks: list[PackTask], m
         else:
             summary.rows_this_run += sum(s["rows"] for s in sides if not s.get("skipped"))
             summary.bytes_read += int(sides[0].get("bytes_read", 0))
+            progressed.progress.add_rows(sum(s["rows"] for s in sides if not s.get("skipped")))
+        progressed.shard(done)  # a step per pack task: every task of the view comes back, done before or not
         elapsed = time.perf_counter() - t0
         log(f"[pack] task {done}/{len(tasks)}: {rows} rows in {len(sides)} view shard(s)"
             f"{' (done before)' if all(s.get('skipped') for s in sides) else ''} | "

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import schema
-from pipeline.config import RecaptionJobConfig
+from pipeline.config import RecaptionJobConfig, to_dict
 from pipeline.data import captions as capsets
 from pipeline.data.index import FRAMES, IndexWriter, captions_kind, captions_row, read_index
+from pipeline.data.progress import JobProgress, Progressed
 from pipeline.data.root import DatasetRoot, RootNotReady
+from pipeline.tracking import log_job_totals, open_job_run, run_link
 from pipeline.utils import fs
 
 __all__ = ["RecaptionSummary", "RootNotReady", "open_recaption", "run_recaption"]
@@ -53,12 +55,21 @@ class RecaptionSummary:
     noop: bool = False
     """True when the set was already complete and nothing was run."""
     caption_sets: list[str] = field(default_factory=list)
+    mlflow_run: str | None = None
+    """`<run id> at <tracking uri>` of the job's MLflow run (None: tracking off)."""
+
+    def totals(self) -> dict[str, float]:
+        """The set's final counts, as the job's MLflow run keeps them."""
+        return {"recaption/total/rows": self.rows, "recaption/total/captioned": self.captioned,
+                "recaption/total/failed": self.failed, "recaption/total/frame_captions": self.frame_captions,
+                "recaption/total/frame_captions_failed": self.frame_captions_failed, "recaption/wall_s": self.wall_s}
 
     def render(self) -> str:
         where = DatasetRoot(self.root).caption_set_dir(self.caption_set)
         if self.noop:
             return (f"recaption: caption set {self.caption_set!r} at {where} is already complete "
-                    f"({self.captioned} captioned, {self.failed} failed, model {self.model}); nothing to do")
+                    f"({self.captioned} captioned, {self.failed} failed, model {self.model}); nothing to do"
+                    + (f" (MLflow run {self.mlflow_run})" if self.mlflow_run else ""))
         rate = self.rows_this_run / self.wall_s if self.wall_s > 0 else 0.0
         lines = [
             "recaption summary",
@@ -73,7 +84,7 @@ class RecaptionSummary:
             f"  read            {self.bytes_read / 1e6:.2f} MB of frame shards (frames untouched)",
             f"  throughput      {rate:.2f} clips/s over {self.wall_s:.1f} s ({self.rows_this_run} clips this run)",
             f"  root sets       {', '.join(self.caption_sets)}",
-        ]
+        ] + ([f"  MLflow run      {self.mlflow_run}"] if self.mlflow_run else [])
         return "\n".join(lines)
 
 
@@ -144,6 +155,20 @@ def run_recaption(cfg: RecaptionJobConfig, log=print, opened: Opened | None = No
     t0 = time.perf_counter()
     opened = opened or open_recaption(cfg)
     root, capset = opened.root, opened.capset
+    tracker = open_job_run(cfg.tracking, "recaption", cfg.run_name, root.uri, capset["fingerprint"], to_dict(cfg))
+    try:
+        summary = _run(cfg, opened, t0, log, tracker)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    summary.mlflow_run = run_link(tracker)
+    log_job_totals(tracker, summary.totals(), opened.frames.num_rows)
+    tracker.close("FINISHED")
+    return summary
+
+
+def _run(cfg: RecaptionJobConfig, opened: Opened, t0: float, log, tracker: Any) -> RecaptionSummary:
+    root, capset = opened.root, opened.capset
     if capsets.covers(capset, opened.frames.num_rows):
         # Also repairs a manifest whose update was cut off after the set completed.
         return _noop_summary(cfg, capset, capsets.refresh_manifest_caption_sets(root))
@@ -156,7 +181,8 @@ def run_recaption(cfg: RecaptionJobConfig, log=print, opened: Opened | None = No
         f"{cfg.caption.set_name!r} ({cfg.caption.model}, frames_per_clip={cfg.frames_per_clip})")
     if todo:
         writer = IndexWriter(root, captions_kind(cfg.caption.set_name))
-        _caption(cfg, root, capset, todo, writer, summary, t0, log)
+        _caption(cfg, root, capset, todo, writer, summary, t0, log,
+                 Progressed(tracker, JobProgress("recaption"), opened.frames.num_rows - len(todo)))
         writer.flush()
     summary.wall_s = time.perf_counter() - t0
     final = capsets.finish_caption_set(root, capset, opened.frames, opened.part_order, wall_s=summary.wall_s)
@@ -166,7 +192,7 @@ def run_recaption(cfg: RecaptionJobConfig, log=print, opened: Opened | None = No
 
 
 def _caption(cfg: RecaptionJobConfig, root: DatasetRoot, capset: dict[str, Any], todo: list[tuple[str, int]],
-             writer: IndexWriter, summary: RecaptionSummary, t0: float, log) -> None:
+             writer: IndexWriter, summary: RecaptionSummary, t0: float, log, progressed: Progressed) -> None:
     import ray  # noqa: PLC0415
     import ray.data  # noqa: PLC0415
 
@@ -180,11 +206,11 @@ def _caption(cfg: RecaptionJobConfig, root: DatasetRoot, capset: dict[str, Any],
     log(f"[recaption] {pool.describe()}")
     ds = add_caption_stage(ds, cfg.caption, pool, root, capset["fingerprint"], cfg.frames_per_clip)
     with WaitingForGpus(pool, log, "recaption") as watch:
-        _drain(ds, todo, writer, summary, t0, log, watch)
+        _drain(ds, todo, writer, summary, t0, log, watch, progressed)
 
 
 def _drain(ds: Any, todo: list[tuple[str, int]], writer: IndexWriter, summary: RecaptionSummary, t0: float, log,
-           watch: Any) -> None:
+           watch: Any, progressed: Progressed) -> None:
     """Index rows and progress lines from the caption stage's results, as they arrive."""
     rows = 0
     for done, row in enumerate(ds.iter_rows(), start=1):
@@ -198,6 +224,9 @@ def _drain(ds: Any, todo: list[tuple[str, int]], writer: IndexWriter, summary: R
             summary.rows_this_run += side["rows"]
             summary.bytes_read += side.get("bytes_read", 0)
             summary.caption_s += side.get("timings_s", {}).get("caption", 0.0)
+        progressed.progress.add_captions(side)
+        progressed.progress.add_rows(0 if side.get("skipped") else side["rows"])
+        progressed.shard(done)
         elapsed = time.perf_counter() - t0
         log(f"[recaption] shard {side['part']}/{schema.part_name(int(side['unit']))} "
             f"{'(resumed) ' if side.get('skipped') else ''}{done}/{len(todo)}: {side['captioned']} captioned, "

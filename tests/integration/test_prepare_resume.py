@@ -98,6 +98,21 @@ def test_kill_driver_then_resume(sample_data, parts, reference, tmp_path):
     assert "already done before this run" in again.stdout
     assert digests(root) == ref
     assert no_temp_files(root)
+    _one_run_each_shard_once(root, len([k for k in ref if k.startswith("frames/")]), again.stdout)
+
+
+def _one_run_each_shard_once(root, shards, stdout):
+    """The killed and the resumed prepare logged into one MLflow run, no shard twice (a kill may
+    lose the progress rows not yet sent), and the totals once."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("clipvip")
+    (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`clipvip.root` = '{root}'")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "prepare/shards_done")]
+    assert len(steps) == len(set(steps)) and max(steps) == shards, steps
+    assert len(client.get_metric_history(run.info.run_id, "prepare/total/clips_ok")) == 1
+    assert f"MLflow run      {run.info.run_id} at " in stdout
 
 
 def test_kill_worker_then_finish(sample_data, parts, reference, tmp_path):

@@ -270,3 +270,42 @@ def test_inspect_lists_sets_and_counts(prepared, git_set):
     assert f"{git_set.rows} ok" in out.stdout and "part-00000" in out.stdout
     bad = clipvip("inspect", os.path.join(root, "nope"), timeout=120)
     assert bad.returncode == 2 and "no manifest.json" in bad.stderr
+
+
+def _job_run(job: str, root: str):
+    """The one MLflow run a data job logged for `root` (the session's default tracking URI)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("clipvip")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`clipvip.job` = '{job}' and "
+                                                                 f"tags.`clipvip.root` = '{root}'")
+    return client, runs
+
+
+def test_prepare_and_recaption_each_log_one_run(prepared, git_set):
+    """A week of captioning leaves curves: the prepare and the recaption of this root each have one
+    MLflow run, with their params, a row per shard (clips/s, images/s, quarantine) and the totals;
+    the summary names the run."""
+    root, _ = prepared
+    for job, rate_keys, totals in (
+            ("prepare", ("prepare/clips_per_s", "prepare/images_per_s", "prepare/quarantined"),
+             {"prepare/total/clips_ok", "prepare/total/captions", "prepare/total/clips_quarantined"}),
+            ("recaption", ("recaption/clips_per_s", "recaption/images_per_s", "recaption/captions_failed"),
+             {"recaption/total/captioned", "recaption/total/failed", "recaption/total/rows"})):
+        client, runs = _job_run(job, root)
+        runs = [r for r in runs if job == "prepare" or r.data.params.get("caption.set_name") == "git"]
+        assert len(runs) == 1, (job, [r.info.run_id for r in runs])
+        run = runs[0]
+        assert run.info.status == "FINISHED" and run.data.params["root"] == root
+        shards = len(glob.glob(os.path.join(root, "frames", "*", "*.parquet")))
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, f"{job}/shards_done")]
+        assert steps == list(range(1, shards + 1)), (job, steps)
+        for key in rate_keys:
+            history = client.get_metric_history(run.info.run_id, key)
+            assert [m.step for m in history] == steps and all(m.value >= 0 for m in history), key
+        assert totals <= set(run.data.metrics), (job, sorted(run.data.metrics))
+        assert all(len(client.get_metric_history(run.info.run_id, k)) == 1 for k in totals)
+    assert run.data.metrics["recaption/total/captioned"] == git_set.captioned
+    assert git_set.mlflow_run and git_set.mlflow_run.startswith(run.info.run_id)
+    assert f"MLflow run      {git_set.mlflow_run}" in git_set.render()
