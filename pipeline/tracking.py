@@ -166,7 +166,7 @@ class MlflowTracker:
     checkpoint, which the resumed run replays and logs (never twice: `replayed_until`).
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = False,
+    def __init__(self, tracking_uri: str, run_id: str, monitor_node: str | None = None,
                  send_every_s: float = 5.0, step_metric: str = STEP_METRIC) -> None:
         from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
@@ -189,24 +189,13 @@ class MlflowTracker:
         self._sender = threading.Thread(target=self._send_forever, args=(send_every_s,), daemon=True,
                                         name="mlflow-metrics")
         self._sender.start()
-        self._monitor = None
-        if system_metrics:
-            self._monitor = self._start_system_metrics()
+        # This machine's system metrics as system/<monitor_node>/... (training workers start their
+        # nodes' monitors themselves: pipeline/train/session.py).
+        self._monitor = start_node_monitor(tracking_uri, run_id, monitor_node, resume=True) if monitor_node else None
 
     def _last_logged_step(self) -> int:
         history = self.client.get_metric_history(self.run_id, self.step_metric)
         return max((m.step for m in history), default=-1)
-
-    def _start_system_metrics(self) -> Any:
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: PLC0415
-
-            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, samples_before_logging=1)
-            monitor.start()
-            return monitor
-        except Exception as e:  # noqa: BLE001  system metrics are best-effort, never fail training
-            print(f"[tracking] system metrics unavailable: {e}")
-            return None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param  # noqa: PLC0415
@@ -311,7 +300,7 @@ def open_job_run(cfg: Any, job: str, run_name: str, root: str, settings: str, pa
     tags = {"clipvip.job": job, "clipvip.root": root, "clipvip.settings": settings}
     run_id = (find_run(cfg.tracking_uri, cfg.experiment, run_name, tags)
               or create_run(cfg.tracking_uri, cfg.experiment, run_name, tags))
-    tracker = MlflowTracker(cfg.tracking_uri, run_id, system_metrics=cfg.system_metrics,
+    tracker = MlflowTracker(cfg.tracking_uri, run_id, monitor_node="driver" if cfg.system_metrics else None,
                             step_metric=f"{job}/shards_done")
     tracker.log_params(params)
     return tracker
@@ -335,3 +324,27 @@ def log_job_totals(tracker: Any, totals: Mapping[str, float], step: int) -> None
 def run_link(tracker: Any) -> str | None:
     """`<run id> at <tracking uri>` for a summary line, or None without a run."""
     return f"{tracker.run_id} at {tracker.tracking_uri}" if tracker.run_id else None
+
+
+def start_node_monitor(tracking_uri: str, run_id: str, node: str, resume: bool, every_s: float = 10.0) -> Any:
+    """MLflow system metrics of this machine into the run, as system/<node>/...: CPU, memory,
+    disk, network, and each GPU's utilisation and memory when NVML (nvidia-ml-py) finds an NVIDIA
+    driver. One per node (its first training worker), so a 4-node run has 4 sets of curves. What
+    is measured is printed once, plainly, for example that a node has no GPU metrics and why.
+    Returns the monitor (`finish()` it), or None when MLflow cannot monitor here."""
+    try:
+        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor  # noqa: PLC0415
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: PLC0415
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, samples_before_logging=1,
+                                       resume_logging=resume, node_id=node, tracking_uri=tracking_uri)
+    except Exception as e:  # noqa: BLE001  system metrics are best-effort, never fail training
+        print(f"[tracking] {node}: no system metrics ({type(e).__name__}: {e})", flush=True)
+        return None
+    gpus = [m for m in monitor.monitors if isinstance(m, GPUMonitor)]
+    what = f"{gpus[0].num_gpus} GPU(s): utilisation, memory, power" if gpus else \
+        "no GPU metrics (NVML found no NVIDIA driver or nvidia-ml-py is missing)"
+    print(f"[tracking] {node}: system metrics every {monitor.sampling_interval:g} s as system/{node}/...: CPU, "
+          f"memory, disk, network; {what}", flush=True)
+    monitor.start()
+    return monitor

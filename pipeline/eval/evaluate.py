@@ -131,7 +131,7 @@ def _log_mlflow(summary: EvalSummary, cfg: EvaluateJobConfig) -> str | None:
 
     run_id = create_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.run_name,
                         {"clipvip.job": "evaluate"})
-    tracker = MlflowTracker(cfg.tracking.tracking_uri, run_id, system_metrics=False)
+    tracker = MlflowTracker(cfg.tracking.tracking_uri, run_id)
     tracker.log_params(to_dict(cfg))
     # MLflow keys allow [A-Za-z0-9_-. /]: "<model>+dsl" is logged as "<model>/dsl/...".
     metrics = {f"{name.replace('+dsl', '/dsl')}/{k}": v for name, res in summary.results.items() for k, v in res.items()}

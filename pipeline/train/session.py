@@ -176,6 +176,8 @@ class Session:
     """MlflowTracker on rank 0 (when tracking), NullTracker elsewhere."""
     chunks: int
     """Forwards per step (gradient caching; 1 without)."""
+    monitor: Any = None
+    """This node's system-metrics monitor (its first worker only), finished with the session."""
 
     def run_log(self, cfg: Any, total: int) -> RunLog:
         """The progress log of this run of `total` steps, with the model's FLOPs for MFU."""
@@ -203,7 +205,7 @@ def start_session(cfg: Any, loop_config: dict[str, Any], task: torch.nn.Module) 
     quiet_report_lines()
     if not cfg.train.use_gpu:
         skip_cpu_shm_build()
-    from pipeline.tracking import MlflowTracker, NullTracker  # noqa: PLC0415
+    from pipeline.tracking import MlflowTracker, NullTracker, start_node_monitor  # noqa: PLC0415
 
     engine = build_engine(cfg, task, world)
     state = TrainState(world_size=world, mlflow_run_id=loop_config.get("mlflow_run_id"))
@@ -216,14 +218,18 @@ def start_session(cfg: Any, loop_config: dict[str, Any], task: torch.nn.Module) 
     state.mlflow_run_id = state.mlflow_run_id or loop_config.get("mlflow_run_id")
     state.global_batch = cfg.train.global_batch()
     tracker: Any = NullTracker()
+    monitor = None
+    if cfg.tracking.enabled and cfg.tracking.system_metrics and state.mlflow_run_id and ctx.get_local_rank() == 0:
+        monitor = start_node_monitor(cfg.tracking.tracking_uri, state.mlflow_run_id, f"node{ctx.get_node_rank()}",
+                                     resume=state.step > 0)
     if rank == 0 and cfg.tracking.enabled and state.mlflow_run_id:
-        tracker = MlflowTracker(cfg.tracking.tracking_uri, state.mlflow_run_id, cfg.tracking.system_metrics)
+        tracker = MlflowTracker(cfg.tracking.tracking_uri, state.mlflow_run_id)
         if state.step == 0:
             tracker.log_params(loop_config["job"])
             tracker.log_dict(loop_config["job"], "config/job.json")
             tracker.log_dict(ds_config(cfg, world), "config/deepspeed.json")
     return Session(rank=rank, world=world, engine=engine, state=state, tracker=tracker,
-                   chunks=cfg.train.chunks(world))
+                   chunks=cfg.train.chunks(world), monitor=monitor)
 
 
 def save_checkpoint(s: Session, cfg: Any, loop_config: dict[str, Any], metrics: dict[str, float] | None = None
@@ -248,6 +254,8 @@ def finish_session(s: Session, cfg: Any, export_dir: str, artifacts: list[tuple[
         finish.pause_point("artifacts", s.rank)
         if register and cfg.tracking.register_model:
             finish.register_once(s.tracker, register, cfg.tracking.register_model, cfg, tag)
+    if s.monitor is not None:
+        s.monitor.finish()
     s.tracker.close("FINISHED")
 
 
