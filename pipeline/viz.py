@@ -277,7 +277,8 @@ METRIC_GROUPS = (
     ("loss", lambda k: k.startswith("train/") and k.endswith("loss")),
     ("lr", lambda k: k == "train/lr"),
     ("grad_norm", lambda k: k == "train/grad_norm"),
-    ("samples_per_s", lambda k: k == "train/samples_per_s"),
+    ("samples_per_s", lambda k: k in ("train/samples_per_s", "train/samples_per_s_per_worker")),
+    ("efficiency", lambda k: k in ("train/tflops_per_worker", "train/mfu")),
     ("validation", lambda k: k.startswith("val/")),
     ("system", lambda k: k.startswith("system/")),
 )
@@ -311,3 +312,37 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"k must be >= 1, got {k}")
     order = np.argsort(-scores, kind="stable")[:k]
     return order, scores[order]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a figure shows, for the notebooks' tests
+
+FIGURE_MIME = "application/vnd.clipvip.figure+json"
+"""The output type `show` adds beside each figure's PNG."""
+
+
+def figure_summary(fig: Any) -> dict[str, Any]:
+    """What `fig` draws, axes by axes: title, axis labels, each line's label, points and last
+    point, images and their shapes, bars. A blank or wrong plot shows here as missing series or
+    wrong lengths (tests/integration/test_notebooks.py)."""
+    axes = []
+    for ax in fig.axes:
+        lines = []
+        for line in ax.get_lines():
+            x, y = np.asarray(line.get_xdata(), np.float64), np.asarray(line.get_ydata(), np.float64)
+            lines.append({"label": str(line.get_label()), "n": int(len(x)), "x": x.tolist(),
+                          "finite": bool(np.isfinite(y).all()), "y_last": float(y[-1]) if len(y) else None})
+        axes.append({"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(), "lines": lines,
+                     "images": [list(im.get_array().shape) for im in ax.get_images()],
+                     "bars": len(ax.patches), "texts": [t.get_text() for t in ax.texts]})
+    return {"suptitle": fig.get_suptitle(), "axes": axes}
+
+
+def show(fig: Any) -> None:
+    """`plt.show()` for a notebook, plus `figure_summary(fig)` as a FIGURE_MIME output."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from IPython.display import display  # noqa: PLC0415
+
+    summary = figure_summary(fig)
+    plt.show()
+    display({FIGURE_MIME: summary}, raw=True)

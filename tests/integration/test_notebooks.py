@@ -88,9 +88,57 @@ def execute(name: str, demo_out: str, km, save_dir) -> list:
 @pytest.mark.parametrize("name", ["01_explore_dataset.ipynb", "02_training_curves.ipynb",
                                   "03_retrieval_demo.ipynb"])
 def test_notebook_runs_and_draws(name, demo_out, kernel_manager, tmp_path):
+    """Every figure is described (`viz.show`) and draws something: lines with finite points,
+    images or bars; for the curves notebook, the series are the demo's MLflow runs, step for step."""
+    from pipeline.viz import FIGURE_MIME
+
     outputs = execute(name, demo_out, kernel_manager(), tmp_path)
     flat = [o for cell in outputs for o in cell]
     errors = [f"{o.get('ename')}: {o.get('evalue')}" for o in flat if o.output_type == "error"]
     assert not errors, errors
     images = [o for o in flat if o.output_type in ("display_data", "execute_result") and "image/png" in o.data]
     assert images, f"{name} drew no image (executed copy in {tmp_path})"
+    figures = [o.data[FIGURE_MIME] for o in flat if o.output_type == "display_data" and FIGURE_MIME in o.data]
+    assert len(figures) == len(images), f"{name}: {len(images)} images, {len(figures)} described by viz.show"
+    for fig in figures:
+        drawn = [ax for ax in fig["axes"] if any(ln["n"] for ln in ax["lines"]) or ax["images"] or ax["bars"]]
+        assert drawn, f"{name}: a blank figure {fig['suptitle']!r}: {fig}"
+        assert all(ln["finite"] for ax in fig["axes"] for ln in ax["lines"]), fig
+    if name == "02_training_curves.ipynb":
+        check_curves(figures, demo_out)
+
+
+def check_curves(figures: list, demo_out: str) -> None:
+    """The curves notebook drew the demo's runs: each series has the run's steps, no more, no less."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import viz
+
+    client = MlflowClient(f"sqlite:///{os.path.join(demo_out, 'mlflow.db')}")
+    (pretrain,) = viz.find_runs(client, "clipvip-tiny", "demo-pretrain-")
+    axes = {ax["title"]: ax for fig in figures for ax in fig["axes"]}
+
+    def steps(run, key):
+        return viz.metric_history(client, run.run_id, key)[0].tolist()
+
+    def line(title, label):
+        found = [ln for ln in axes[title]["lines"] if ln["label"] == label]
+        assert len(found) == 1, (title, label, [ln["label"] for ln in axes[title]["lines"]])
+        return found[0]
+
+    name = pretrain.name
+    train_steps = steps(pretrain, "train/loss")
+    assert train_steps, "the pretrain logged no loss"
+    for title, label, key in ((f"{name}\nloss terms", "loss", "train/loss"),
+                              (f"{name}\nsamples / s (all workers, per worker)", "samples_per_s_per_worker",
+                               "train/samples_per_s_per_worker"),
+                              (f"{name}\nmodel TFLOP/s per worker, MFU", "tflops_per_worker",
+                               "train/tflops_per_worker")):
+        assert line(title, label)["x"] == train_steps == steps(pretrain, key), (title, label)
+    assert "MFU: no known peak for this device (train.peak_tflops)" in axes[f"{name}\nmodel TFLOP/s per worker, MFU"][
+        "texts"], "a CPU run says why MFU is missing"
+    val = line("pretrain: zero-shot retrieval", "clip-vip t2v/R1")
+    assert val["x"] == steps(pretrain, "val/t2v/R1") and val["x"], "zero-shot R@1 at every validated step"
+    for run in viz.find_runs(client, "clipvip-tiny", "demo-finetune-"):
+        label = f"{run.name.removeprefix('demo-finetune-')} t2v/R1"
+        assert line("finetune: validation split retrieval", label)["x"] == steps(run, "val/t2v/R1")
