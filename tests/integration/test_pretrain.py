@@ -191,16 +191,18 @@ def test_worker_killed_resumes_bit_identical(root, sample_data, reference_zero1,
     assert re.search(r"zero-shot val +t2v R@1 best [\d.]+ at step [245] ", out), out[-3000:]
 
 
-def test_job_killed_and_resubmitted_zero2_on_s3(root, reference_zero1, s3_server, tmp_path):
+def test_job_killed_and_resubmitted_zero2_on_s3(root, sample_data, reference_zero1, s3_server, tmp_path):
     """ZeRO-2 with checkpoints on S3, the whole job killed and resubmitted. With 2 fp32 ranks ZeRO-2
     (reduce-scatter) and ZeRO-1 (all-reduce) do the same arithmetic, so the uninterrupted ZeRO-1
-    run is the reference (checked bit-identical when this test was written)."""
+    run is the reference (checked bit-identical when this test was written). The run validates
+    zero-shot every 2 steps: each validated step is logged once across the kill."""
     import boto3
 
     ref_storage, _ = reference_zero1
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="runs")
     db = f"sqlite:///{tmp_path}/mlflow.db"
-    common = ("train.zero_stage=2", f"storage.s3_endpoint_url={s3_server}")
+    common = ("train.zero_stage=2", f"storage.s3_endpoint_url={s3_server}", "train.val_every_steps=2",
+              f"val.annotations={sample_data.retrieval_jsonl}", f"val.video_root={sample_data.retrieval_video_root}")
 
     args = pretrain_args(root, "s3://runs/kill", db, "kill-job", *common)
     first_log = open(tmp_path / "first.log", "w+")  # a file, not a pipe: a full pipe would stall the run
@@ -232,6 +234,15 @@ def test_job_killed_and_resubmitted_zero2_on_s3(root, reference_zero1, s3_server
         return load_file(path)
 
     assert_same_weights(s3_weights("kill/kill-job-export"), final_weights(ref_storage, "ref-z1"))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(db)
+    (run,) = client.search_runs([client.get_experiment_by_name("clipvip").experiment_id],
+                                filter_string="tags.`mlflow.runName` = 'kill-job'")
+    for key in ("train/loss", "val/t2v/R1"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        want = [1, 2, 3, 4, 5] if key == "train/loss" else [2, 4, 5]
+        assert steps == want, f"{key}: each step once across the kill and resubmission: {steps}"
 
 
 def test_bf16_pretrain_through_the_gpu_check(root, tmp_path):
