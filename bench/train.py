@@ -324,7 +324,6 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
     With `mlflow_uri`, rank 0's MlflowTracker logs every step into a sqlite DB as in the real run."""
     import io
 
-    import torch.distributed as dist
 
     from pipeline.config import to_dict
     from pipeline.train.checkpoint import TrainState
@@ -335,15 +334,7 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        if not dist.is_initialized():
-            import socket
-
-            with socket.socket() as sk:
-                sk.bind(("127.0.0.1", 0))
-                port = sk.getsockname()[1]
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                              LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-            dist.init_process_group("gloo", rank=0, world_size=1)
+        gloo_world_of_one()
         skip_cpu_shm_build()
         task = build_task(cfg)
         with contextlib.redirect_stdout(io.StringIO()):
@@ -382,6 +373,22 @@ def ds_inprocess(cfg: PretrainJobConfig, batches: list, warmup: int, steps: int,
         return res
     finally:
         torch.set_num_threads(prev)
+
+
+def gloo_world_of_one() -> None:
+    """This process as rank 0 of a gloo group of 1 on loopback (what DeepSpeed needs), once."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
 
 
 def _consumer_actor_cls():

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from bench.train import (  # noqa: E402  (bench.train sets the environment befor
     SEED,
     bare_round,
     ds_inprocess,
+    gloo_world_of_one,
     job_config,
     log,
 )
@@ -153,7 +153,6 @@ def memory_child(global_batch: int, micro: int) -> None:
     import contextlib
     import io
 
-    import torch.distributed as dist
 
     from pipeline.config import to_dict
     from pipeline.train.checkpoint import TrainState
@@ -161,12 +160,7 @@ def memory_child(global_batch: int, micro: int) -> None:
     from pipeline.train.steps import StepLoop, run_steps
     from pipeline.train.worker import build_task, log_step
     torch.set_num_threads(1)
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    gloo_world_of_one()
     skip_cpu_shm_build()
     cfg = config_for("small", 2, micro, global_batch)
     batches = synthetic_batches(2, global_batch, SIZES["small"][2])
