@@ -1,7 +1,7 @@
 """Pretrain benchmark: our Ray Train + DeepSpeed loop vs a bare torch loop, and the input pipeline
 vs the training loop's consumption rate.
 
-Run:  cd /work/main && .venv/bin/python bench/train.py [--quick] [--verbose]
+Run:  .venv/bin/python bench/train.py [--quick] [--verbose] [--size small|medium]
 
 Data (made once, cached under .cache/bench/train/): synthetic HD-VILA-format videos (320x240,
 ~300 clips of 4-8 s) -> `run_prepare` with `builtin:tiny-blip` captions, frames at 3 fps stored as
@@ -68,16 +68,34 @@ from pipeline.config import ModelConfig, PrepareJobConfig, PretrainJobConfig, lo
 DATA_VERSION = "v2"  # v2: the one-root-per-corpus layout (schema 2)
 MICRO_BATCH = 8
 NUM_FRAMES = 12
-IMAGE_PX = 64
 MAX_TEXT_LEN = 32
 SEED = 42
-MODEL_SHAPE = dict(
-    text_config=dict(vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=77),
-    vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                       image_size=IMAGE_PX, patch_size=16),
-    projection_dim=128,
-)
+# name -> (vision width, layers, image px; text width, layers): 7.7M and 20.8M parameters.
+SIZES = {
+    "small": (128, 4, 64, 128, 2),
+    "medium": (256, 6, 96, 256, 4),
+}
+
+
+def model_shape(size: str) -> dict[str, Any]:
+    """CLIPViPConfig keyword arguments of a SIZES entry (heads of width 32, MLP 4x, patch 16)."""
+    vw, vl, px, tw, tl = SIZES[size]
+    return dict(
+        text_config=dict(vocab_size=49408, hidden_size=tw, intermediate_size=4 * tw, num_hidden_layers=tl,
+                         num_attention_heads=tw // 32, max_position_embeddings=77),
+        vision_config=dict(hidden_size=vw, intermediate_size=4 * vw, num_hidden_layers=vl,
+                           num_attention_heads=vw // 32, image_size=px, patch_size=16),
+        projection_dim=128)
+
+
+def use_size(size: str) -> None:
+    """Point the benchmark at a SIZES entry: its model, its frame size, its training view."""
+    global SIZE, IMAGE_PX, VIEW
+    SIZE, IMAGE_PX = size, SIZES[size][2]
+    VIEW = "default" if IMAGE_PX == 64 else f"px{IMAGE_PX}"  # the 64 px view keeps its cached name
+
+
+use_size("small")
 TARGET_LOOP = 0.85
 TARGET_PIPELINE = 2.0
 
@@ -98,7 +116,7 @@ def ensure_data() -> str:
     base = os.path.join(CACHE_DIR, f"data-{DATA_VERSION}")
     root = os.path.join(base, "root")
     man = os.path.join(root, "manifest.json")
-    view = os.path.join(root, "views", "default", "view.json")
+    view = os.path.join(root, "views", VIEW, "view.json")
     if os.path.exists(view) and json.loads(Path(view).read_text()).get("status") == "complete":
         return root
     t0 = time.perf_counter()
@@ -125,10 +143,10 @@ def ensure_data() -> str:
     from pipeline.data.pack_job import run_pack
 
     run_pack(load_config(PackJobConfig, None, [
-        f"root={root}", "view.name=default", "view.caption_set=default", f"view.image_size_px={IMAGE_PX}",
+        f"root={root}", f"view.name={VIEW}", "view.caption_set=default", f"view.image_size_px={IMAGE_PX}",
         f"view.rows_per_group={MICRO_BATCH}", f"view.rows_per_shard={MICRO_BATCH * 16}", "ray.progress_bars=false"]),
         log=lambda *_: None)
-    log(f"data ready in {time.perf_counter() - t0:.0f} s (view 'default' packed)")
+    log(f"data ready in {time.perf_counter() - t0:.0f} s (view {VIEW!r} packed)")
     return root
 
 
@@ -136,12 +154,13 @@ def ensure_model() -> str:
     """The benchmark's CLIP-ViP shape, random init (seeded), saved in HF format once."""
     from pipeline.model.clip_vip import CLIPViPConfig, CLIPViPModel, vip_extras
 
-    path = os.path.join(CACHE_DIR, f"model-{DATA_VERSION}-v128x4-t128x2-p16-{IMAGE_PX}px")
+    vw, vl, px, tw, tl = SIZES[SIZE]
+    path = os.path.join(CACHE_DIR, f"model-{DATA_VERSION}-v{vw}x{vl}-t{tw}x{tl}-p16-{px}px")
     if not os.path.exists(os.path.join(path, "config.json")):
         torch.manual_seed(0)
-        cfg = CLIPViPConfig(text_config=dict(MODEL_SHAPE["text_config"]),
-                            vision_config=dict(MODEL_SHAPE["vision_config"]),
-                            projection_dim=MODEL_SHAPE["projection_dim"],
+        shape = model_shape(SIZE)
+        cfg = CLIPViPConfig(text_config=shape["text_config"], vision_config=shape["vision_config"],
+                            projection_dim=shape["projection_dim"],
                             **vip_extras(ModelConfig(max_text_len=MAX_TEXT_LEN)))
         CLIPViPModel(cfg).save_pretrained(path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -152,7 +171,7 @@ def job_config(root: str, model_dir: str, storage: str, tracking_uri: str, worke
                run_name: str) -> PretrainJobConfig:
     return load_config(PretrainJobConfig, None, [
         f"run_name={run_name}", f"model.pretrained={model_dir}", f"model.max_text_len={MAX_TEXT_LEN}",
-        "loss.variant=vsc_fc", f"root={root}", "train.view=default",
+        "loss.variant=vsc_fc", f"root={root}", f"train.view={VIEW}",
         f"train.num_workers={workers}", f"train.micro_batch_size={MICRO_BATCH}", f"train.max_steps={max_steps}",
         "train.lr=1e-4", "train.weight_decay=0.05", "train.warmup_ratio=0.05", "train.grad_clip=5.0",
         "train.zero_stage=1", "train.precision=fp32", f"train.num_frames={NUM_FRAMES}",
@@ -485,7 +504,7 @@ def ray_run(root: str, model_dir: str, workers: int, warmup: int, steps: int, ta
             raise RuntimeError(f"{tag}: expected metrics for steps 1..{total}, got {sorted(rate)}")
         from pipeline.data.loader import ViewIndex
 
-        spe = ViewIndex.open(root, "default").layout.steps(workers * MICRO_BATCH)
+        spe = ViewIndex.open(root, VIEW).layout.steps(workers * MICRO_BATCH)
         # interval k = (t_{k-1}, t_k]; drop warm-up and each epoch's first step (pipeline restart)
         skip = {k for k in range(2, total + 1) if (k - 1) % spe == 0}
         res = steady_from_rates(rate, wait, MICRO_BATCH * workers, warmup, total, skip)
@@ -524,7 +543,10 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one Ray Train run, no 2-worker run (a few minutes)")
     ap.add_argument("--verbose", action="store_true", help="show the Ray workers' output")
+    ap.add_argument("--size", choices=sorted(SIZES), default="small",
+                    help="the model: small 7.7M parameters at 64 px (default), medium 20.8M at 96 px")
     args = ap.parse_args(argv)
+    use_size(args.size)
     quick = args.quick
     ray_runs = 1 if quick else 3
     warm_ray, steps_ray = (5, 20) if quick else (5, 40)
@@ -542,7 +564,7 @@ def main(argv: list[str]) -> int:
 
     from pipeline.data.loader import ViewIndex
 
-    index = ViewIndex.open(root, "default")
+    index = ViewIndex.open(root, VIEW)
     cfg1 = job_config(root, model_dir, "/unused", "sqlite:////unused.db", 1, warm_ray + steps_ray, "bench")
     lcfg = loader_config(cfg1)
     log(f"{index.num_rows} clips; micro batch {MICRO_BATCH}, {NUM_FRAMES} frames at {IMAGE_PX} px; "
@@ -620,7 +642,8 @@ def main(argv: list[str]) -> int:
          cont["consumer_samples_s"] / MICRO_BATCH, None, None),
     ]
     print()
-    print(f"Pretrain benchmark ({'quick' if quick else 'full'}): CLIP-ViP v128x4/t128x2, {NUM_FRAMES}x{IMAGE_PX}px, "
+    vw, vl, _, tw, tl = SIZES[SIZE]
+    print(f"Pretrain benchmark ({'quick' if quick else 'full'}): CLIP-ViP v{vw}x{vl}/t{tw}x{tl}, {NUM_FRAMES}x{IMAGE_PX}px, "
           f"micro batch {MICRO_BATCH}, fp32, ZeRO-1, torch threads per trainer {threads}")
     w = 48
     print(f"{'what':<{w}} {'samples/s':>10} {'steps/s':>8} {'ratio':>7} {'target':>7} {'met?':>5}")

@@ -36,12 +36,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.train import (  # noqa: E402  (bench.train sets the environment before torch loads)
+from bench import train as bench_train  # noqa: E402  (bench.train sets the environment before torch loads)
+from bench.train import (  # noqa: E402
     CACHE_DIR,
     MAX_TEXT_LEN,
     MICRO_BATCH,
     NUM_FRAMES,
     SEED,
+    SIZES,
     bare_round,
     ds_inprocess,
     gloo_world_of_one,
@@ -51,32 +53,13 @@ from bench.train import (  # noqa: E402  (bench.train sets the environment befor
 
 import torch  # noqa: E402
 
-# name -> (vision width, layers, image px; text width, layers). `small` is bench/train.py's model.
-SIZES = {
-    "small": (128, 4, 64, 128, 2),
-    "medium": (256, 6, 96, 256, 4),
-}
 MEMORY_MICRO = 8
 
 
 def ensure_model(name: str) -> str:
-    """A random-init CLIP-ViP of size `name`, saved once in HF format (both loops load it)."""
-    from pipeline.config import ModelConfig
-    from pipeline.model.clip_vip import CLIPViPConfig, CLIPViPModel, vip_extras
-
-    vw, vl, px, tw, tl = SIZES[name]
-    path = os.path.join(CACHE_DIR, f"scale-{name}-v{vw}x{vl}-t{tw}x{tl}-{px}px")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        torch.manual_seed(0)
-        cfg = CLIPViPConfig(
-            text_config=dict(vocab_size=49408, hidden_size=tw, intermediate_size=4 * tw, num_hidden_layers=tl,
-                             num_attention_heads=tw // 32, max_position_embeddings=77),
-            vision_config=dict(hidden_size=vw, intermediate_size=4 * vw, num_hidden_layers=vl,
-                               num_attention_heads=vw // 32, image_size=px, patch_size=16),
-            projection_dim=128, **vip_extras(ModelConfig(max_text_len=MAX_TEXT_LEN)))
-        CLIPViPModel(cfg).save_pretrained(path + ".tmp")
-        os.replace(path + ".tmp", path)
-    return path
+    """bench/train.py's model of size `name` (random init, saved once in HF format)."""
+    bench_train.use_size(name)
+    return bench_train.ensure_model()
 
 
 def synthetic_batches(n: int, rows: int, px: int) -> list[dict[str, torch.Tensor]]:
