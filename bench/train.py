@@ -8,7 +8,8 @@ Data (made once, cached under .cache/bench/train/): synthetic HD-VILA-format vid
 JPEG with short side 72. Model: a CLIP-ViP bigger than the `tiny` preset so that compute is not
 negligible next to per-step overhead (vision 128 wide x 4 layers, patch 16, 12 frames at 64 px =
 196 vision tokens; text 128 x 2; ~7.7M parameters, most of them the 49408-token embedding),
-saved once in HF format and loaded by both sides through `model.pretrained`. Micro batch 8,
+saved once in HF format and loaded by both sides through `model.pretrained` (`--size medium`:
+vision 256 x 6 at 96 px, text 256 x 4, 20.8M parameters, its own 96 px view). Micro batch 8,
 fp32, ZeRO-1, the project's AdamW groups, the `lr_at` schedule, grad clip 5.
 
 What is timed, side by side in this one process, alternating (bare, ray, bare, ray, ..., bare):
