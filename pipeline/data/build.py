@@ -207,6 +207,9 @@ def run_prepare(cfg: PrepareJobConfig, log=print, inputs: Inputs | None = None) 
                              parts_planned=len(plan.planned_now), units=len(units), units_skipped=len(units) - len(todo))
     tracker = open_job_run(cfg.tracking, "prepare", cfg.run_name, root.uri, inputs.fingerprint, to_dict(cfg))
     summary.mlflow_run = run_link(tracker)
+    for written in [root.path(d) for d in ("frames", "quarantine", "plan", "index")] + [
+            root.caption_set_dir(cfg.caption.set_name)]:
+        fs.remove_stale_temp_files(written)  # a killed run's half-written files
     try:
         if todo:
             frames_writer, cap_writer = IndexWriter(root, FRAMES), IndexWriter(root, cap_kind)

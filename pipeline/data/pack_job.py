@@ -132,6 +132,7 @@ def _pack(cfg: PackJobConfig, index: DatasetIndex, meta: dict[str, Any], frames:
     log(f"[pack] {index.num_rows} rows of {len(index.layout.shard_ids)} frame shards (caption set "
         f"{cfg.view.caption_set!r}) -> view {cfg.view.name!r}: {len(tasks)} tasks, {expected} view shards, "
         f"row groups of {cfg.view.rows_per_group}, frames at {cfg.view.image_size_px or 'stored'} px")
+    fs.remove_stale_temp_files(root.path("views", cfg.view.name))  # a killed run's half-written files
     sidecars = _run_tasks(cfg, index, tasks, task_memory_bytes(frames, cfg.view), summary, t0, log, progressed)
     if not any(s["rows"] for s in sidecars):
         first = next((d for s in sidecars for d in s.get("dropped", [])), {})

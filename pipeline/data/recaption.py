@@ -179,6 +179,7 @@ def _run(cfg: RecaptionJobConfig, opened: Opened, t0: float, log, tracker: Any) 
                                shards_skipped=opened.frames.num_rows - len(todo))
     log(f"[recaption] {len(todo)} of {opened.frames.num_rows} shards of {cfg.root} -> caption set "
         f"{cfg.caption.set_name!r} ({cfg.caption.model}, frames_per_clip={cfg.frames_per_clip})")
+    fs.remove_stale_temp_files(root.caption_set_dir(cfg.caption.set_name))  # a killed run's half-written files
     if todo:
         writer = IndexWriter(root, captions_kind(cfg.caption.set_name))
         _caption(cfg, root, capset, todo, writer, summary, t0, log,

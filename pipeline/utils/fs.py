@@ -237,6 +237,27 @@ def sha256_of(uri: str, opts: S3Options | None = None) -> str:
     return digest.hexdigest()
 
 
+def remove_stale_temp_files(uri: str) -> int:
+    """Delete the temp files `write_bytes_atomic` leaves under a local directory (recursively)
+    when its writer is killed between write and rename; returns how many. A job calls it on the
+    directories it writes before it writes them: no other writer of those is alive then (a job's
+    resubmission is refused while it runs, `pipeline/submit.py`). Readers never see these files
+    (`list_files` skips them); this keeps a root free of a killed run's debris. S3: a no-op, a PUT
+    leaves nothing behind."""
+    if is_s3(uri) or not os.path.isdir(uri):
+        return 0
+    removed = 0
+    for dirpath, _, names in os.walk(os.path.abspath(uri)):
+        for name in names:
+            if ".tmp-" in name:
+                try:
+                    os.remove(os.path.join(dirpath, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
 def write_json_atomic(uri: str, obj: Any, opts: S3Options | None = None) -> None:
     write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"), opts)
 

@@ -88,3 +88,19 @@ def test_a_permanent_failure_is_an_oserror_naming_the_object():
     with pytest.raises(s3.S3RequestError, match=r"s3://b/k: NoCredentialsError: Unable to locate credentials") as err:
         s3.with_retries(fs.S3Options(retry_attempts=5), "s3://b/k", no_credentials)
     assert isinstance(err.value, OSError) and isinstance(err.value.error, NoCredentialsError)
+
+
+def test_a_killed_writers_temp_files_are_removed_and_nothing_else(tmp_path):
+    """`write_bytes_atomic` leaves `<name>.tmp-<id>` behind when its writer dies before the rename;
+    the job that writes the directory next removes those (recursively), never a finished file."""
+    fs.write_bytes_atomic(str(tmp_path / "a" / "part-00000.parquet"), b"done")
+    debris = [tmp_path / "a" / "part-00001.parquet.tmp-1234abcd", tmp_path / "a" / "b" / "x.json.tmp-0000ffff"]
+    for path in debris:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    assert fs.list_files(str(tmp_path / "a")) == [str(tmp_path / "a" / "part-00000.parquet")]
+    assert fs.remove_stale_temp_files(str(tmp_path)) == 2
+    assert not any(p.exists() for p in debris)
+    assert (tmp_path / "a" / "part-00000.parquet").read_bytes() == b"done"
+    assert fs.remove_stale_temp_files(str(tmp_path / "nowhere")) == 0
+    assert fs.remove_stale_temp_files("s3://bucket/prefix") == 0  # a PUT leaves nothing behind
