@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.common import load_or_exit
-from pipeline.config import StorageConfig
+from pipeline.config import InspectConfig
 from pipeline.utils import fs
 
 MAX_SHARD_LINES = 20
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class InspectConfig:
-    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
