@@ -183,12 +183,14 @@ def _cli(args: list[str], env: dict[str, str], timeout_s: float) -> subprocess.C
 def make_tiny_root(workdir: str, env: dict[str, str], timeout_s: float) -> tuple[str, str]:
     """`clipvip sample-data` + `clipvip prepare` + `clipvip pack` with the tiny recipes; returns (root, view)."""
     sample, root = os.path.join(workdir, "sample"), os.path.join(workdir, "root")
+    tracking = "sqlite:///" + os.path.join(workdir, "mlflow.db")  # the data jobs' runs, beside the check's
     _cli(["sample-data", "--out", sample, "--num-videos", "4"], env, timeout_s)
     _cli(["prepare", "--config", "jobs/configs/tiny.yaml", "--set", f"root={root}",
           "--set", f"data.metadata=[{sample}/metadata.jsonl]", "--set", f"data.video_root={sample}/videos",
-          "--set", f"data.subtitles={sample}/subtitles.jsonl", "--set", "ray.progress_bars=false"], env, timeout_s)
-    _cli(["pack", "--config", "jobs/configs/tiny_pack.yaml", "--set", f"root={root}", "--set", "ray.progress_bars=false"],
-         env, timeout_s)
+          "--set", f"data.subtitles={sample}/subtitles.jsonl", "--set", "ray.progress_bars=false",
+          "--set", f"tracking.tracking_uri={tracking}"], env, timeout_s)
+    _cli(["pack", "--config", "jobs/configs/tiny_pack.yaml", "--set", f"root={root}", "--set", "ray.progress_bars=false",
+          "--set", f"tracking.tracking_uri={tracking}"], env, timeout_s)
     return root, "tiny"
 
 
@@ -208,7 +210,7 @@ def part_pretrain(sz: Sizes, workdir: str, root: str | None, view: str, timeout_
     gpu = sz.device.startswith("cuda")
     t0 = time.perf_counter()
     proc = _cli(["pretrain", "--config", "jobs/configs/tiny_pretrain.yaml", "--set", "run_name=gpu-check-bf16",
-                 "--set", f"root={root}", "--set", f"train.view={view}",
+                 "--set", f"root={root}", "--set", f"train.view={view}", "--set", "val=null",
                  "--set", "train.precision=bf16", "--set", f"train.use_gpu={str(gpu).lower()}",
                  "--set", "train.num_workers=1", "--set", f"train.max_steps={sz.pretrain_steps}",
                  "--set", "train.checkpoint_every_steps=1000", "--set", f"train.storage_path={workdir}/runs",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 
 from pipeline.config.build import ConfigError, refuse_credentials
@@ -85,12 +86,22 @@ class RayConfig:
             raise ConfigError(f"ray.num_cpus: must be >= 1, got {self.num_cpus}")
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@'\"]+@")
+
+
+def _default_tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return _USERINFO.sub(r"\1", uri) if uri else "sqlite:///out/mlflow.db"
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TrackingConfig:
     enabled: bool = True
-    tracking_uri: str = field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///out/mlflow.db")
+    tracking_uri: str = field(default_factory=lambda: _default_tracking_uri())
     """sqlite:///path locally; http://host:5000 for a tracking server (MLflow's file store is refused).
-    Unset: $MLFLOW_TRACKING_URI (MLflow's own variable), else sqlite:///out/mlflow.db."""
+    Unset: $MLFLOW_TRACKING_URI (MLflow's own variable) without any user:password@ in it (credentials
+    come from MLFLOW_TRACKING_USERNAME/PASSWORD, never from a URI that params and logs would copy),
+    else sqlite:///out/mlflow.db."""
     experiment: str = "clipvip"
     system_metrics: bool = True
     register_model: str | None = "clip-vip"

@@ -112,14 +112,15 @@ def prepared(cluster, sample_data, workdir):
     overrides = sets(f"run_name={run}", f"root={root}", f"data.metadata={small_metadata(sample_data, workdir)}",
                      f"data.video_root={sample_data.video_root}", f"data.subtitles={sample_data.subtitles_table}",
                      "data.clips_per_shard=3", "frames.short_side_px=64", "frames.max_frames=8",
-                     "ray.progress_bars=false")
+                     "ray.progress_bars=false", f"tracking.tracking_uri=sqlite:///{workdir / 'data-jobs.db'}")
     rc, out = clipvip("submit", os.path.join(ROOT, "jobs", "configs", "tiny.yaml"), "--address", cluster.address,
                       "--follow", *overrides)
     print(f"[submit] prepare job ended in {time.monotonic() - t0:.1f}s (rc {rc})")
     if rc == 0:  # the training view pretrain reads, submitted like any job (kind inferred: pack)
         rc, packed = clipvip("submit", os.path.join(ROOT, "jobs", "configs", "tiny_pack.yaml"), "--address",
                              cluster.address, "--follow", *sets(f"run_name=pack-{TOKEN}", f"root={root}",
-                                                                "view.rows_per_group=2", "ray.progress_bars=false"))
+                                                                "view.rows_per_group=2", "ray.progress_bars=false",
+                                                                f"tracking.tracking_uri=sqlite:///{workdir / 'data-jobs.db'}"))
         out += packed
     return {"root": root, "run": run, "rc": rc, "out": out}
 
@@ -127,6 +128,7 @@ def prepared(cluster, sample_data, workdir):
 def pretrain_sets(root: str, storage: str, db: str, run: str) -> list[str]:
     return sets(f"run_name={run}", f"root={root}", f"train.storage_path={storage}",
                 f"tracking.tracking_uri=sqlite:///{db}", "tracking.system_metrics=false", "model.max_text_len=16",
+                "val=null",  # the recipe's zero-shot split is the demo's sample data, not made here
                 "train.view=tiny", "train.micro_batch_size=2", f"train.max_steps={STEPS}",
                 f"train.checkpoint_every_steps={CKPT_EVERY}", "train.keep_checkpoints=1", "train.num_frames=4",
                 "train.warmup_ratio=0.2", "train.loader.cpus_per_task=0.5",
