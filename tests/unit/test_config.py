@@ -174,3 +174,17 @@ def test_validation_splits_sample_the_training_frames():
     with pytest.raises(ConfigError, match=r"^data.train.num_frames: 8 would be ignored"):
         load_config(c.FinetuneJobConfig, None, ["data.train.annotations=a", "data.train.video_root=v",
                                                 "data.train.num_frames=8", "data.val_holdout=2"])
+
+
+def test_tracking_uri_from_the_environment_without_credentials(monkeypatch):
+    """MLflow's own $MLFLOW_TRACKING_URI is the default, stripped of user:password@ (which params
+    and logs would copy; credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD); a URI written
+    with credentials in a recipe is refused."""
+    from pipeline.config import TrackingConfig
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://me:secret@mlflow.example:5000/")
+    assert TrackingConfig().tracking_uri == "https://mlflow.example:5000/"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert TrackingConfig().tracking_uri == "sqlite:///out/mlflow.db"
+    with pytest.raises(ConfigError, match="tracking.tracking_uri: holds credentials"):
+        TrackingConfig(tracking_uri="https://me:secret@mlflow.example:5000/")
