@@ -165,11 +165,30 @@ def run_prepare(cfg: PrepareJobConfig, log=print, inputs: Inputs | None = None) 
         EmptyInput: the parts hold no usable clip, or the video root none of their videos.
         (and what `open_root` raises, when `inputs` is not given)
     """
+    t0 = time.perf_counter()
+    inputs = inputs or open_root(cfg)
+    root = inputs.root
+    # The job's MLflow run opens before any Ray work: a submitted job's working directory (its cwd,
+    # which MLflow's sqlite store resolves against when a client is made) may be gone after its
+    # first tasks have run. Every later call goes through this tracker's client.
+    tracker = open_job_run(cfg.tracking, "prepare", cfg.run_name, root.uri, inputs.fingerprint, to_dict(cfg))
+    for written in [root.path(d) for d in ("frames", "quarantine", "plan", "index")] + [
+            root.caption_set_dir(cfg.caption.set_name)]:
+        fs.remove_stale_temp_files(written)  # a killed run's half-written files
+    try:
+        summary = _prepare(cfg, log, inputs, tracker, t0)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    log_job_totals(tracker, summary.totals(), summary.units)
+    tracker.close("FINISHED")
+    return summary
+
+
+def _prepare(cfg: PrepareJobConfig, log, inputs: Inputs, tracker: Any, t0: float) -> PrepareSummary:
     import ray  # noqa: PLC0415
     import ray.data  # noqa: PLC0415
 
-    t0 = time.perf_counter()
-    inputs = inputs or open_root(cfg)
     root = inputs.root
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
     if inputs.table is not None and inputs.table["sha256"] is None:
@@ -205,24 +224,14 @@ def run_prepare(cfg: PrepareJobConfig, log=print, inputs: Inputs | None = None) 
 
     summary = PrepareSummary(root=root.uri, caption_set=cfg.caption.set_name, parts=len(plan.parts),
                              parts_planned=len(plan.planned_now), units=len(units), units_skipped=len(units) - len(todo))
-    tracker = open_job_run(cfg.tracking, "prepare", cfg.run_name, root.uri, inputs.fingerprint, to_dict(cfg))
     summary.mlflow_run = run_link(tracker)
-    for written in [root.path(d) for d in ("frames", "quarantine", "plan", "index")] + [
-            root.caption_set_dir(cfg.caption.set_name)]:
-        fs.remove_stale_temp_files(written)  # a killed run's half-written files
-    try:
-        if todo:
-            frames_writer, cap_writer = IndexWriter(root, FRAMES), IndexWriter(root, cap_kind)
-            _run_stages(cfg, inputs, capset, todo, done, cap_done, frames_writer, cap_writer, summary, t0, log,
-                        Progressed(tracker, JobProgress("prepare"), len(units) - len(todo)))
-            frames_writer.flush()
-            cap_writer.flush()
-        _finish(root, capset, inputs, plan, attempts, order, cap_kind, summary, time.perf_counter() - t0)
-    except BaseException:
-        tracker.close("FAILED")
-        raise
-    log_job_totals(tracker, summary.totals(), len(units))
-    tracker.close("FINISHED")
+    if todo:
+        frames_writer, cap_writer = IndexWriter(root, FRAMES), IndexWriter(root, cap_kind)
+        _run_stages(cfg, inputs, capset, todo, done, cap_done, frames_writer, cap_writer, summary, t0, log,
+                    Progressed(tracker, JobProgress("prepare"), len(units) - len(todo)))
+        frames_writer.flush()
+        cap_writer.flush()
+    _finish(root, capset, inputs, plan, attempts, order, cap_kind, summary, time.perf_counter() - t0)
     return summary
 
 
