@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -72,6 +73,24 @@ class NullTracker:
         pass
 
 
+def client_for(tracking_uri: str) -> Any:
+    """An MlflowClient for `tracking_uri`, made where the process has a working directory.
+
+    MLflow's sqlite store resolves its default artifact root against the cwd when a client is
+    made. A Ray job's driver can lose its cwd: Ray replaced the first job's working_dir package
+    under it when the driver connected (seen with `clipvip submit`: FileNotFoundError from
+    os.getcwd()). Our paths are absolute, so the driver moves to the same path again if it was
+    recreated there, else to the temp directory."""
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        again = os.environ.get("PWD")
+        os.chdir(again if again and os.path.isdir(again) else tempfile.gettempdir())
+    return MlflowClient(tracking_uri)
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """{'a': {'b': 1}} -> {'a.b': '1'}; lists as JSON. Keys keep the config's dotted names."""
     out: dict[str, str] = {}
@@ -87,9 +106,7 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 def create_run(tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None) -> str:
     """Create an MLflow run (driver side) and return its id."""
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
-
-    client = MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
         exp_id = exp.experiment_id
@@ -116,9 +133,7 @@ def default_artifact_location(tracking_uri: str) -> str | None:
 def register_model(tracking_uri: str, run_id: str, artifact_path: str, name: str) -> str:
     """Register `runs:/<run_id>/<artifact_path>` as a new version of model `name`; returns it."""
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
-
-    client = MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)
     try:
         client.create_registered_model(name)
     except MlflowException as e:
@@ -135,9 +150,7 @@ def register_model(tracking_uri: str, run_id: str, artifact_path: str, name: str
 
 def find_run(tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None) -> str | None:
     """The newest run of that name (and tags) in the experiment, if any (resubmitting reuses it)."""
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
-
-    client = MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
@@ -150,9 +163,7 @@ def find_run(tracking_uri: str, experiment: str, run_name: str, tags: Mapping[st
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> dict[int, tuple[float, int]]:
     """step -> (value, timestamp ms) of one metric of a run (the last value logged at a step)."""
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
-
-    return {m.step: (m.value, m.timestamp) for m in sorted(MlflowClient(tracking_uri).get_metric_history(run_id, key),
+    return {m.step: (m.value, m.timestamp) for m in sorted(client_for(tracking_uri).get_metric_history(run_id, key),
                                                            key=lambda m: (m.step, m.timestamp))}
 
 
@@ -168,13 +179,11 @@ class MlflowTracker:
 
     def __init__(self, tracking_uri: str, run_id: str, monitor_node: str | None = None,
                  send_every_s: float = 5.0, step_metric: str = STEP_METRIC) -> None:
-        from mlflow.tracking import MlflowClient  # noqa: PLC0415
-
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.step_metric = step_metric
         """The metric whose history says which steps the run has (a data job's: shards done)."""
-        self.client = MlflowClient(tracking_uri)
+        self.client = client_for(tracking_uri)
         self.last_step = self._last_logged_step()
         # Steps the run already has were logged by an earlier attempt: a resumed run replays them
         # (from its last checkpoint) and must not log them twice. Later steps may be logged in
