@@ -123,3 +123,9 @@ def absolute_tracking(cfg: TrackingConfig) -> TrackingConfig:
     db = os.path.abspath(uri[len("sqlite:///"):])
     os.makedirs(os.path.dirname(db), exist_ok=True)
     return dataclasses.replace(cfg, tracking_uri="sqlite:///" + db)
+
+
+def data_job_tracking() -> TrackingConfig:
+    """The tracking default of prepare, recaption and pack: a run per job, no node monitor and
+    nothing to register."""
+    return TrackingConfig(system_metrics=False, register_model=None)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.config.build import ConfigError, check_root
-from pipeline.config.common import RayConfig, StorageConfig, TrackingConfig
+from pipeline.config.common import RayConfig, StorageConfig, TrackingConfig, data_job_tracking
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -155,7 +155,7 @@ class PrepareJobConfig:
     data: DataConfig
     frames: FramesConfig = field(default_factory=FramesConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(system_metrics=False, register_model=None))
+    tracking: TrackingConfig = field(default_factory=data_job_tracking)
     """The job's MLflow run: params, progress per shard, final counts (pipeline/data/progress.py)."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -176,7 +176,7 @@ class RecaptionJobConfig:
     frames_per_clip: int = 1
     """1 captions the middle frame (the paper); k > 1 also captions k frames spread over the
     clip's stored frames, kept as a list beside the middle-frame caption."""
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(system_metrics=False, register_model=None))
+    tracking: TrackingConfig = field(default_factory=data_job_tracking)
     """The job's MLflow run: params, progress per shard, final counts (pipeline/data/progress.py)."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -230,7 +230,7 @@ class PackJobConfig:
     root: str
     """Dataset root written by `prepare` (local or s3://)."""
     view: ViewConfig = field(default_factory=ViewConfig)
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(system_metrics=False, register_model=None))
+    tracking: TrackingConfig = field(default_factory=data_job_tracking)
     """The job's MLflow run: params, progress per shard, final counts (pipeline/data/progress.py)."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
