@@ -277,6 +277,11 @@ class RetrievalDataConfig:
     """Frames sampled per video; None: by format (activitynet 32, else 12)."""
     limit: int | None = None
     """Keep only the first N usable videos (smoke runs); None keeps all."""
+    order_pairs: str | None = None
+    """JSON file (local or s3://) of [[clip id, clip id], ...]: pairs of clips that differ only in
+    frame order, each captioned with its own direction (the synthetic set's `<split>_pairs.json`).
+    Evaluation and validation then also report `order/aware`, the percent of pairs ranked the right
+    way round (pipeline/eval/metrics.py `order_awareness`; an order-blind model scores 50)."""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:

@@ -99,6 +99,9 @@ class FinetuneDataConfig:
             raise ConfigError("data.val: give a validation split, or data.val_holdout >= 2 videos of train")
         if self.val is not None and self.val_holdout:
             raise ConfigError("data.val_holdout: use either data.val or data.val_holdout, not both")
+        if self.train.order_pairs:
+            raise ConfigError("data.train.order_pairs: training uses no order pairs; give them to data.val "
+                              "(validation then reports order/aware), or keep pairs in one batch with data.batch_groups")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -22,8 +22,8 @@ import numpy as np
 
 from pipeline.config import absolute_tracking, local_path, to_dict
 from pipeline.config import EvaluateJobConfig
-from pipeline.eval.formats import eval_texts, read_items
-from pipeline.eval.metrics import chance_r_at_k, format_table, t2v_v2t
+from pipeline.eval.formats import eval_texts, order_pair_indices, read_items
+from pipeline.eval.metrics import ORDER_KEY, chance_r_at_k, format_table, order_awareness, t2v_v2t
 from pipeline.utils import fs
 
 
@@ -43,8 +43,11 @@ class EvalSummary:
 
     def chance(self) -> dict[str, float]:
         n = max(self.num_evaluated, 1)
-        return {"t2v/R1": chance_r_at_k(n, 1), "t2v/R5": chance_r_at_k(n, 5), "t2v/R10": chance_r_at_k(n, 10),
-                "t2v/MdR": (n + 1) / 2, "t2v/MnR": (n + 1) / 2, "v2t/R1": chance_r_at_k(n, 1)}
+        out = {"t2v/R1": chance_r_at_k(n, 1), "t2v/R5": chance_r_at_k(n, 5), "t2v/R10": chance_r_at_k(n, 10),
+               "t2v/MdR": (n + 1) / 2, "t2v/MnR": (n + 1) / 2, "v2t/R1": chance_r_at_k(n, 1)}
+        if any(ORDER_KEY in r for r in self.results.values()):
+            out[ORDER_KEY] = 50.0  # a random (or order-blind) ranking of each pair
+        return out
 
     def render(self) -> str:
         lines = [f"[evaluate] {self.split}: {self.num_evaluated} of {self.num_items} videos ranked "
@@ -63,7 +66,7 @@ def resolve_paths(cfg: EvaluateJobConfig) -> EvaluateJobConfig:
     """Local paths made absolute against the caller's cwd (Ray workers run in another)."""
     e = cfg.eval
     data = dataclasses.replace(e.data, annotations=local_path(e.data.annotations),
-                               video_root=local_path(e.data.video_root))
+                               video_root=local_path(e.data.video_root), order_pairs=local_path(e.data.order_pairs))
     models = tuple(dataclasses.replace(m, weights=local_path(m.weights)) for m in e.models)
     out = e.out if "://" in e.out else os.path.abspath(e.out)
     return dataclasses.replace(cfg, eval=dataclasses.replace(e, data=data, models=models, out=out),
@@ -78,6 +81,7 @@ def run_evaluate(cfg: EvaluateJobConfig, log: Any = print) -> EvalSummary:
     e = cfg.eval
     opts = fs.S3Options.of(cfg.storage)
     items, skipped = read_items(e.data, opts)
+    pairs = order_pair_indices(e.data, items, opts)
     texts = eval_texts(items)
     summary = EvalSummary(split=e.data.annotations, num_items=len(items), num_evaluated=len(items),
                           skipped=list(skipped), out_dir=fs.join(e.out, cfg.run_name))
@@ -99,10 +103,15 @@ def run_evaluate(cfg: EvaluateJobConfig, log: Any = print) -> EvalSummary:
             raise ValueError(f"{e.data.annotations}: no video could be decoded for model {spec.name}")
         sim_TV = enc.text_NP[keep].astype(np.float64) @ enc.video_NP[keep].astype(np.float64).T
         summary.results[spec.name] = t2v_v2t(sim_TV)
+        position = np.cumsum(keep) - 1  # item index -> row of the kept matrix
+        kept = [(position[i], position[j]) for i, j in pairs if keep[i] and keep[j]]
+        if kept:
+            summary.results[spec.name][ORDER_KEY] = order_awareness(sim_TV, kept)
         if e.dsl:
             summary.results[spec.name + "+dsl"] = t2v_v2t(sim_TV, use_dsl=True)
         _save_matrix(summary.out_dir, spec.name, sim_TV, [it.clip_id for it, k in zip(items, keep) if k], opts)
-        log(f"[evaluate] {spec.name}: t2v R@1 {summary.results[spec.name]['t2v/R1']:.1f}")
+        log(f"[evaluate] {spec.name}: t2v R@1 {summary.results[spec.name]['t2v/R1']:.1f}"
+            + (f", order-aware {summary.results[spec.name][ORDER_KEY]:.1f}% of {len(kept)} pairs" if kept else ""))
     summary.wall_s = time.perf_counter() - t0
     _write_results(summary, cfg, opts)
     summary.mlflow_run_id = _log_mlflow(summary, cfg)

@@ -185,3 +185,40 @@ def read_items(cfg: RetrievalDataConfig, opts: fs.S3Options | None = None) -> Re
 def eval_texts(items: Sequence[RetrievalItem]) -> list[str]:
     """One text per video, for a square test matrix: the first text (the paragraph, if joined)."""
     return [item.texts[0] for item in items]
+
+
+def read_clip_groups(path: str, key: str, opts: fs.S3Options | None = None) -> list[list[str]]:
+    """A JSON file holding a list of clip-id lists (`data.batch_groups`, `order_pairs`).
+
+    Raises:
+        ValueError: unreadable, not JSON, or not a list of string lists; the message starts with
+            `key` and names the file.
+    """
+    try:
+        raw = json.loads(fs.read_bytes(path, opts).decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{key}: cannot read {path}: {e}") from None
+    if not isinstance(raw, list) or not all(isinstance(g, list) and all(isinstance(c, str) for c in g) for g in raw):
+        raise ValueError(f"{key}: {path} must hold a JSON list of clip-id lists")
+    return raw
+
+
+def order_pair_indices(cfg: RetrievalDataConfig, items: Sequence[RetrievalItem],
+                       opts: fs.S3Options | None = None) -> list[tuple[int, int]]:
+    """`cfg.order_pairs` as (i, j) indices into `items` ([] when the split has none). Pairs with a
+    clip that is not among the items (skipped rows, `limit`) drop out.
+
+    Raises:
+        ValueError: a bad file, a group that is not two distinct ids, or no pair left; the message
+            starts with "data.order_pairs".
+    """
+    if not cfg.order_pairs:
+        return []
+    groups = read_clip_groups(cfg.order_pairs, "data.order_pairs", opts)
+    if any(len(g) != 2 or g[0] == g[1] for g in groups):
+        raise ValueError(f"data.order_pairs: {cfg.order_pairs}: every entry must be two distinct clip ids")
+    index = {it.clip_id: i for i, it in enumerate(items)}
+    pairs = [(index[a], index[b]) for a, b in groups if a in index and b in index]
+    if not pairs:
+        raise ValueError(f"data.order_pairs: no pair of {cfg.order_pairs} has both clips in {cfg.annotations}")
+    return pairs

@@ -1,4 +1,4 @@
-"""Retrieval metrics on a square similarity matrix: R@1/5/10, MdR, MnR, DSL, report tables.
+"""Retrieval metrics on a square similarity matrix: R@1/5/10, MdR, MnR, DSL, order awareness, tables.
 
 Pure numpy (no torch, no Ray): the evaluation job and in-training validation both compute the
 full similarity matrix and hand it here (clipvip_spec.md 5.1).
@@ -158,6 +158,43 @@ def t2v_v2t(sim_TV: np.ndarray, use_dsl: bool = False,
     return out
 
 
+ORDER_TIE = 1e-5
+"""Pair margins within this are ties: an order-blind model's two features of a pair differ only by
+float summation order (~1e-7), far below it; cosine similarities span [-1, 1]."""
+
+
+def order_awareness(sim_TV: np.ndarray, pairs_P2: np.ndarray) -> float:
+    """Percent of clip pairs ranked the right way round (0-100; an order-blind model scores 50).
+
+    Each pair (i, j) is two clips that differ only in frame order (a clip and its time-reversed
+    twin), text i describing clip i and text j clip j. The pair is right when the true matching
+    scores above the swapped one, S[i, i] + S[j, j] > S[i, j] + S[j, i]; for dot-product scores that
+    is (t_i - t_j) . (v_i - v_j) > 0, the texts' difference pointing the way of the videos'.
+    A margin within ORDER_TIE counts half: a model that gives both clips the same features (mean
+    pooling over the same frames) gets exactly 50, whatever its texts.
+
+    Args:
+        sim_TV: [N, N] text x video similarities, text i describing video i.
+        pairs_P2: [P, 2] int indices into the N items.
+
+    Returns:
+        The percentage.
+
+    Raises:
+        ValueError: no pairs, an index out of range, or a pair of one item.
+    """
+    sim_TV = _check_square(sim_TV)
+    pairs_P2 = np.asarray(pairs_P2, dtype=np.int64).reshape(-1, 2)
+    if len(pairs_P2) == 0:
+        raise ValueError("order_awareness needs at least one pair")
+    if pairs_P2.min() < 0 or pairs_P2.max() >= len(sim_TV) or (pairs_P2[:, 0] == pairs_P2[:, 1]).any():
+        raise ValueError(f"order pairs must be two distinct indices in [0, {len(sim_TV)}), got {pairs_P2.tolist()}")
+    i, j = pairs_P2[:, 0], pairs_P2[:, 1]
+    margin_P = (sim_TV[i, i] + sim_TV[j, j]) - (sim_TV[i, j] + sim_TV[j, i])
+    score_P = np.where(margin_P > ORDER_TIE, 1.0, np.where(margin_P >= -ORDER_TIE, 0.5, 0.0))
+    return float(score_P.mean() * 100.0)
+
+
 def chance_r_at_k(n: int, k: int) -> float:
     """R@k in percent of a random ranking over n candidates: 100 * min(k, n) / n."""
     if n < 1 or k < 1:
@@ -167,19 +204,22 @@ def chance_r_at_k(n: int, k: int) -> float:
 
 _TABLE_COLUMNS = (("t2v R@1", "t2v/R1"), ("t2v R@5", "t2v/R5"), ("t2v R@10", "t2v/R10"),
                   ("t2v MdR", "t2v/MdR"), ("t2v MnR", "t2v/MnR"), ("v2t R@1", "v2t/R1"))
+ORDER_KEY = "order/aware"
+ORDER_COLUMN = ("order-aware %", ORDER_KEY)  # shown when some model has it (a split with order pairs)
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
     """A plain aligned text table: one row per model, t2v R@1/5/10/MdR/MnR and v2t R@1.
 
     Args:
-        results: model name -> metrics as returned by `t2v_v2t`; a missing key prints "-".
+        results: model name -> metrics as returned by `t2v_v2t` (and ORDER_KEY); a missing key prints "-".
 
     Returns:
         Lines joined by "\\n" (header, rule, one line per model in insertion order), no trailing newline.
     """
-    header = ["model", *(title for title, _ in _TABLE_COLUMNS)]
-    rows = [[name, *(f"{m[key]:.1f}" if key in m else "-" for _, key in _TABLE_COLUMNS)]
+    columns = _TABLE_COLUMNS + ((ORDER_COLUMN,) if any(ORDER_COLUMN[1] in m for m in results.values()) else ())
+    header = ["model", *(title for title, _ in columns)]
+    rows = [[name, *(f"{m[key]:.1f}" if key in m else "-" for _, key in columns)]
             for name, m in results.items()]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 

@@ -91,5 +91,5 @@ def _log_train(log: RunLog, metrics: dict[str, torch.Tensor], state: TrainState,
 def _validate_and_keep_best(engine, cfg, loop_config, val_items, state, rank, world, tracker) -> None:
     """Validation (pipeline/train/validation.py); a new best's weights go to `<run>-best`."""
     if validate_and_track(engine, cfg, val_items, cfg.data.train.video_format, cfg.data.select_metric, state,
-                          rank, world, tracker, TAG):
+                          rank, world, tracker, TAG, [tuple(p) for p in loop_config.get("val_pairs", [])]):
         finish.write_weights(engine, loop_config["best_dir"], cfg, rank, TAG)

@@ -10,7 +10,6 @@ these; nothing else builds a trainer.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,7 +39,8 @@ def _absolute(path: str) -> str:
 
 def _split_paths(split: Any) -> Any:
     return split if split is None else dataclasses.replace(split, annotations=local_path(split.annotations),
-                                                            video_root=local_path(split.video_root))
+                                                            video_root=local_path(split.video_root),
+                                                            order_pairs=local_path(split.order_pairs))
 
 
 def resolve_pretrain(cfg: PretrainJobConfig) -> PretrainJobConfig:
@@ -95,7 +95,8 @@ def run_pretrain(cfg: PretrainJobConfig, val_items: list | None = None) -> Train
     run_id = mlflow_run(cfg, "pretrain")
     if run_id:
         print(f"[pretrain] MLflow run {run_id} at {cfg.tracking.tracking_uri} ({cfg.run_name})", flush=True)
-    trainer = make_trainer(cfg, run_id, extra_loop_config={"val_items": [asdict(it) for it in val]})
+    trainer = make_trainer(cfg, run_id, extra_loop_config={"val_items": [asdict(it) for it in val],
+                                                           "val_pairs": _order_pairs(cfg.val, val, cfg)})
     return TrainRun(cfg, trainer.fit(), run_id)
 
 
@@ -143,15 +144,11 @@ def _batch_groups(cfg: FinetuneJobConfig, train: list) -> list[list[int]]:
     """`data.batch_groups` as index groups of `train`; a clear error for an unreadable file."""
     if not cfg.data.batch_groups:
         return []
+    from pipeline.eval.formats import read_clip_groups  # noqa: PLC0415
     from pipeline.train.retrieval_data import resolve_groups  # noqa: PLC0415
 
     try:
-        raw = json.loads(fs.read_bytes(cfg.data.batch_groups, fs.S3Options.of(cfg.storage)).decode("utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"data.batch_groups: cannot read {cfg.data.batch_groups}: {e}") from None
-    if not isinstance(raw, list) or not all(isinstance(g, list) and all(isinstance(c, str) for c in g) for g in raw):
-        raise ConfigError(f"data.batch_groups: {cfg.data.batch_groups} must hold a JSON list of clip-id lists")
-    try:
+        raw = read_clip_groups(cfg.data.batch_groups, "data.batch_groups", fs.S3Options.of(cfg.storage))
         groups, missing = resolve_groups(train, raw)
     except ValueError as e:
         raise ConfigError(f"data.batch_groups: {e}") from None
@@ -173,5 +170,17 @@ def run_finetune(cfg: FinetuneJobConfig, data: tuple | None = None) -> TrainRun:
         print(f"[finetune] MLflow run {run_id} at {cfg.tracking.tracking_uri} ({cfg.run_name})", flush=True)
     trainer = make_trainer(cfg, run_id, loop=finetune_loop_per_worker, extra_loop_config={
         "train_items": [asdict(it) for it in train], "val_items": [asdict(it) for it in val],
-        "train_groups": groups})
+        "train_groups": groups, "val_pairs": _order_pairs(cfg.data.val, val, cfg)})
     return TrainRun(cfg, trainer.fit(), run_id)
+
+
+def _order_pairs(split: Any, items: list, cfg: Any) -> list[tuple[int, int]]:
+    """The validation split's `order_pairs` as item indices ([] without); errors before Ray Train starts."""
+    if split is None or not split.order_pairs:
+        return []
+    from pipeline.eval.formats import order_pair_indices  # noqa: PLC0415
+
+    try:
+        return order_pair_indices(split, items, fs.S3Options.of(cfg.storage))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -17,19 +17,21 @@ import torch
 import torch.distributed as dist
 
 from pipeline.eval.formats import RetrievalItem
+from pipeline.eval.metrics import ORDER_KEY
 from pipeline.train.checkpoint import TrainState
 from pipeline.utils import fs
 
 
-def validate(model, items: list[RetrievalItem], video_format: str, cfg: Any, rank: int, world: int
-             ) -> dict[str, float] | None:
+def validate(model, items: list[RetrievalItem], video_format: str, cfg: Any, rank: int, world: int,
+             pairs: list[tuple[int, int]] = ()) -> dict[str, float] | None:
     """t2v/v2t metrics of `items` (rank 0; None elsewhere), at the run's frames, size and text
-    length. Every rank encodes items[rank::world] (padded to equal counts so collective forwards
+    length, and `order/aware` over `pairs` (indices into items: the split's `order_pairs`) when
+    given. Every rank encodes items[rank::world] (padded to equal counts so collective forwards
     match), features are gathered."""
     from pipeline.data.sampling import BadSample  # noqa: PLC0415
     from pipeline.eval.encode import encode_clips, encode_texts  # noqa: PLC0415
     from pipeline.eval.formats import eval_texts  # noqa: PLC0415
-    from pipeline.eval.metrics import t2v_v2t  # noqa: PLC0415
+    from pipeline.eval.metrics import order_awareness, t2v_v2t  # noqa: PLC0415
     from pipeline.eval.video import load_clip  # noqa: PLC0415
 
     t = cfg.train
@@ -67,17 +69,23 @@ def validate(model, items: list[RetrievalItem], video_format: str, cfg: Any, ran
     order = sorted(by_index)
     video_NP = np.stack([by_index[i][0] for i in order]).astype(np.float64)
     text_NP = np.stack([by_index[i][1] for i in order]).astype(np.float64)
-    out = t2v_v2t(text_NP @ video_NP.T)
+    sim_TV = text_NP @ video_NP.T
+    out = t2v_v2t(sim_TV)
+    position = {i: k for k, i in enumerate(order)}  # a video that failed to decode leaves its pair out
+    kept = [(position[i], position[j]) for i, j in pairs if i in position and j in position]
+    if kept:
+        out[ORDER_KEY] = order_awareness(sim_TV, kept)
     out["num_videos"] = float(len(order))
     return out
 
 
 def validate_and_track(engine: Any, cfg: Any, items: list[RetrievalItem], video_format: str, metric: str,
-                       state: TrainState, rank: int, world: int, tracker: Any, tag: str) -> bool:
+                       state: TrainState, rank: int, world: int, tracker: Any, tag: str,
+                       pairs: list[tuple[int, int]] = ()) -> bool:
     """Validate at `state.step`, log `val/` metrics (rank 0), keep the best `metric` and its step in
     `state` on every rank; returns whether this step is the new best."""
     t0 = time.perf_counter()
-    result = validate(engine.module.model, items, video_format, cfg, rank, world)
+    result = validate(engine.module.model, items, video_format, cfg, rank, world, pairs)
     improved = torch.zeros(1)
     if rank == 0:
         score = result[metric]
@@ -86,7 +94,9 @@ def validate_and_track(engine: Any, cfg: Any, items: list[RetrievalItem], video_
             state.best_metric, state.best_step = float(score), state.step
             improved[0] = 1
         print(f"[{tag}] val @ step {state.step}: {metric} {score:.1f} (best {state.best_metric:.1f} @ "
-              f"{state.best_step}) | t2v R@5 {result['t2v/R5']:.1f} | {time.perf_counter() - t0:.1f} s | "
+              f"{state.best_step}) | t2v R@5 {result['t2v/R5']:.1f}"
+              + (f" | order-aware {result[ORDER_KEY]:.1f}%" if ORDER_KEY in result else "")
+              + f" | {time.perf_counter() - t0:.1f} s | "
               f"{cfg.run_name}", flush=True)
     if world > 1:
         dist.broadcast(improved, src=0)

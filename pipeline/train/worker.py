@@ -68,7 +68,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Zero-shot: the post-pretrained model ranks a downstream split it never trained on.
         if val_items and (state.step % cfg.train.val_every_steps == 0 or state.step == total):
             validate_and_track(s.engine, cfg, val_items, cfg.val.video_format, VAL_METRIC, state, s.rank, s.world,
-                               s.tracker, "pretrain")
+                               s.tracker, "pretrain", [tuple(p) for p in loop_config.get("val_pairs", [])])
 
     run_steps(s, cfg, loop_config, log, spe, StepLoop(batches, log_step, validate_when_due))
     finish_session(s, cfg, loop_config["export_dir"], [(loop_config["export_dir"], "model")], "model", "pretrain")

@@ -39,6 +39,8 @@ def split(sample_data, tmp_path_factory):
     (videos / f"{test_rows[0]['clip_id']}.mp4").write_bytes(b"\x00\x00\x00 this is not an mp4")
     return {"videos": str(videos), "test": sample_data.retrieval_jsonl, "train": sample_data.retrieval_train_jsonl,
             "val": sample_data.retrieval_val_jsonl, "pairs": sample_data.retrieval_train_pairs,
+            "test_pairs": sample_data.retrieval_test_pairs,
+            "val_pairs": os.path.join(os.path.dirname(sample_data.retrieval_val_jsonl), "val_pairs.json"),
             "bad": test_rows[0]["clip_id"], "n_test": len(test_rows)}
 
 
@@ -51,6 +53,7 @@ def test_evaluate_two_models_side_by_side(ray_local, split, tmp_path):
     cfg = resolve_paths(load_config(EvaluateJobConfig, None, [
         "run_name=smoke", "eval.data.format=msrvtt", f"eval.data.annotations={split['test']}",
         f"eval.data.video_root={split['videos']}", "eval.data.num_frames=4", "eval.image_size_px=32",
+        f"eval.data.order_pairs={split['test_pairs']}",
         f"eval.out={out}", f"tracking.tracking_uri=sqlite:///{db}", "ray.progress_bars=false",
         "eval.models=[{name: clip-vip, model: {preset: tiny, max_text_len: 16}}, {name: meanpool, model: {preset: tiny, "
         "max_text_len: 16, add_cls_num: 0, use_temporal_embed: false, video_pooling: mean}}]"]))
@@ -67,13 +70,18 @@ def test_evaluate_two_models_side_by_side(ray_local, split, tmp_path):
     sims = np.load(out / "smoke" / "sim_clip-vip.npz")
     assert sims["sim_TV"].shape == (n, n) and split["bad"] not in sims["clip_ids"].tolist()
     assert not np.allclose(np.load(out / "smoke" / "sim_meanpool.npz")["sim_TV"], sims["sim_TV"])  # two models
+    # Order awareness over the test pairs whose both clips decoded: mean pooling sees a clip and its
+    # reversed twin as the same frames, so it is exactly at the order-blind 50.
+    assert doc["results"]["meanpool"]["order/aware"] == 50.0 and "order/aware" not in doc["results"]["meanpool+dsl"]
+    assert 0.0 <= doc["results"]["clip-vip"]["order/aware"] <= 100.0 and doc["chance"]["order/aware"] == 50.0
+    assert "order-aware %" in text
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("clipvip").experiment_id])
     assert run.data.metrics["clip-vip/t2v/R1"] == pytest.approx(doc["results"]["clip-vip"]["t2v/R1"])
-    assert "meanpool/dsl/t2v/R1" in run.data.metrics
+    assert "meanpool/dsl/t2v/R1" in run.data.metrics and run.data.metrics["meanpool/order/aware"] == 50.0
 
 
 def test_evaluate_refuses_a_missing_split(tmp_path):
@@ -90,7 +98,7 @@ def finetune_args(split, storage, db, run_name, *extra):
         "train.image_size_px=32", "train.precision=fp32", "train.lr=1e-3", "train.grad_clip=1.0",
         f"data.train.annotations={split['train']}", f"data.train.video_root={split['videos']}",
         f"data.val.annotations={split['val']}", f"data.val.video_root={split['videos']}",
-        "train.val_every_steps=3", "data.cache_decoded_mb=64", f"data.batch_groups={split['pairs']}",
+        f"data.val.order_pairs={split['val_pairs']}", "train.val_every_steps=3", "data.cache_decoded_mb=64", f"data.batch_groups={split['pairs']}",
         "ray.num_cpus=4", *extra)]
 
 
@@ -130,8 +138,9 @@ def test_finetune_killed_and_resubmitted_resumes(split, tmp_path):
                 "train/skipped_videos", "train/logit_scale"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert steps == loss_steps, (key, steps)
-    val_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/t2v/R1")]
-    assert val_steps == [3, 6], val_steps
+    for key in ("val/t2v/R1", "val/order/aware"):
+        val_steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert val_steps == [3, 6], (key, val_steps)
     assert run.data.params["data.select_metric"] == "t2v/R1"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "best_model"} <= artifacts, artifacts

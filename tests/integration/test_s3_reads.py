@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.config import FramesConfig
 from pipeline.data.metadata import ClipSpec, VideoEntry
 from pipeline.data.shards import UnitContext, decode_video
-from pipeline.data.synthetic import encode_video
+from pipeline.data.synthetic_render import encode_video
 from pipeline.utils import fs
 
 

@@ -174,6 +174,9 @@ def test_validation_splits_sample_the_training_frames():
     with pytest.raises(ConfigError, match=r"^data.train.num_frames: 8 would be ignored"):
         load_config(c.FinetuneJobConfig, None, ["data.train.annotations=a", "data.train.video_root=v",
                                                 "data.train.num_frames=8", "data.val_holdout=2"])
+    with pytest.raises(ConfigError, match=r"^data.train.order_pairs: training uses no order pairs"):
+        load_config(c.FinetuneJobConfig, None, ["data.train.annotations=a", "data.train.video_root=v",
+                                                "data.train.order_pairs=p.json", "data.val_holdout=2"])
 
 
 def test_tracking_uri_from_the_environment_without_credentials(monkeypatch):

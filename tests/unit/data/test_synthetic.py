@@ -10,7 +10,9 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.data.synthetic import COLOURS, SampleDataset, SampleDataSpec, encode_video, make_sample_dataset
+from pipeline.data.sampling import sample_frame_indices
+from pipeline.data.synthetic import SampleDataset, SampleDataSpec, make_sample_dataset
+from pipeline.data.synthetic_render import COLOURS, encode_video
 
 SMALL = SampleDataSpec(
     num_videos=3, min_duration_s=3.0, max_duration_s=6.0, resolutions=((320, 240), (160, 120), (256, 144)),
@@ -149,17 +151,28 @@ def test_retrieval_pairs_need_frame_order(dataset: SampleDataset) -> None:
     assert [r["clip_id"] for r in rows] == [f"video{k}" for k in range(SMALL.num_retrieval)]
     text = {r["clip_id"]: r["text"] for r in rows}
     pairs = _info(dataset)["retrieval_pairs"]
+    with open(dataset.retrieval_test_pairs, encoding="ascii") as f:
+        assert json.load(f) == pairs
     assert sorted(c for p in pairs for c in p) == sorted(text)
+    directions = {("to the right", "to the left"): "horizontal", ("up the screen", "down the screen"): "vertical",
+                  ("grows larger", "shrinks"): "size"}
+    named = set()
     for fwd_id, bwd_id in pairs:
         fwd, bwd = text[fwd_id], text[bwd_id]
         assert fwd.split()[:3] == bwd.split()[:3] and fwd != bwd
-        directions = {("to the right", "to the left"), ("up the screen", "down the screen"), ("grows larger", "shrinks")}
-        assert any((a in fwd and b in bwd) or (b in fwd and a in bwd) for a, b in directions), (fwd, bwd)
+        axis = [axis for (a, b), axis in directions.items() if (a in fwd and b in bwd) or (b in fwd and a in bwd)]
+        assert len(axis) == 1, (fwd, bwd)
+        named.add((*fwd.split()[1:3], axis[0]))
         a = _decode_rgb(os.path.join(dataset.retrieval_video_root, f"{fwd_id}.mp4"))
         b = _decode_rgb(os.path.join(dataset.retrieval_video_root, f"{bwd_id}.mp4"))
-        assert len(a) == len(b) >= 10
-        assert np.abs(a[0].astype(int) - b[-1]).mean() < 3  # same frames, reversed (up to coding noise)
-        assert np.abs(a[0].astype(int) - a[-1]).mean() > 2 * np.abs(a[0].astype(int) - b[-1]).mean()
+        # Lossless: the twin decodes to exactly the same frames, reversed, and 12k + 1 of them, so
+        # uniform test sampling of 4 frames picks the same frames from both.
+        assert len(a) == len(b) and (len(a) - 1) % 12 == 0
+        assert all(np.array_equal(x, y) for x, y in zip(a, b[::-1], strict=True))
+        assert not np.array_equal(a[0], a[-1])
+        picks_a, picks_b = sample_frame_indices(len(a), 4, False), sample_frame_indices(len(b), 4, False)
+        assert [a[i].tobytes() for i in picks_a] == [b[i].tobytes() for i in picks_b][::-1]
+    assert len(named) == len(pairs)  # a test caption names its pair: colour + shape + axis never repeat
 
 
 def test_retrieval_splits_are_disjoint_and_share_the_vocabulary(dataset: SampleDataset) -> None:
@@ -176,6 +189,9 @@ def test_retrieval_splits_are_disjoint_and_share_the_vocabulary(dataset: SampleD
         assert os.path.exists(os.path.join(dataset.retrieval_video_root, f"{clip_id}.mp4"))
     info = _info(dataset)
     assert info["retrieval_splits"] == {"train": 4, "val": 2, "test": 6}
+    for split, ids in (("train", train), ("val", val)):
+        with open(os.path.join(os.path.dirname(dataset.retrieval_jsonl), f"{split}_pairs.json"), encoding="ascii") as f:
+            assert sorted(c for p in json.load(f) for c in p) == sorted(ids, key=str)
     assert sorted(c for p in info["retrieval_pairs"] for c in p) == sorted(test, key=str)
 
 

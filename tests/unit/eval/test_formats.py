@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import ConfigError, build_dataclass
 from pipeline.config import RetrievalDataConfig
-from pipeline.eval.formats import RetrievalItem, eval_texts, read_items
+from pipeline.eval.formats import RetrievalItem, eval_texts, order_pair_indices, read_items
 
 
 def write_jsonl(path, rows) -> str:
@@ -173,3 +173,23 @@ def test_config_validation_messages():
         build_dataclass(RetrievalDataConfig, {"annotations": "a", "video_root": "v", "limit": 0}, prefix="eval.data")
     with pytest.raises(ConfigError, match=r"^eval\.data\.format: must be one of"):
         build_dataclass(RetrievalDataConfig, {"annotations": "a", "video_root": "v", "format": "x"}, prefix="eval.data")
+
+
+def test_order_pairs_become_item_indices_and_bad_files_are_named(tmp_path):
+    videos = touch(tmp_path / "videos", *(f"video{k}.mp4" for k in range(4)))
+    ann = write_jsonl(tmp_path / "test.jsonl", [{"clip_id": f"video{k}", "text": f"t{k}"} for k in (0, 1, 3)])
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([["video3", "video0"], ["video1", "video2"]]))  # video2 has no row: dropped
+    cfg = RetrievalDataConfig(annotations=ann, video_root=videos, order_pairs=str(pairs))
+    items, _ = read_items(cfg)
+    assert order_pair_indices(cfg, items) == [(2, 0)]
+    assert order_pair_indices(RetrievalDataConfig(annotations=ann, video_root=videos), items) == []
+    for content, why in (('{"a": 1}', "must hold a JSON list"), ('[["video0", "video1", "video3"]]', "two distinct"),
+                         ('[["video0", "video0"]]', "two distinct"), ('[["video0", "video2"]]', "no pair"),
+                         ("not json", "cannot read")):
+        pairs.write_text(content)
+        with pytest.raises(ValueError, match=f"^data.order_pairs: .*{why}"):
+            order_pair_indices(cfg, items)
+    with pytest.raises(ValueError, match="^data.order_pairs: cannot read .*absent.json"):
+        order_pair_indices(RetrievalDataConfig(annotations=ann, video_root=videos,
+                                               order_pairs=str(tmp_path / "absent.json")), items)

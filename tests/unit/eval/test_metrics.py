@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline.eval import metrics
-from pipeline.eval.metrics import (chance_r_at_k, dsl, format_table, gt_ranks, retrieval_metrics,
-                                   t2v_v2t)
+from pipeline.eval.metrics import (ORDER_KEY, chance_r_at_k, dsl, format_table, gt_ranks, order_awareness,
+                                   retrieval_metrics, t2v_v2t)
 
 
 def reference_ranks(sim_QC: np.ndarray) -> np.ndarray:
@@ -190,3 +190,49 @@ def test_format_table_aligns_models():
                                 "v2t", "R@1"]
     assert lines[2].split() == ["clip-vip-b32", "100.0", "100.0", "100.0", "1.0", "1.0", "100.0"]
     assert lines[3].split() == ["zero-shot", "31.7", "-", "-", "3.0", "-", "-"]
+
+
+def test_order_awareness_by_hand():
+    # Items 0/1 and 2/3 are forward/backward twins; text i describes video i.
+    sim_TV = np.array([
+        [0.9, 0.5, 0.1, 0.0],  # pair (0, 1): 0.9 + 0.8 > 0.5 + 0.2 -> right
+        [0.2, 0.8, 0.0, 0.1],
+        [0.1, 0.0, 0.3, 0.7],  # pair (2, 3): 0.3 + 0.4 < 0.7 + 0.6 -> wrong
+        [0.0, 0.1, 0.6, 0.4],
+    ])
+    assert order_awareness(sim_TV, [(0, 1), (2, 3)]) == 50.0
+    assert order_awareness(sim_TV, [(0, 1)]) == 100.0
+    assert order_awareness(sim_TV, [(2, 3)]) == 0.0
+    # Which clip of the pair is called "forward" does not matter.
+    assert order_awareness(sim_TV, [(1, 0), (3, 2)]) == 50.0
+
+
+def test_order_blind_features_score_exactly_50_whatever_the_texts():
+    rng = np.random.default_rng(0)
+    texts = rng.normal(size=(8, 16))
+    videos = rng.normal(size=(4, 16))
+    # Twins get the same features up to float summation order (what mean pooling of the same
+    # frames in reverse order gives); the texts of a pair differ as much as they like.
+    video_NP = np.repeat(videos, 2, axis=0)
+    video_NP[1::2] += rng.normal(scale=1e-8, size=(4, 16))
+    pairs = [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert order_awareness(texts @ video_NP.T, pairs) == 50.0
+    # An order-aware model that gets the twins apart the right way round scores 100.
+    video_NP[1::2] = -video_NP[0::2]
+    text_NP = video_NP + rng.normal(scale=0.01, size=video_NP.shape)
+    assert order_awareness(text_NP @ video_NP.T, pairs) == 100.0
+    assert order_awareness(text_NP @ video_NP[[1, 0, 3, 2, 5, 4, 7, 6]].T, pairs) == 0.0
+
+
+def test_order_awareness_rejects_bad_pairs():
+    sim_TV = np.eye(4)
+    for bad in ([], [(0, 4)], [(1, 1)], [(-1, 0)]):
+        with pytest.raises(ValueError, match="pair"):
+            order_awareness(sim_TV, bad)
+
+
+def test_format_table_shows_the_order_column_only_when_measured():
+    plain = {"a": {"t2v/R1": 10.0}}
+    assert "order-aware" not in format_table(plain)
+    table = format_table({"a": {"t2v/R1": 10.0, ORDER_KEY: 87.5}, "b": {"t2v/R1": 5.0}})
+    assert "order-aware %" in table.splitlines()[0] and "87.5" in table and table.splitlines()[-1].endswith("-")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.sampling import BadSample, sample_frame_indices
-from pipeline.data.synthetic import encode_video
+from pipeline.data.synthetic_render import encode_video
 from pipeline.eval import video
 from pipeline.eval.formats import RetrievalItem
 from pipeline.eval.video import count_frames, list_frame_files, load_clip

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.data.sampling import clip_hash
-from pipeline.data.synthetic import encode_video
+from pipeline.data.synthetic_render import encode_video
 from pipeline.eval.formats import RetrievalItem
 from pipeline.train.retrieval_data import (
     FrameCache,
