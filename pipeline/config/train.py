@@ -134,6 +134,10 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_ratio: float = 0.01
     grad_clip: float = 5.0
+    adamw_impl: Literal["auto", "fused"] = "auto"
+    """torch AdamW's kernel: "auto" is torch's choice (a loop over tensors on CPU, multi-tensor
+    foreach on GPU), "fused" its fused kernel. The same update, not bit-identical: the tiny demo's
+    robustness bench flips it to perturb rounding (bench/demo_robustness.py)."""
     zero_stage: int = 1
     precision: Literal["fp32", "bf16"] = "bf16"
     num_frames: int = 12

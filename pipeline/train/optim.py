@@ -30,14 +30,15 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
     return [g for g in groups if g["params"]]
 
 
-def make_adamw(groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6
-               ) -> torch.optim.AdamW:
-    """AdamW as the paper: betas (0.9, 0.98), eps 1e-6, decoupled decay.
+def make_adamw(groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
+               fused: bool = False) -> torch.optim.AdamW:
+    """AdamW as the paper: betas (0.9, 0.98), eps 1e-6, decoupled decay; torch's fused kernel when
+    `fused` (train.adamw_impl), else torch's default kernel.
 
     A torch optimizer passed to DeepSpeed as a client optimizer: a DeepSpeed-config optimizer
     would JIT-build FusedAdam on CPU (84 s) for no gain at this size.
     """
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
 def lr_at(step: int, base_lr: float, total_steps: int, warmup_ratio: float = 0.01, min_lr: float = 1e-8) -> float:

@@ -191,7 +191,8 @@ def build_engine(cfg: Any, task: torch.nn.Module, world_size: int) -> Any:
     weight-decay groups: what every worker trains, and what the benches time."""
     import deepspeed  # noqa: PLC0415
 
-    optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr)
+    optimizer = make_adamw(param_groups(task.named_parameters(), cfg.train.weight_decay), lr=cfg.train.lr,
+                           fused=cfg.train.adamw_impl == "fused")
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config(cfg, world_size))
     return engine
 

@@ -34,6 +34,25 @@ def test_official_no_decay_rule():
 def test_adamw_hyperparameters():
     opt = make_adamw(param_groups(Tiny().named_parameters(), 0.05), lr=5e-6)
     assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["eps"] == 1e-6
+    assert not opt.defaults["fused"]
+
+
+def test_fused_adamw_is_the_same_update_up_to_rounding():
+    """train.adamw_impl=fused: torch's fused kernel, what the demo's robustness bench flips."""
+    torch.manual_seed(0)
+    models = [Tiny(), Tiny()]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [make_adamw(param_groups(m.named_parameters(), 0.05), lr=1e-2, fused=f)
+            for m, f in zip(models, (False, True), strict=True)]
+    assert opts[1].defaults["fused"]
+    x = torch.randn(8, 4)
+    for _ in range(5):
+        for m, opt in zip(models, opts, strict=True):
+            opt.zero_grad()
+            (m.fc(m.layer_norm1(x)).square().sum() * m.logit_scale + m.added_cls.square().sum()).backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_schedule_warmup_then_cosine():
