@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import socket
 import sys
 from typing import Any
 
@@ -45,8 +47,35 @@ def init_ray(cfg: RayConfig) -> None:
         # cores). Without it Ray Train V2's PlacementGroupCleaner cannot reach the State API and
         # warns every second for as long as Ray is up; worker-side Python logging at ERROR drops
         # that (and Ray Train's INFO chatter). Our own progress lines are prints and still show.
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
-                 logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"))
+        with _own_address():
+            ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
+                     logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"),
+                     _node_ip_address="127.0.0.1")
+
+
+@contextlib.contextmanager
+def _own_address():
+    """Start the local instance at a GCS port chosen here, with RAY_ADDRESS naming it in the
+    environment its processes inherit (the raylet, and every worker it starts).
+
+    Ray Train V2's PlacementGroupCleaner, a detached actor, finds its cluster through Ray's address
+    auto-detection, which raises "Found multiple active Ray instances" when another local Ray is
+    up: a traceback at the end of the job. With RAY_ADDRESS set it looks no further. The driver's
+    own environment is restored afterwards, so a later `ray.init()` in this process starts afresh.
+    """
+    with socket.socket() as s:  # a free port; the GCS binds it a moment later
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
+    os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # Failures raised inside a Ray actor reach the driver wrapped in Ray's own errors (an

@@ -1,11 +1,14 @@
 """Drop known false alarms from a CLI's stderr, line by line, passing everything else through.
 
-Ray's core worker logs at error level, from C++ straight to file descriptor 2, each time Ray Data
-starts an actor pool: "Actor with class name: 'MapWorker(...)' ... has constructor arguments in
-the object store and max_restarts > 0". Ray Data passes its own references to every actor it
-creates; ours stay owned by the driver for the life of the dataset, so the restart it warns about
-cannot fail here (https://github.com/ray-project/ray/issues/57733, open; background in
-https://github.com/ray-project/ray/issues/53727). A new user reads it as a failure of the job.
+Ray's core worker logs at error level, from C++ straight to file descriptor 2, each time a
+restartable actor is created with arguments in the object store: Ray Data's map workers
+("Actor with class name: 'MapWorker(...)' ... has constructor arguments in the object store and
+max_restarts > 0") at every Ray Data stage, Ray Train's PreemptionWatcher at every training run.
+It says such an actor could not be restarted once the owner of those arguments is gone; the owner
+is the job's driver (or Ray Train's controller), which lives as long as the actor's job, so the
+restart it warns about cannot fail here (https://github.com/ray-project/ray/issues/57733, open;
+background in https://github.com/ray-project/ray/issues/53727). A new user reads it as a failure
+of the job, so the CLI drops it; any other error line passes.
 
 Python cannot intercept a C++ write to fd 2, so `install()` points fd 2 at a pipe read by a
 small child process (this module's `main`) that copies lines to the real stderr, minus the
@@ -22,8 +25,8 @@ import subprocess
 import sys
 
 NOISE = (
-    re.compile(rb"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(.*has constructor arguments in the "
-               rb"object store and max_restarts > 0"),
+    re.compile(rb"core_worker\.cc:\d+: Actor with class name: '.*' and ID: '[0-9a-f]+' has constructor arguments "
+               rb"in the object store and max_restarts > 0"),
 )
 _installed = False
 

@@ -13,6 +13,7 @@ NOISE = ("[2026-12-06 06:39:13,290 E 13251 13251] core_worker.cc:2465: Actor wit
          "arguments in the object store and max_restarts > 0. If the arguments in the object store go out of scope "
          "or are lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more "
          "details.\n")
+TRAIN_NOISE = NOISE.replace("'MapWorker(MapBatches(ShardCaptionStage))'", "'PreemptionWatcher'")
 
 SCRIPT = f"""
 import os, sys
@@ -21,6 +22,7 @@ stderr_filter.install()
 stderr_filter.install()  # idempotent
 os.write(2, b"before\\n")
 os.write(2, {NOISE.encode()!r})  # what the C++ core worker writes, in one write
+os.write(2, {TRAIN_NOISE.encode()!r})  # the same for Ray Train's actor
 os.write(2, b"progress 1/2\\r")
 os.write(2, b"[2026-12-06 06:39:14,000 E 1 1] core_worker.cc:99: a real error\\n")
 print("python stderr", file=sys.stderr, flush=True)
