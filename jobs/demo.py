@@ -49,8 +49,12 @@ QUICK = {"pretrain": ["train.max_steps=2", "train.checkpoint_every_steps=2", "tr
                       "train.micro_batch_size=4"]}
 
 
-def build_configs(out: str, sample, quick: bool = False) -> dict:
-    """Every stage's config: the tiny recipes with their paths pointed under `out`."""
+def build_configs(out: str, sample, quick: bool = False, seed: int = 0, finetune_sets: tuple[str, ...] = (),
+                  tag: str = "") -> dict:
+    """Every stage's config: the tiny recipes with their paths pointed under `out`, and `seed` as
+    every training run's train.seed (init, batch order, frame jitter). `finetune_sets` go to both
+    fine-tunes last; `tag` ends the fine-tune and evaluate run names (bench/demo_robustness.py runs
+    several such cells from one pretrain)."""
     from pipeline.config import EvaluateJobConfig, FinetuneJobConfig  # noqa: PLC0415
 
     root, runs = os.path.join(out, "dataset"), os.path.join(out, "runs")
@@ -64,23 +68,24 @@ def build_configs(out: str, sample, quick: bool = False) -> dict:
                                                       f"view.caption_set={recap.caption.set_name}", mlflow])
     cfgs = {"prepare": prep, "recaption": recap, "pack": pack}
     cfgs["pretrain/clip-vip"] = _recipe(PretrainJobConfig, "tiny_pretrain.yaml", [
-        "run_name=demo-pretrain-clip-vip", f"root={root}", f"train.view={pack.view.name}",
+        "run_name=demo-pretrain-clip-vip", f"train.seed={seed}", f"root={root}", f"train.view={pack.view.name}",
         f"train.storage_path={runs}", mlflow, f"val.annotations={ret}/val.jsonl", f"val.video_root={ret}/videos",
         f"val.order_pairs={ret}/val_pairs.json",
         *(QUICK["pretrain"] if quick else [])])
     for name, extra in (("clip-vip", []), ("meanpool-baseline", BASELINE + BASELINE_START)):
         cfgs[f"finetune/{name}"] = _recipe(FinetuneJobConfig, "tiny_finetune.yaml", [
-            f"run_name=demo-finetune-{name}", f"model.pretrained={runs}/demo-pretrain-clip-vip-export",
+            f"run_name=demo-finetune-{name}{tag}", f"train.seed={seed}",
+            f"model.pretrained={runs}/demo-pretrain-clip-vip-export",
             f"train.storage_path={runs}", mlflow, f"data.train.annotations={ret}/train.jsonl",
             f"data.train.video_root={ret}/videos", f"data.val.annotations={ret}/val.jsonl",
             f"data.val.video_root={ret}/videos", f"data.val.order_pairs={ret}/val_pairs.json",
             f"data.batch_groups={ret}/train_pairs.json", *FINETUNE_SIDE_BY_SIDE,
-            *extra, *(QUICK["finetune"] if quick else [])])
+            *extra, *(QUICK["finetune"] if quick else []), *finetune_sets])
     cfgs["evaluate"] = _recipe(EvaluateJobConfig, "tiny_evaluate.yaml", [
-        "run_name=demo-evaluate", f"eval.data.annotations={ret}/test.jsonl", f"eval.data.video_root={ret}/videos",
+        f"run_name=demo-evaluate{tag}", f"eval.data.annotations={ret}/test.jsonl", f"eval.data.video_root={ret}/videos",
         f"eval.data.order_pairs={ret}/test_pairs.json",
-        f"eval.models.0.weights={runs}/demo-finetune-clip-vip-best",
-        f"eval.models.1.weights={runs}/demo-finetune-meanpool-baseline-best",
+        f"eval.models.0.weights={runs}/demo-finetune-clip-vip{tag}-best",
+        f"eval.models.1.weights={runs}/demo-finetune-meanpool-baseline{tag}-best",
         f"eval.out={os.path.join(out, 'eval')}", mlflow])
     return cfgs
 
@@ -88,7 +93,8 @@ def build_configs(out: str, sample, quick: bool = False) -> dict:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="clipvip demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/demo", help="where sample data and outputs go")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the sample data's seed and every training run's train.seed")
     parser.add_argument("--quick", action="store_true",
                         help="smaller data and a few steps per stage: checks the wiring, not the numbers (tests)")
     args = parser.parse_args(argv)
@@ -107,7 +113,7 @@ def main(argv: list[str]) -> int:
     print(f"[demo]     {sample.num_videos} videos, {sample.num_clips} clips; retrieval test {sample.num_retrieval} "
           "clips (pairs differing only in frame order)", flush=True)
     try:
-        cfgs = build_configs(out, sample, quick=args.quick)
+        cfgs = build_configs(out, sample, quick=args.quick, seed=args.seed)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -120,23 +126,39 @@ def main(argv: list[str]) -> int:
     return 0 if report["ok"] else 1
 
 
+class _Laps:
+    """Wall time per stage into report["stage_s"]."""
+
+    def __init__(self, report: dict) -> None:
+        self.report, self.clock = report, time.perf_counter()
+        report.setdefault("stage_s", {})
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.report["stage_s"][stage] = self.report["stage_s"].get(stage, 0.0) + now - self.clock
+        self.clock = now
+
+
 def run_stages(cfgs: dict) -> dict:
+    """Every stage after the sample data, on a local Ray started here; the report dict."""
+    report: dict = {"ok": True, "pretrain": {}, "finetune": {}, "stage_s": {}}
+    lap = _Laps(report)
+    init_ray(cfgs["pretrain/clip-vip"].ray)
+    lap("ray-start")
+    data_and_pretrain(cfgs, report, lap)
+    finetune_and_evaluate(cfgs, report, lap)
+    return report
+
+
+def data_and_pretrain(cfgs: dict, report: dict, lap=None) -> None:
+    """prepare, recaption, pack and the CLIP-ViP pretrain (Ray initialised); fills `report`."""
     from pipeline.data.build import run_prepare  # noqa: PLC0415
     from pipeline.data.pack_job import run_pack  # noqa: PLC0415
     from pipeline.data.recaption import run_recaption  # noqa: PLC0415
-    from pipeline.eval.evaluate import resolve_paths, run_evaluate  # noqa: PLC0415
-    from pipeline.train.run import run_finetune, run_pretrain  # noqa: PLC0415
+    from pipeline.train.run import run_pretrain  # noqa: PLC0415
 
-    report: dict = {"ok": True, "pretrain": {}, "finetune": {}, "stage_s": {}}
-    clock = [time.perf_counter()]
-
-    def lap(stage: str) -> None:
-        now = time.perf_counter()
-        report["stage_s"][stage] = report["stage_s"].get(stage, 0.0) + now - clock[0]
-        clock[0] = now
-
-    init_ray(cfgs["pretrain/clip-vip"].ray)
-    lap("ray-start")
+    lap = lap or _Laps(report)
+    report.setdefault("pretrain", {})
     print(f"[demo] 2/7 prepare -> {cfgs['prepare'].root}", flush=True)
     prep = run_prepare(cfgs["prepare"])
     print(prep.render(), flush=True)
@@ -164,6 +186,15 @@ def run_stages(cfgs: dict) -> dict:
         "zero_shot_val_t2v_R1": _last_metric(uri, run.mlflow_run_id, "val/t2v/R1"),
         **{k: m.get(k) for k in ("samples_per_s", "samples_per_s_per_worker", "tflops_per_worker", "mfu")}}
     lap("pretrain")
+
+
+def finetune_and_evaluate(cfgs: dict, report: dict, lap=None) -> None:
+    """Both fine-tunes side by side, then the test evaluation of both (Ray initialised); fills `report`."""
+    from pipeline.eval.evaluate import resolve_paths, run_evaluate  # noqa: PLC0415
+    from pipeline.train.run import run_finetune  # noqa: PLC0415
+
+    lap = lap or _Laps(report)
+    report.setdefault("finetune", {})
     ft_cfgs = {name: cfgs[f"finetune/{name}"] for name in MODELS}
     print(f"[demo] 6/7 finetune {' and '.join(MODELS)} from the CLIP-ViP pretrain, side by side, on the retrieval "
           f"train split (best on val; runs {', '.join(c.run_name for c in ft_cfgs.values())})", flush=True)
@@ -182,7 +213,6 @@ def run_stages(cfgs: dict) -> dict:
     report["evaluate"] = {"results": summary.results, "chance": summary.chance(), "num": summary.num_evaluated,
                           "out": summary.out_dir, "mlflow_run": summary.mlflow_run_id}
     lap("evaluate")
-    return report
 
 
 def _side_by_side(fn, names: tuple[str, ...]) -> dict:

@@ -227,6 +227,8 @@ def start_session(cfg: Any, loop_config: dict[str, Any], task: torch.nn.Module) 
         tracker = MlflowTracker(cfg.tracking.tracking_uri, state.mlflow_run_id)
         if state.step == 0:
             tracker.log_params(loop_config["job"])
+            # What rank 0 computes with: Ray sets OMP_NUM_THREADS from train.cpus_per_worker.
+            tracker.log_params({"runtime.torch_threads": torch.get_num_threads()})
             tracker.log_dict(loop_config["job"], "config/job.json")
             tracker.log_dict(ds_config(cfg, world), "config/deepspeed.json")
     return Session(rank=rank, world=world, engine=engine, state=state, tracker=tracker,
