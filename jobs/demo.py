@@ -191,8 +191,9 @@ def data_and_pretrain(cfgs: dict, report: dict, lap=None) -> None:
     lap("pretrain")
 
 
-def finetune_and_evaluate(cfgs: dict, report: dict, lap=None) -> None:
-    """Both fine-tunes side by side, then the test evaluation of both (Ray initialised); fills `report`."""
+def finetune_and_evaluate(cfgs: dict, report: dict, lap=None, side_by_side: bool = True) -> None:
+    """Both fine-tunes side by side (or in turn), then the test evaluation of both (Ray initialised);
+    fills `report`."""
     from pipeline.eval.evaluate import resolve_paths, run_evaluate  # noqa: PLC0415
     from pipeline.train.run import run_finetune  # noqa: PLC0415
 
@@ -201,7 +202,9 @@ def finetune_and_evaluate(cfgs: dict, report: dict, lap=None) -> None:
     ft_cfgs = {name: cfgs[f"finetune/{name}"] for name in MODELS}
     print(f"[demo] 6/7 finetune {' and '.join(MODELS)} from the CLIP-ViP pretrain, side by side, on the retrieval "
           f"train split (runs {', '.join(c.run_name for c in ft_cfgs.values())})", flush=True)
-    for name, run in _side_by_side(lambda name: run_finetune(ft_cfgs[name]), MODELS).items():
+    runs = (_side_by_side(lambda name: run_finetune(ft_cfgs[name]), MODELS) if side_by_side
+            else {name: run_finetune(ft_cfgs[name]) for name in MODELS})
+    for name, run in runs.items():
         uri = run.cfg.tracking.tracking_uri
         report["finetune"][name] = {"steps": run.steps, "mlflow_run": run.mlflow_run_id,
                                     "final_loss": _last_metric(uri, run.mlflow_run_id, "train/loss"),
