@@ -21,7 +21,8 @@ at least 75 in every cell.
     .venv/bin/python bench/demo_robustness.py --out /tmp/robust              # 3 seeds x 2 x 2 cells
     .venv/bin/python bench/demo_robustness.py --seeds 0 --threads 1 --adamw auto   # one cell
 
-A rerun with the same --out reuses finished runs (a finished fine-tune resumes to its end).
+A rerun with the same --out reuses finished runs (a finished fine-tune resumes to its end). To try
+another recipe on the same data and pretrains: --set train.epochs=200 --tag -e200 (any fine-tune key).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGET_ORDER_AWARE = 75.0
 
 
-def run_cells(out: str, seeds: list[int], threads: list[int], adamw: list[str]) -> list[dict]:
+def run_cells(out: str, seeds: list[int], threads: list[int], adamw: list[str], sets: tuple[str, ...] = (),
+              tag: str = "") -> list[dict]:
     from jobs.common import init_ray
     from jobs.demo import MODELS, build_configs, data_and_pretrain, finetune_and_evaluate
     from pipeline.data.synthetic import SampleDataSpec, make_sample_dataset
@@ -56,9 +58,8 @@ def run_cells(out: str, seeds: list[int], threads: list[int], adamw: list[str]) 
         print(f"[robust] seed {seed}: data and pretrain in {time.perf_counter() - t0:.0f} s", flush=True)
         for n_threads in threads:
             for impl in adamw:
-                tag = f"-t{n_threads}-{impl}"
-                cell = build_configs(base, sample, seed=seed, tag=tag, finetune_sets=(
-                    f"train.cpus_per_worker={n_threads}", f"train.adamw_impl={impl}"))
+                cell = build_configs(base, sample, seed=seed, tag=f"-t{n_threads}-{impl}{tag}", finetune_sets=(
+                    f"train.cpus_per_worker={n_threads}", f"train.adamw_impl={impl}", *sets))
                 t1, report = time.perf_counter(), {}
                 # Two 2-thread workers on a 2-core machine spin against each other (915 s a cell
                 # against 218 s for two 1-thread ones): the fine-tunes then run in turn.
@@ -72,7 +73,7 @@ def run_cells(out: str, seeds: list[int], threads: list[int], adamw: list[str]) 
                        "s": round(time.perf_counter() - t1),
                        **{f"{name}/{key}": results[name].get(k) for name in MODELS
                           for key, k in (("order", ORDER_KEY), ("R1", "t2v/R1"))},
-                       "best_steps": {name: report["finetune"][name].get("best_step") for name in MODELS}}
+                       "val_order": report["finetune"]["clip-vip"]["val_order_aware_by_step"]}
                 rows.append(row)
                 print("[robust] " + _line(row), flush=True)
     return rows
@@ -82,7 +83,11 @@ def _line(r: dict) -> str:
     return (f"seed {r['seed']} threads {r['threads']} (ran {'/'.join(str(v) for v in r['torch_threads'].values())}) "
             f"adamw {r['adamw']:5s} | CLIP-ViP order-aware {r['clip-vip/order']:5.1f}% R@1 {r['clip-vip/R1']:5.1f} | "
             f"baseline order-aware {r['meanpool-baseline/order']:5.1f}% R@1 {r['meanpool-baseline/R1']:5.1f} | "
-            f"best steps {r['best_steps']['clip-vip']}/{r['best_steps']['meanpool-baseline']} | {r['s']} s")
+            f"CLIP-ViP val order-aware by step {_by_step(r['val_order'])} | {r['s']} s")
+
+
+def _by_step(values: dict) -> str:
+    return " ".join(f"{int(step)}:{value:.0f}" for step, value in values.items())
 
 
 def summarize(rows: list[dict]) -> tuple[str, bool]:
@@ -110,10 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--adamw", nargs="+", default=["auto", "fused"], choices=["auto", "fused"])
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a fine-tune override for every cell, after the demo's own (to try a recipe)")
+    p.add_argument("--tag", default="", help="ends the cells' run names (give one with --set: runs are reused)")
     args = p.parse_args(argv)
+    if args.sets and not args.tag:
+        p.error("--set needs --tag: a cell's finished runs are reused by name")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # as the demo: else each report waits 2 s
     t0 = time.perf_counter()
-    rows = run_cells(os.path.abspath(args.out), args.seeds, args.threads, args.adamw)
+    rows = run_cells(os.path.abspath(args.out), args.seeds, args.threads, args.adamw, tuple(args.sets), args.tag)
     text, ok = summarize(rows)
     print("\ndemo robustness (bench/demo_robustness.py)")
     for r in rows:
