@@ -22,7 +22,7 @@ at least 75 in every cell.
     .venv/bin/python bench/demo_robustness.py --seeds 0 --threads 1 --adamw auto   # one cell
 
 A rerun with the same --out reuses finished runs (a finished fine-tune resumes to its end). To try
-another recipe on the same data and pretrains: --set train.epochs=200 --tag -e200 (any fine-tune key).
+another recipe on the same data and pretrains: --set train.epochs=200 --tag=-e200 (any fine-tune key).
 """
 
 from __future__ import annotations

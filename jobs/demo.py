@@ -41,9 +41,9 @@ QUICK_SAMPLE = dict(num_videos=4, max_duration_s=12.0, num_retrieval=8, num_retr
 # The two fine-tunes (the demo's longest stage) run side by side, one worker each: on 2 cores two
 # single-core workers keep both cores busy without a gradient all-reduce per step, where two
 # 2-worker runs in a row spend a third of each step synchronising (measured: 216 s against ~340 s
-# for both). Same global batch (32) as the recipe's 2 x 16. Runs side by side save nothing when
+# for both). Same global batch (64) as the recipe's 2 x 32. Runs side by side save nothing when
 # their time is CPU-bound start-up (two 4-step pretrains: 141 s against 139 s in turn).
-FINETUNE_SIDE_BY_SIDE = ["train.num_workers=1", "train.micro_batch_size=32"]
+FINETUNE_SIDE_BY_SIDE = ["train.num_workers=1", "train.micro_batch_size=64"]
 QUICK = {"pretrain": ["train.max_steps=2", "train.checkpoint_every_steps=2", "train.val_every_steps=1"],
          "finetune": ["train.max_steps=4", "train.checkpoint_every_steps=4", "train.val_every_steps=2",
                       "train.micro_batch_size=4"]}
@@ -85,8 +85,9 @@ def build_configs(out: str, sample, quick: bool = False, seed: int = 0, finetune
         f"run_name=demo-evaluate{tag}", f"eval.data.annotations={ret}/test.jsonl", f"eval.data.video_root={ret}/videos",
         f"eval.data.order_pairs={ret}/test_pairs.json",
         # The final weights of each fine-tune, not the val-selected ones: with 64 val clips, val R@1
-        # is too noisy to pick the step. In side runs its best came at step 1,200 of 2,400, before
-        # the temporal path had learned frame order (64% of test pairs right there, 95% at the end).
+        # is too noisy to pick the step. In side runs (global batch 32) its best came at step 1,200
+        # of 2,400, before the temporal path had learned frame order (64% of test pairs right there,
+        # 95% at the end).
         f"eval.models.0.weights={runs}/demo-finetune-clip-vip{tag}-export",
         f"eval.models.1.weights={runs}/demo-finetune-meanpool-baseline{tag}-export",
         f"eval.out={os.path.join(out, 'eval')}", mlflow])
