@@ -62,12 +62,18 @@ def _own_address():
     auto-detection, which raises "Found multiple active Ray instances" when another local Ray is
     up: a traceback at the end of the job. With RAY_ADDRESS set it looks no further. The driver's
     own environment is restored afterwards, so a later `ray.init()` in this process starts afresh.
+
+    Workers run at the driver's priority (RAY_worker_niceness=0, unless set): Ray starts them at
+    nice 15 to keep a cluster node's daemons responsive, but on a local instance the workers are
+    the job, and beside any other busy process they starve (measured: ~3% of a core each beside
+    two busy loops on 2 cores; `clipvip demo --quick` past 900 s against ~120 s).
     """
     with socket.socket() as s:  # a free port; the GCS binds it a moment later
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    saved = {k: os.environ.get(k) for k in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
-    os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
+    saved = {k: os.environ.get(k) for k in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS", "RAY_worker_niceness")}
+    os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}",
+                      RAY_worker_niceness=saved["RAY_worker_niceness"] or "0")
     try:
         yield
     finally:

@@ -25,6 +25,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray starts workers at nice 15; beside other busy processes (a shared CI machine) they then get
+# ~3% of a core each and every Ray test crawls. Tests' own instances and `ray start` nodes
+# (tests/raycluster.py inherits this environment) run workers at normal priority.
+os.environ.setdefault("RAY_worker_niceness", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
 # Jobs whose tests set no tracking URI (prepare, recaption, pack log their runs by default) log into
 # one database for the session, never into the checkout's out/mlflow.db.
